@@ -1,0 +1,1 @@
+"""Triton kernels, one op per file, each with its launcher and torch reference."""

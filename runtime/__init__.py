@@ -1,0 +1,1 @@
+"""The engine: models, weight loading, KV cache, scheduler, sampler, LLM API, CLI."""
