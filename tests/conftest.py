@@ -1,0 +1,39 @@
+"""Shared fixtures: the real test models (required: a missing one fails, never skips)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Without a GPU the Triton kernels run in the interpreter, on CPU tensors.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+from ggtriton.gguf import bundled
+
+
+def _require(locate) -> Path:
+    try:
+        return locate()
+    except bundled.ModelNotInstalledError as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    return _require(bundled.smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    return _require(bundled.gemma3_path)
+
+
+@pytest.fixture(scope="session", params=["smollm2", "gemma3"])
+def real_model_path(request) -> Path:
+    return _require(bundled.smollm2_path if request.param == "smollm2" else bundled.gemma3_path)
