@@ -177,50 +177,85 @@ def _clean_spaces(text: bytes) -> bytes:
     return re.sub(rb" '(?=[sm]|re|ve)", b"'", text)  # " 's", " 'm", " 're", " 've"
 
 
+_HASH_BASE = 0x100000001B3  # strings hash to sum((c_i + 1) * _HASH_BASE**i) mod 2**64
+_SLOT_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier: the product's top bits spread hashes over slots
+
+
+class _HashTable:
+    """Hash table of uint64 keys (open addressing, linear probing, at most 1/4 full) queried a whole
+    array at a time: a probe is one numpy gather per query, where a binary search over sorted keys
+    takes ~18 dependent steps, and nearly every query ends at its first slot."""
+
+    def __init__(self, keys: np.ndarray):
+        bits = max(len(keys), 1).bit_length() + 2
+        self._shift, self._mask = np.uint64(64 - bits), (1 << bits) - 1
+        self._ids = np.full(1 << bits, -1, dtype=np.int32)
+        todo, slot = np.arange(len(keys), dtype=np.int32), self._slots(keys)
+        while todo.size:
+            free = self._ids[slot] < 0
+            self._ids[slot[free]] = todo[free]  # of the keys landing on one free slot, one stays
+            moved = self._ids[slot] != todo
+            todo, slot = todo[moved], (slot[moved] + 1) & self._mask
+        self._keys = keys[self._ids]  # beside the ids: one memory access per probe; id -1 ends a probe
+
+    def _slots(self, keys: np.ndarray) -> np.ndarray:
+        return ((keys * _SLOT_MIX) >> self._shift).astype(np.intp)
+
+    def find(self, queries: np.ndarray) -> np.ndarray:
+        """The index in `keys` of each query, -1 where absent."""
+        slot = self._slots(queries)
+        ids = self._ids[slot]
+        hit = self._keys[slot] == queries
+        found = np.where(hit, ids, -1)
+        todo = np.flatnonzero(~hit & (ids >= 0))  # the few that probe on
+        slot = slot[todo]
+        while todo.size:
+            slot = (slot + 1) & self._mask
+            ids = self._ids[slot]
+            hit = self._keys[slot] == queries[todo]
+            found[todo[hit]] = ids[hit]
+            more = ~hit & (ids >= 0)
+            todo, slot = todo[more], slot[more]
+        return found
+
+
 def _spm_merges(tokens: list[str], scores: Sequence[float]) -> list[tuple[str, str]]:
     """Every split of a token into two tokens, best-scoring whole token first (ties: lower id first).
 
-    Vectorised over the vocabulary: tokens are rows of code points; the hash sum((c_i + 1) * B**i)
-    mod 2**64 of every prefix and suffix finds the candidate halves, and a code-point comparison
-    confirms each one.
+    Vectorised over the concatenated code points of the vocabulary: a running sum gives the hash of
+    every prefix of every token, and from it every suffix's; a hash table of the whole tokens finds
+    the candidate halves, and a string comparison confirms each one.
     """
     n = len(tokens)
-    lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=n)
-    by_length = np.argsort(-lengths, kind="stable")
+    lengths = np.fromiter(map(len, tokens), dtype=np.intp, count=n)
+    codes = np.frombuffer("".join(tokens).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    starts = np.cumsum(lengths) - lengths
+    owner = np.repeat(np.arange(n), lengths)  # the token of each code point
+    at = np.arange(len(codes)) - starts[owner]  # its index in that token
     width = int(lengths.max(initial=0))
-    codes = np.array(tokens, dtype=f"<U{max(width, 1)}").view(np.uint32).reshape(n, -1)
-    cols = np.ascontiguousarray(codes.T, dtype=np.uint64) + np.uint64(1)
-    base = 0x100000001B3
-    prefix = np.zeros((width + 1, n), dtype=np.uint64)  # prefix[k]: hash of token[:k]
-    for k in range(width):
-        # past a token's end the column is 1 (a zero code point + 1): mask it out
-        prefix[k + 1] = prefix[k] + np.where(k < lengths, cols[k], 0) * np.uint64(pow(base, k, 1 << 64))
-    full = prefix[lengths, np.arange(n)]
-    # text_to_token keeps the last id of a repeated text, as llama.cpp's token_to_id map does
-    known, last = np.unique(full[::-1], return_index=True)
-    known_ids = n - 1 - last
+    power = np.array([pow(_HASH_BASE, i, 1 << 64) for i in range(width)], dtype=np.uint64)
+    unpower = np.array([pow(_HASH_BASE, -i, 1 << 64) for i in range(width)], dtype=np.uint64)
+    cum = np.zeros(len(codes) + 1, dtype=np.uint64)  # hash of token t's code points before j: cum[j] - cum[starts[t]]
+    np.cumsum((codes + np.uint64(1)) * power[at], out=cum[1:])
+    full = cum[starts + lengths] - cum[starts]
+    table = _HashTable(full)
 
-    def lookup(h: np.ndarray) -> np.ndarray:
-        pos = np.minimum(np.searchsorted(known, h), len(known) - 1)
-        return np.where(known[pos] == h, known_ids[pos], -1)
+    split = np.flatnonzero(at)  # before every code point but a token's first: by token id, then position
+    head = cum[split] - cum[starts[owner[split]]]
+    left = table.find(head)
+    hit = np.flatnonzero(left >= 0)
+    split, head, left = split[hit], head[hit], left[hit]
+    tok, k = owner[split], at[split]
+    right = table.find((full[tok] - head) * unpower[k])
+    hit = np.flatnonzero(right >= 0)
+    # a stable sort keeps equal scores in token id, then split position, order
+    hit = hit[np.argsort(-np.asarray(scores, dtype=np.float64)[tok[hit]], kind="stable")]
+    tok, k, left, right = tok[hit], k[hit], left[hit], right[hit]
 
-    longer = n - np.cumsum(np.bincount(lengths, minlength=width + 1))  # tokens longer than k
-    found = []
-    for k in range(1, width):
-        r = by_length[: longer[k]]
-        left = lookup(prefix[k, r])
-        r, left = r[left >= 0], left[left >= 0]
-        right = lookup((full[r] - prefix[k, r]) * np.uint64(pow(base, -k, 1 << 64)))
-        r, left, right = r[right >= 0], left[right >= 0], right[right >= 0]
-        same = (lengths[left] == k) & (lengths[right] == lengths[r] - k)
-        same &= (codes[left, :k] == codes[r, :k]).all(1)
-        same &= (codes[right, : codes.shape[1] - k] == codes[r, k:]).all(1)
-        found.append(np.stack([r[same], left[same], right[same]]))
-    if not found:
-        return []
-    tok, left, right = np.concatenate(found, axis=1)
-    order = np.lexsort((tok, -np.asarray(scores, dtype=np.float64)[tok]))
-    return list(zip(map(tokens.__getitem__, left[order].tolist()), map(tokens.__getitem__, right[order].tolist())))
+    text = np.array(tokens, dtype=object)
+    a, b = text[left], text[right]
+    same = (lengths[left] == k) & (a + b == text[tok])  # the hashes only proposed the pairs
+    return list(zip(a[same].tolist(), b[same].tolist()))
 
 
 def _bpe_merges(merges: Iterable[str], vocab: Mapping[str, int]) -> list[tuple[str, str]]:

@@ -1,5 +1,21 @@
 """Triton kernels, one op per file, each with its launcher and torch reference."""
 
+from .activations import gelu_mul, silu_mul
 from .dequant import dequantize
+from .flash_attention import flash_attention
+from .kv_store import kv_store
+from .paged_decode import paged_decode
+from .rmsnorm import rmsnorm
+from .rope import rope, rope_inv_freq
 
-__all__ = ["dequantize"]
+__all__ = [
+    "dequantize",
+    "flash_attention",
+    "gelu_mul",
+    "kv_store",
+    "paged_decode",
+    "rmsnorm",
+    "rope",
+    "rope_inv_freq",
+    "silu_mul",
+]

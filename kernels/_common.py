@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256  # the attention kernels' K/V tiles must fit in shared memory
 
 
 @triton.jit
@@ -30,6 +33,21 @@ def f32_dot(t: torch.Tensor) -> bool:
     bfloat16 in the interpreter, whose bfloat16 tl.dot returns garbage (Triton 3.9); a bfloat16 tensor core
     also forms exact products summed in float32, so the results agree."""
     return t.dtype == torch.float32 or (t.dtype == torch.bfloat16 and t.device.type == "cpu")
+
+
+def backend(device: torch.device) -> str:
+    """Which config list a launch on `device` uses: "cuda", "hip" or "interpreter" (CPU tensors)."""
+    if device.type == "cpu":
+        return "interpreter"
+    return "hip" if torch.version.hip else "cuda"
+
+
+def logit_scales(scale: float, soft_cap: float | None) -> tuple[float, float]:
+    """(qk_scale, cap) for the attention kernels, which compute base-2 logits: capped,
+    s = tanh(q.k * qk_scale) * cap = soft_cap * tanh(scale * q.k / soft_cap) * log2(e); else s = q.k * qk_scale."""
+    if soft_cap is None:
+        return scale * math.log2(math.e), 1.0
+    return scale / soft_cap, soft_cap * math.log2(math.e)
 
 
 def check_float(**tensors: torch.Tensor) -> None:
@@ -66,6 +84,8 @@ def check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
     if q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"n_heads {q.shape[1]} is not a multiple of n_kv_heads {k_cache.shape[2]}")
     check_last_dim_contiguous(q=q)
+    if q.shape[2] > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {q.shape[2]} is above {MAX_HEAD_DIM}")
     if block_tables.dim() != 2 or block_tables.shape[0] != batch or block_tables.dtype != torch.int32:
         raise ValueError(f"block_tables must be int32 [{batch}, max_pages], got {block_tables.dtype} "
                          f"{tuple(block_tables.shape)}")

@@ -1,0 +1,227 @@
+"""Paged decode attention: one new query per sequence over its whole paged context, split-K.
+
+Sequence b's query q[b] sits at position ctx_b - 1 (ctx_b = context_lens[b], the new token included,
+already written by `kv_store`) and attends to keys j in [lo_b, ctx_b), lo_b = max(0, ctx_b - window)
+when windowed, read through its block table (layout: ggtriton.runtime.kv_cache):
+
+    s_j = scale * q . k_j                          (soft-capped: s_j = cap * tanh(s_j / cap))
+    out = sum_j softmax(s)_j v_j
+
+Decode is bound by reading the cache, so the work is cut two ways to fill the GPU and read each page once:
+- GQA: one program takes all n_heads / n_kv_heads query heads of a kv head, as the rows of one
+  [group, head_dim] x [head_dim, BLOCK_N] dot, so a K/V tile is loaded once for its whole group.
+- Split-K (flash-decoding): the key range is cut into `num_splits` chunks, one program each; a program
+  stores its normalised partial output o_s and log-sum-exp lse_s (base 2) and a reduce kernel combines
+  them: out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s. With one split the
+  program writes the output directly and no reduce runs.
+A sequence with context length 0 (batch padding) gets a zero output.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (attention_ref, backend, check_attention_options, check_paged, dot, f32_dot, gather_pages,
+                      logit_scales, tanh)
+
+# Fewest keys a split gets: below this the reduce and the partial round trip cost more than they save.
+_MIN_SPLIT_KEYS = 256
+_MAX_SPLITS = 64
+
+# (BLOCK_N, num_warps, num_stages): starting points, not yet measured; HIP unmeasured. Small key tiles
+# in the interpreter so that tests cross several tiles and pages per split.
+_CONFIGS = {"cuda": (64, 4, 3), "hip": (64, 4, 1), "interpreter": (16, 1, 1)}
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, o_ptr, lse_ptr, block_tables_ptr, context_lens_ptr,
+    q_seq_stride, q_head_stride, o_seq_stride, o_head_stride, o_split_stride, lse_seq_stride, lse_head_stride,
+    kc_block_stride, kc_slot_stride, kc_head_stride, vc_block_stride, vc_slot_stride, vc_head_stride,
+    bt_stride, qk_scale, soft_cap, window, split_len, head_dim,
+    PAGE: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SOFT_CAP: tl.constexpr, WINDOW: tl.constexpr, F32: tl.constexpr, WRITE_LSE: tl.constexpr,
+):
+    """One program: the query-head group of one kv head of one sequence, over one split of its keys."""
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(context_lens_ptr + seq)
+    lo = 0
+    if WINDOW:
+        lo = tl.maximum(0, ctx - window)
+    start = lo + split * split_len
+    end = tl.minimum(ctx, start + split_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < head_dim
+    heads = kv_head * GROUP + offs_g
+    q = tl.load(q_ptr + seq * q_seq_stride + heads[:, None] * q_head_stride + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    bt_row = block_tables_ptr + seq * bt_stride
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        block = tl.load(bt_row + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
+        slot = offs_n % PAGE
+        k = tl.load(k_cache_ptr + block[None, :] * kc_block_stride + slot[None, :] * kc_slot_stride
+                    + kv_head * kc_head_stride + offs_d[:, None], mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        s = dot(q, k, F32)
+        if SOFT_CAP:
+            s = tanh(s * qk_scale) * soft_cap
+        else:
+            s = s * qk_scale
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + block[:, None] * vc_block_stride + slot[:, None] * vc_slot_stride
+                    + kv_head * vc_head_stride + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, F32)
+        m_i = m_new
+
+    # An empty split (past the context, or a padding sequence) leaves l = 0: output 0, lse = -inf.
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(o_ptr + seq * o_seq_stride + heads[:, None] * o_head_stride + split * o_split_stride + offs_d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+    if WRITE_LSE:
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(lse_ptr + seq * lse_seq_stride + heads * lse_head_stride + split, lse, mask=g_mask)
+
+
+@triton.jit
+def _paged_decode_reduce_kernel(
+    o_part_ptr, lse_ptr, out_ptr, num_splits, head_dim,
+    op_seq_stride, op_head_stride, lse_seq_stride, lse_head_stride, out_seq_stride, out_head_stride,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per (sequence, head): weight each split's output by 2^(lse_s - max lse)."""
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
+    lse = tl.load(lse_ptr + seq * lse_seq_stride + head * lse_head_stride + offs_s, mask=s_mask,
+                  other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    o = tl.load(o_part_ptr + seq * op_seq_stride + head * op_head_stride + offs_s[:, None] * head_dim
+                + offs_d[None, :], mask=s_mask[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + seq * out_seq_stride + head * out_head_stride + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < head_dim)
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    max_context_len: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Decode attention of q [batch, n_heads, head_dim] (one token per sequence) over the paged cache.
+
+    k_cache, v_cache: [num_blocks, block_size, n_kv_heads, head_dim], q's dtype; block_tables int32
+    [batch, max_pages]; context_lens int32 [batch] (the new token included). max_context_len: an upper
+    bound of context_lens if the caller knows it (else read: a device sync). num_splits: fixed split count
+    (a captured graph needs one); by default enough splits of >= 256 keys to give every SM ~2 programs.
+    Returns [batch, n_heads, head_dim] in q's dtype.
+    """
+    _check(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, soft_cap, num_splits)
+    batch, n_heads, head_dim = q.shape
+    n_kv_heads = k_cache.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    if max_context_len is None:
+        max_context_len = int(context_lens.max())
+    span = max(1, min(max_context_len, sliding_window or max_context_len))
+    block_n, num_warps, num_stages = _CONFIGS[backend(q.device)]
+    if num_splits is None:
+        num_splits = min(_MAX_SPLITS, triton.cdiv(span, _MIN_SPLIT_KEYS),
+                         triton.cdiv(2 * _sm_count(q.device), batch * n_kv_heads))
+    split_len = triton.cdiv(triton.cdiv(span, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(span, split_len)  # rounding split_len up can leave trailing splits empty
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    group = n_heads // n_kv_heads
+    if num_splits == 1:
+        o, lse = out, out  # lse is not written with one split
+    else:
+        o = torch.empty((batch, n_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        lse = torch.empty((batch, n_heads, num_splits), dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(batch, n_kv_heads, num_splits)](
+        q, k_cache, v_cache, o, lse, block_tables, context_lens,
+        q.stride(0), q.stride(1), o.stride(0), o.stride(1), o.stride(2) if num_splits > 1 else 0,
+        lse.stride(0), lse.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        *logit_scales(scale, soft_cap), sliding_window or 0, split_len, head_dim,
+        # tl.dot needs at least 16 rows: small groups are padded with masked rows.
+        PAGE=k_cache.shape[1], GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        SOFT_CAP=soft_cap is not None, WINDOW=sliding_window is not None, F32=f32_dot(q),
+        WRITE_LSE=num_splits > 1, num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _paged_decode_reduce_kernel[(batch, n_heads)](
+            o, lse, out, num_splits, head_dim,
+            o.stride(0), o.stride(1), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+        )
+    return out
+
+
+def paged_decode_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> torch.Tensor:
+    """Torch reference of `paged_decode`: the whole batch as one padded, masked attention, float32 math."""
+    _check(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, soft_cap, None)
+    if q.shape[0] == 0:
+        return torch.empty_like(q)
+    k = gather_pages(k_cache, block_tables, context_lens)
+    v = gather_pages(v_cache, block_tables, context_lens)
+    q_pos = (context_lens.long() - 1)[:, None]
+    out = attention_ref(q[:, None], k, v, q_pos, context_lens, scale=scale, sliding_window=sliding_window,
+                        soft_cap=soft_cap)
+    return out[:, 0].to(q.dtype)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cpu":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+           context_lens: torch.Tensor, scale: float, sliding_window: int | None, soft_cap: float | None,
+           num_splits: int | None) -> None:
+    check_paged(q, k_cache, v_cache, block_tables, context_lens, q.shape[0] if q.dim() == 3 else -1)
+    check_attention_options(scale, sliding_window, soft_cap)
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")

@@ -1,0 +1,61 @@
+"""The flat batch of one forward step: every scheduled token of every sequence, packed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    """Tokens of B sequences packed into one [T] axis, with what attention needs to find their pages.
+
+    Sequence b contributes tokens cu_seqlens_q[b]:cu_seqlens_q[b + 1] at the last positions of its
+    context of context_lens[b] tokens (cached prefix plus these); `slot_mapping` says where each token's
+    K/V goes; `block_tables` [B, max_pages] holds each sequence's pages. `is_decode`: one token each.
+    """
+
+    input_ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]
+    slot_mapping: torch.Tensor  # int64 [T]
+    block_tables: torch.Tensor  # int32 [B, max_pages]
+    context_lens: torch.Tensor  # int32 [B]
+    cu_seqlens_q: torch.Tensor  # int32 [B + 1]
+    max_seqlen_q: int
+    max_context_len: int
+    is_decode: bool
+
+    @classmethod
+    def build(cls, tokens: Sequence[Sequence[int]], starts: Sequence[int], block_tables: Sequence[Sequence[int]],
+              block_size: int, device: torch.device) -> ForwardBatch:
+        """Sequence b feeds `tokens[b]` at positions starts[b] ..., its pages listed in block_tables[b]."""
+        ids, positions, slots, cu, ctx = [], [], [], [0], []
+        for toks, start, table in zip(tokens, starts, block_tables):
+            end = start + len(toks)
+            if end > len(table) * block_size:
+                raise ValueError(f"positions up to {end} need more than the {len(table)} pages given")
+            ids += toks
+            positions += range(start, end)
+            slots += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+            cu.append(cu[-1] + len(toks))
+            ctx.append(end)
+        width = max((len(t) for t in block_tables), default=0)
+        tables = [list(t) + [0] * (width - len(t)) for t in block_tables]
+
+        def tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        q_lens = [len(t) for t in tokens]
+        return cls(
+            input_ids=tensor(ids, torch.int64),
+            positions=tensor(positions, torch.int64),
+            slot_mapping=tensor(slots, torch.int64),
+            block_tables=tensor(tables, torch.int32).reshape(len(tables), width),
+            context_lens=tensor(ctx, torch.int32),
+            cu_seqlens_q=tensor(cu, torch.int32),
+            max_seqlen_q=max(q_lens, default=0),
+            max_context_len=max(ctx, default=0),
+            is_decode=bool(q_lens) and all(n == 1 for n in q_lens),
+        )

@@ -1,0 +1,37 @@
+"""The decoder-only architectures, each described once: what differs between them is data, not code.
+
+Tensor names are llama.cpp's GGUF names (`blk.{i}.attn_q.weight` ...). Every architecture shares the
+block: norm -> attention -> (post-norm) -> residual -> norm -> gated FFN -> (post-norm) -> residual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Architecture:
+    rope_neox: bool  # NeoX rotation (halves) instead of llama.cpp's "normal" adjacent pairs
+    activation: str = "silu"  # gate activation of the FFN: silu | gelu (tanh approximation)
+    fused_qkv: bool = False  # one attn_qkv tensor instead of attn_q / attn_k / attn_v
+    fused_gate_up: bool = False  # ffn_up holds [gate; up]
+    qkv_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE
+    post_norms: bool = False  # attn_post_norm / ffn_post_norm on the block outputs
+    scale_embeddings: bool = False  # token embeddings times sqrt(hidden)
+    softcaps: bool = False  # attention and final logit soft-capping from metadata
+    swa_pattern: int = 0  # layer i uses the sliding window when i % pattern < pattern - 1 (0: none)
+    rope_local_base: float = 0.0  # RoPE base of the sliding-window layers, when they have their own
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    # Llama 2/3, Mistral, SmolLM: the converter permutes Q/K rows for the "normal" rotation.
+    "llama": Architecture(rope_neox=False),
+    "qwen2": Architecture(rope_neox=True, qkv_bias=True),
+    "qwen3": Architecture(rope_neox=True, qk_norm=True),
+    "gemma2": Architecture(rope_neox=True, activation="gelu", post_norms=True, scale_embeddings=True, softcaps=True,
+                           swa_pattern=2),
+    "gemma3": Architecture(rope_neox=True, activation="gelu", post_norms=True, scale_embeddings=True, qk_norm=True,
+                           swa_pattern=6, rope_local_base=10000.0),
+    "phi3": Architecture(rope_neox=True, fused_qkv=True, fused_gate_up=True),
+}

@@ -1,0 +1,107 @@
+"""The op layer: the one place that picks, per op, the Triton kernel or its torch reference.
+
+Backend "triton" runs the kernels of `ggtriton.kernels` (on a GPU, or on CPU tensors under
+TRITON_INTERPRET=1); backend "torch" runs their torch references, and is the CPU path of the engine.
+Quantized linear layers: the torch backend dequantizes each weight once to float32 and keeps it (CPU
+only); the Triton backend dequantizes with the Triton kernel inside every call and multiplies with
+torch.matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ggtriton import kernels
+from ggtriton.gguf.quants import dequantize as dequantize_ref
+from ggtriton.kernels.activations import gelu_mul_ref, silu_mul_ref
+from ggtriton.kernels.flash_attention import flash_attention_ref
+from ggtriton.kernels.kv_store import kv_store_ref
+from ggtriton.kernels.paged_decode import paged_decode_ref
+from ggtriton.kernels.rmsnorm import rmsnorm_ref
+from ggtriton.kernels.rope import rope_ref
+
+from .weights import QuantWeight
+
+BACKENDS = ("triton", "torch")
+
+
+class Ops:
+    def __init__(self, backend: str, dtype: torch.dtype):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        self.dtype = dtype
+        triton = backend == "triton"
+        self._rmsnorm = kernels.rmsnorm if triton else rmsnorm_ref
+        self._rope = kernels.rope if triton else rope_ref
+        self._kv_store = kernels.kv_store if triton else kv_store_ref
+        self._prefill = kernels.flash_attention if triton else flash_attention_ref
+        self._decode = kernels.paged_decode if triton else paged_decode_ref
+        self._act = {"silu": kernels.silu_mul, "gelu": kernels.gelu_mul} if triton else {
+            "silu": silu_mul_ref, "gelu": gelu_mul_ref}
+
+    # --- weights ---------------------------------------------------------------------------------
+
+    def dequantize(self, w: QuantWeight, raw: torch.Tensor | None = None, shape: tuple[int, ...] | None = None,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Values of `w` (or of `raw`, a slice of whole rows of it, of `shape`) in `dtype`."""
+        raw = w.raw if raw is None else raw
+        shape = w.shape if shape is None else shape
+        dtype = dtype or self.dtype
+        if self.backend == "triton":
+            return kernels.dequantize(raw.contiguous(), w.ggml_type, shape, dtype)
+        return dequantize_ref(raw, w.ggml_type, shape).to(dtype)
+
+    def _dense(self, w: QuantWeight) -> torch.Tensor:
+        if self.backend == "torch" and w.raw.device.type == "cpu":
+            if w.dense is None:
+                w.dense = self.dequantize(w)
+            return w.dense
+        return self.dequantize(w)
+
+    def linear(self, x: torch.Tensor, w: QuantWeight, bias: QuantWeight | None = None) -> torch.Tensor:
+        """x [T, K] @ W[N, K]^T (+ bias) in x's dtype, W in its GGUF blocks."""
+        out = x @ self._dense(w).t()
+        if bias is not None:
+            out += self.vector(bias)
+        return out
+
+    def embedding(self, ids: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+        """Rows `ids` of an embedding table stored in GGUF blocks."""
+        if w.dense is not None or (self.backend == "torch" and w.raw.device.type == "cpu"):
+            return self._dense(w)[ids]
+        rows = w.raw.view(w.rows, -1)[ids]
+        return self.dequantize(w, rows, (len(ids), *w.shape[1:]))
+
+    def vector(self, w: QuantWeight) -> torch.Tensor:
+        """A small float tensor (norm weight, bias), as float32."""
+        if w.dense is None:
+            w.dense = self.dequantize(w, dtype=torch.float32)
+        return w.dense
+
+    # --- activations -----------------------------------------------------------------------------
+
+    def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._rmsnorm(x, weight, eps, residual)
+
+    def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, neox: bool,
+             attn_factor: float) -> None:
+        self._rope(q, k, positions, inv_freq, neox=neox, attn_factor=attn_factor)
+
+    def act_mul(self, activation: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self._act[activation](gate, up)
+
+    def kv_store(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+        self._kv_store(k, v, k_cache, v_cache, slot_mapping)
+
+    def attention(self, q, k_cache, v_cache, batch, *, scale: float, sliding_window: int | None,
+                  soft_cap: float | None) -> torch.Tensor:
+        """Attention of the batch's new queries over the paged cache (their own K/V already stored)."""
+        if batch.is_decode:
+            kwargs = {"max_context_len": batch.max_context_len} if self.backend == "triton" else {}
+            return self._decode(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale=scale,
+                                sliding_window=sliding_window, soft_cap=soft_cap, **kwargs)
+        kwargs = {"max_seqlen_q": batch.max_seqlen_q} if self.backend == "triton" else {}
+        return self._prefill(q, k_cache, v_cache, batch.block_tables, batch.cu_seqlens_q, batch.context_lens,
+                             scale=scale, sliding_window=sliding_window, soft_cap=soft_cap, **kwargs)

@@ -1,0 +1,177 @@
+"""Random-weight GGUF models of any supported architecture and shape, for tests and benchmarks.
+
+The file is a complete model: metadata as llama.cpp's converter writes it, a small byte-level BPE
+vocabulary (the 256 bytes, chat tokens, padding up to `vocab`), a ChatML chat template, and every
+tensor its architecture reads, in `weight_type` (float types hold N(0, 1/fan_in) values; 32-element
+block types are quantized from them; other types are random valid blocks).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ggtriton.gguf import GGMLType, GGUFValueType, dequantize
+from ggtriton.gguf.quantize import quantize, random_blocks
+from ggtriton.gguf.writer import TensorData, Typed, write_gguf
+
+from .models.architectures import ARCHITECTURES
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+@dataclass
+class SyntheticModel:
+    arch: str
+    n_layers: int = 2
+    hidden: int = 64
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 16
+    ffn: int = 96
+    vocab: int = 320
+    context_length: int = 4096
+    weight_type: GGMLType = GGMLType.F32
+    rope_base: float = 10000.0
+    rope_dim: int | None = None
+    sliding_window: int | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    tie_embeddings: bool = True
+    seed: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)  # extra keys, e.g. rope scaling
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)  # extra float32 tensors, e.g. rope_freqs
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.arch!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
+        if self.vocab < 256 + len(SPECIAL_TOKENS):
+            raise ValueError(f"vocab must hold the 256 byte tokens and {len(SPECIAL_TOKENS)} special tokens")
+
+
+def _vocabulary(n: int) -> tuple[list[str], list[int]]:
+    # Byte-level BPE spells byte b as a printable character (GPT-2's map).
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    tokens = [chars[b] for b in range(256)] + list(SPECIAL_TOKENS)
+    types = [1] * 256 + [3] * len(SPECIAL_TOKENS)
+    tokens += [f"[PAD{i}]" for i in range(n - len(tokens))]
+    types += [5] * (n - len(types))
+    return tokens, types
+
+
+def _weight(name: str, shape: tuple[int, ...], t: GGMLType, rng: np.random.Generator) -> TensorData:
+    values = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+    if t == GGMLType.F32:
+        return TensorData(name, t, shape, values)
+    if t == GGMLType.F16:
+        return TensorData(name, t, shape, values.astype(np.float16))
+    if t == GGMLType.BF16:
+        return TensorData(name, t, shape, torch.from_numpy(values).bfloat16().view(torch.int16).numpy())
+    try:
+        return TensorData(name, t, shape, quantize(values, t).numpy())
+    except ValueError:  # no quantizer for this type: random valid blocks of a fitting scale
+        pass
+    n_blocks = int(np.prod(shape)) // t.block_elements
+    if t == GGMLType.MXFP4:
+        # E8M0 scale byte e: values are e2m1 levels (|v| <= 6, ~3 typical) times 2^(e - 127)
+        blocks = random_blocks(t, n_blocks, rng)
+        blocks[:, 0] = 127 + round(np.log2(1 / (3 * np.sqrt(shape[-1]))))
+        return TensorData(name, t, shape, blocks)
+    # Random valid blocks, their fp16 scales sized so the values come out near N(0, 1/fan_in).
+    probe_scales = np.abs(rng.standard_normal(256)) + 0.5
+    probe = dequantize(random_blocks(t, 64, rng, probe_scales), t, (64 * t.block_elements,))
+    scales = probe_scales / (float(probe.std()) * np.sqrt(shape[-1]))
+    return TensorData(name, t, shape, random_blocks(t, n_blocks, rng, scales))
+
+
+def write_synthetic_model(path: str | os.PathLike, m: SyntheticModel) -> None:
+    """Write the model `m` describes to `path`."""
+    spec = ARCHITECTURES[m.arch]
+    rng = np.random.default_rng(m.seed)
+    a = m.arch
+    tokens, types = _vocabulary(m.vocab)
+    md: dict[str, Any] = {
+        "general.architecture": a,
+        "general.name": f"synthetic {a}",
+        f"{a}.block_count": Typed(GGUFValueType.UINT32, m.n_layers),
+        f"{a}.context_length": Typed(GGUFValueType.UINT32, m.context_length),
+        f"{a}.embedding_length": Typed(GGUFValueType.UINT32, m.hidden),
+        f"{a}.feed_forward_length": Typed(GGUFValueType.UINT32, m.ffn),
+        f"{a}.attention.head_count": Typed(GGUFValueType.UINT32, m.n_heads),
+        f"{a}.attention.head_count_kv": Typed(GGUFValueType.UINT32, m.n_kv_heads),
+        f"{a}.attention.key_length": Typed(GGUFValueType.UINT32, m.head_dim),
+        f"{a}.attention.value_length": Typed(GGUFValueType.UINT32, m.head_dim),
+        f"{a}.attention.layer_norm_rms_epsilon": 1e-6,
+        f"{a}.rope.freq_base": float(m.rope_base),
+        f"{a}.rope.dimension_count": Typed(GGUFValueType.UINT32, m.rope_dim or m.head_dim),
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": Typed(GGUFValueType.ARRAY, types, GGUFValueType.INT32),
+        "tokenizer.ggml.merges": Typed(GGUFValueType.ARRAY, [], GGUFValueType.STRING),
+        "tokenizer.ggml.bos_token_id": Typed(GGUFValueType.UINT32, 256),
+        "tokenizer.ggml.eos_token_id": Typed(GGUFValueType.UINT32, 258),
+        "tokenizer.chat_template": CHATML,
+    }
+    if m.sliding_window:
+        md[f"{a}.attention.sliding_window"] = Typed(GGUFValueType.UINT32, m.sliding_window)
+    if m.attn_softcap:
+        md[f"{a}.attn_logit_softcapping"] = float(m.attn_softcap)
+    if m.final_softcap:
+        md[f"{a}.final_logit_softcapping"] = float(m.final_softcap)
+    md |= m.metadata
+
+    wt = m.weight_type
+    q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+    out = [_weight("token_embd.weight", (m.vocab, m.hidden), wt, rng)]
+
+    def norm(name: str, n: int) -> TensorData:
+        return TensorData(name, GGMLType.F32, (n,), (1 + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
+    for i in range(m.n_layers):
+        p = f"blk.{i}."
+        out.append(norm(p + "attn_norm.weight", m.hidden))
+        if spec.fused_qkv:
+            out.append(_weight(p + "attn_qkv.weight", (q + 2 * kv, m.hidden), wt, rng))
+        else:
+            out += [_weight(p + "attn_q.weight", (q, m.hidden), wt, rng),
+                    _weight(p + "attn_k.weight", (kv, m.hidden), wt, rng),
+                    _weight(p + "attn_v.weight", (kv, m.hidden), wt, rng)]
+        if spec.qkv_bias:
+            out += [TensorData(p + f"attn_{n}.bias", GGMLType.F32, (size,),
+                               (0.1 * rng.standard_normal(size)).astype(np.float32))
+                    for n, size in (("q", q), ("k", kv), ("v", kv))]
+        if spec.qk_norm:
+            out += [norm(p + "attn_q_norm.weight", m.head_dim), norm(p + "attn_k_norm.weight", m.head_dim)]
+        out.append(_weight(p + "attn_output.weight", (m.hidden, q), wt, rng))
+        if spec.post_norms:
+            out.append(norm(p + "post_attention_norm.weight", m.hidden))
+        out.append(norm(p + "ffn_norm.weight", m.hidden))
+        if spec.fused_gate_up:
+            out.append(_weight(p + "ffn_up.weight", (2 * m.ffn, m.hidden), wt, rng))
+        else:
+            out += [_weight(p + "ffn_gate.weight", (m.ffn, m.hidden), wt, rng),
+                    _weight(p + "ffn_up.weight", (m.ffn, m.hidden), wt, rng)]
+        out.append(_weight(p + "ffn_down.weight", (m.hidden, m.ffn), wt, rng))
+        if spec.post_norms:
+            out.append(norm(p + "post_ffw_norm.weight", m.hidden))
+    out.append(norm("output_norm.weight", m.hidden))
+    if not m.tie_embeddings:
+        out.append(_weight("output.weight", (m.vocab, m.hidden), wt, rng))
+    out += [TensorData(name, GGMLType.F32, v.shape, v.astype(np.float32)) for name, v in m.tensors.items()]
+    write_gguf(path, md, out)
