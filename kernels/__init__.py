@@ -5,6 +5,7 @@ from .dequant import dequantize
 from .flash_attention import flash_attention
 from .kv_store import kv_store
 from .paged_decode import paged_decode
+from .qmatmul import qmatmul
 from .rmsnorm import rmsnorm
 from .rope import rope, rope_inv_freq
 
@@ -14,6 +15,7 @@ __all__ = [
     "gelu_mul",
     "kv_store",
     "paged_decode",
+    "qmatmul",
     "rmsnorm",
     "rope",
     "rope_inv_freq",

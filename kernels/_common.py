@@ -42,6 +42,13 @@ def backend(device: torch.device) -> str:
     return "hip" if torch.version.hip else "cuda"
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors (compute units) of a GPU; 1 for CPU tensors (the interpreter)."""
+    if device.type == "cpu":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def logit_scales(scale: float, soft_cap: float | None) -> tuple[float, float]:
     """(qk_scale, cap) for the attention kernels, which compute base-2 logits: capped,
     s = tanh(q.k * qk_scale) * cap = soft_cap * tanh(scale * q.k / soft_cap) * log2(e); else s = q.k * qk_scale."""

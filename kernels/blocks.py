@@ -16,7 +16,10 @@ unfused where bit-exactness matters.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+import torch
 import triton
 import triton.language as tl
 
@@ -26,6 +29,13 @@ from ..gguf.types import GGMLType
 _IQ1_DELTA = tl.constexpr(IQ1_DELTA)
 # Types whose table is the 128 sign patterns followed by the grid.
 _SIGNED_GRIDS = (GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ3_XXS)
+
+
+@functools.cache
+def decode_table_tensor(ggml_type: GGMLType, device: torch.device) -> torch.Tensor | None:
+    """`decode_table(ggml_type)` as a tensor on `device`, made once per device."""
+    table = decode_table(ggml_type)
+    return None if table is None else torch.from_numpy(table).to(device)
 
 
 def decode_table(ggml_type: GGMLType) -> np.ndarray | None:

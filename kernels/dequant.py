@@ -8,7 +8,6 @@ sequence of blocks, a tile of TILE blocks per program. Float32 output is bit-exa
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -19,7 +18,7 @@ from ..gguf.quants import check_size
 from ..gguf.quants import dequantize as _gguf_dequantize
 from ..gguf.types import TYPE_TRAITS, GGMLType
 from ._common import FLOAT_DTYPES
-from .blocks import decode_block, decode_table
+from .blocks import decode_block, decode_table_tensor
 
 # Elements each program decodes: TILE = this // block elements.
 _TILE_ELEMENTS = 4096
@@ -49,12 +48,6 @@ def _dequant_kernel(raw_ptr, out_ptr, table_ptr, n_blocks, TYPE: tl.constexpr, Q
     else:
         v = v.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + blk[:, None] * QK + j[None, :], v, mask=(blk < n_blocks)[:, None])
-
-
-@functools.cache
-def _table(ggml_type: GGMLType, device: torch.device) -> torch.Tensor | None:
-    table = decode_table(ggml_type)
-    return None if table is None else torch.from_numpy(table).to(device)
 
 
 def dequantize(
@@ -90,7 +83,7 @@ def dequantize(
     n_blocks = raw.numel() // block_bytes
     if n_blocks == 0:
         return out
-    table = _table(t, raw.device)
+    table = decode_table_tensor(t, raw.device)
     tile = max(1, _TILE_ELEMENTS // qk)
     _dequant_kernel[(triton.cdiv(n_blocks, tile),)](
         raw, out, raw if table is None else table, n_blocks,

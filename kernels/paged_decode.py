@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import (attention_ref, backend, check_attention_options, check_paged, dot, f32_dot, gather_pages,
-                      logit_scales, tanh)
+                      logit_scales, sm_count, tanh)
 
 # Fewest keys a split gets: below this the reduce and the partial round trip cost more than they save.
 _MIN_SPLIT_KEYS = 256
@@ -156,7 +156,7 @@ def paged_decode(
     block_n, num_warps, num_stages = _CONFIGS[backend(q.device)]
     if num_splits is None:
         num_splits = min(_MAX_SPLITS, triton.cdiv(span, _MIN_SPLIT_KEYS),
-                         triton.cdiv(2 * _sm_count(q.device), batch * n_kv_heads))
+                         triton.cdiv(2 * sm_count(q.device), batch * n_kv_heads))
     split_len = triton.cdiv(triton.cdiv(span, num_splits), block_n) * block_n
     num_splits = triton.cdiv(span, split_len)  # rounding split_len up can leave trailing splits empty
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -211,11 +211,6 @@ def paged_decode_ref(
                         soft_cap=soft_cap)
     return out[:, 0].to(q.dtype)
 
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cpu":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

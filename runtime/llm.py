@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -11,11 +15,19 @@ from ggtriton.gguf import GGUFFile, Tokenizer
 from ggtriton.gguf.bundled import default_model_path
 
 from .batch import ForwardBatch
+from .block_manager import BlockManager
 from .config import ModelConfig
+from .engine import Engine
 from .kv_cache import KVCacheLayout
+from .model_runner import ModelRunner, kv_cache_budget
 from .models.decoder import DecoderModel
 from .ops import Ops
+from .sampler import Sampler
+from .sampling_params import RequestOutput, SamplingParams
+from .scheduler import Scheduler, SchedulerConfig
 from .weights import load_weights
+
+Messages = Sequence[Mapping[str, Any]]
 
 # Tokens scored per forward by `LLM.logits`: bounds the float32 [tokens, vocab] logits held at once.
 _LOGITS_CHUNK = 512
@@ -31,10 +43,17 @@ class LLM:
     device: default the GPU when there is one, else the CPU. backend: "triton" (default on a GPU; on CPU
     it needs TRITON_INTERPRET=1) or "torch" (the reference ops; default on CPU). dtype: activations and
     KV cache; default float32 on CPU, bfloat16 on a GPU.
+    Batching: at most `max_num_seqs` sequences and `max_num_batched_tokens` tokens per step; the KV cache
+    takes `kv_cache_bytes` (default: on a GPU what keeps its memory use under `gpu_memory_utilization`,
+    2 GiB on CPU) in pages of `block_size` tokens, shared between prompts with common prefixes when
+    `enable_prefix_caching`. `max_model_len`: longest sequence (default: the model's context).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
-                 backend: str | None = None, dtype: torch.dtype | None = None, block_size: int = 16):
+                 backend: str | None = None, dtype: torch.dtype | None = None, block_size: int = 16,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                 kv_cache_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
+                 enable_prefix_caching: bool = True, seed: int | None = None):
         self.path = Path(model) if model is not None else default_model_path()
         self.device = torch.device(device) if device is not None else default_device()
         if backend is None:
@@ -47,8 +66,17 @@ class LLM:
         self.config = ModelConfig.from_gguf(self.gguf)
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
         self.ops = Ops(backend, dtype)
-        self.model = DecoderModel(self.config, load_weights(self.gguf, self.device), self.ops, self.device)
+        weights = load_weights(self.gguf, self.device)
+        self.model = DecoderModel(self.config, weights, self.ops, self.device)
+        self.ops.preload(weights.values())
         self.block_size = block_size
+        self.scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens,
+                                                min(max_model_len or self.config.context_length,
+                                                    self.config.context_length))
+        self._kv_cache_bytes = kv_cache_budget(self.device, gpu_memory_utilization, kv_cache_bytes)
+        self._prefix_caching = enable_prefix_caching
+        self._seed = seed
+        self._engine: Engine | None = None
 
     @property
     def backend(self) -> str:
@@ -82,3 +110,92 @@ class LLM:
             batch = ForwardBatch.build([chunk], [start], [table], self.block_size, self.device)
             out[start : start + len(chunk)] = self.model.logits(self.model.forward(batch, kv)).cpu()
         return out
+
+    # --- generation ---------------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        """The continuous-batching engine, built (and its KV cache allocated) on first use."""
+        if self._engine is None:
+            layout = KVCacheLayout.fit(self._kv_cache_bytes, n_layers=self.config.n_layers,
+                                       n_kv_heads=self.config.n_kv_heads, head_dim=self.config.head_dim,
+                                       block_size=self.block_size, dtype=self.ops.dtype)
+            runner = ModelRunner(self.model, self.config, layout, self.device)
+            blocks = BlockManager(layout.num_blocks, self.block_size, prefix_caching=self._prefix_caching)
+            self._engine = Engine(runner, self.tokenizer, Scheduler(self.scheduler_config, blocks),
+                                  Sampler(self._seed))
+        return self._engine
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids) in one continuous batch; outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params if params is not None else SamplingParams()
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} sampling params")
+        engine = self.engine
+        ids = []
+        try:
+            for prompt, p in zip(prompts, per_prompt):
+                ids.append(engine.add_request(prompt, p))
+        except ValueError:
+            for rid in ids:
+                engine.abort(rid)
+            engine.pop_finished()
+            raise
+        outputs: dict[str, RequestOutput] = {}
+        progress = _Progress(len(ids)) if use_tqdm else None
+        while engine.has_unfinished():
+            for out in engine.step():
+                outputs[out.request_id] = out
+                if progress:
+                    progress.update(out)
+        if progress:
+            progress.close()
+        engine.pop_finished()
+        return [outputs[rid] for rid in ids]
+
+    def chat(self, messages: Messages | Sequence[Messages], params: SamplingParams | None = None, *,
+             use_tqdm: bool = True, **template_kwargs: Any) -> list[RequestOutput]:
+        """Generate the assistant's reply to one conversation or to each of several."""
+        conversations = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, **template_kwargs)
+                   for c in conversations]
+        return self.generate(prompts, params, use_tqdm=use_tqdm)
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Generate for one prompt, yielding text as it is produced; `last_output` holds the result."""
+        engine = self.engine
+        rid = engine.add_request(prompt, params or SamplingParams())
+        try:
+            while engine.has_unfinished():
+                for out in engine.step():
+                    if out.request_id == rid:
+                        self.last_output = out
+                delta = engine.stream_deltas().get(rid)
+                if delta:
+                    yield delta
+        finally:
+            engine.abort(rid)
+            engine.pop_finished()
+
+
+class _Progress:
+    """A one-line progress report on stderr: requests done and output tokens per second."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.tokens = total, 0, 0
+        self.start = time.perf_counter()
+
+    def update(self, out: RequestOutput) -> None:
+        self.done += 1
+        self.tokens += len(out.token_ids)
+        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        print(f"\rgenerating: {self.done}/{self.total} requests, {rate:.1f} output tokens/s", end="",
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        print(file=sys.stderr)

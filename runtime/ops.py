@@ -3,11 +3,13 @@
 Backend "triton" runs the kernels of `ggtriton.kernels` (on a GPU, or on CPU tensors under
 TRITON_INTERPRET=1); backend "torch" runs their torch references, and is the CPU path of the engine.
 Quantized linear layers: the torch backend dequantizes each weight once to float32 and keeps it (CPU
-only); the Triton backend dequantizes with the Triton kernel inside every call and multiplies with
-torch.matmul.
+only); the Triton backend multiplies with the fused dequantize-matmul kernel, which picks its own path
+(GEMV, split-K, tiled GEMM, or dequantize then cuBLAS) by the number of rows.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 
@@ -59,9 +61,19 @@ class Ops:
             return w.dense
         return self.dequantize(w)
 
+    def preload(self, weights: Iterable[QuantWeight]) -> None:
+        """Dequantize every weight now where the backend keeps them dense, so no step pays for it."""
+        if self.backend == "torch":
+            for w in weights:
+                if w.raw.device.type == "cpu":
+                    self._dense(w)
+
     def linear(self, x: torch.Tensor, w: QuantWeight, bias: QuantWeight | None = None) -> torch.Tensor:
         """x [T, K] @ W[N, K]^T (+ bias) in x's dtype, W in its GGUF blocks."""
-        out = x @ self._dense(w).t()
+        if self.backend == "triton":
+            out = kernels.qmatmul(x.contiguous(), w.raw, w.ggml_type, w.shape)
+        else:
+            out = x @ self._dense(w).t()
         if bias is not None:
             out += self.vector(bias)
         return out

@@ -1,0 +1,155 @@
+"""The engine loop: requests in, one scheduled step at a time, finished outputs out."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ggtriton.gguf import Tokenizer
+from ggtriton.gguf.tokenizer import IncrementalDetokenizer
+
+from .model_runner import ModelRunner
+from .sampler import Sampler, make_generator
+from .sampling_params import RequestOutput, SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+
+@dataclass(eq=False)
+class Request:
+    """A sequence and what is built from it as it grows: text, stop-string state, logprobs, timing."""
+
+    seq: Sequence
+    prompt: str | None
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    arrival: float
+    text: str = ""
+    streamed: int = 0  # characters of `text` already handed out by `Engine.stream_deltas`
+    logprobs: list[dict[int, float]] | None = None
+    token_times: list[float] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.seq.is_finished
+
+    def output(self) -> RequestOutput:
+        m = {"arrival": self.arrival}
+        if self.token_times:
+            m["first_token"] = self.token_times[0]
+            m["last_token"] = self.token_times[-1]
+        return RequestOutput(self.seq.request_id, self.prompt, self.seq.prompt_token_ids, self.text,
+                             self.seq.output_token_ids, self.seq.finish_reason or "", self.logprobs, m)
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, scheduler: Scheduler, sampler: Sampler):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.sampler = sampler
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.num_steps = 0
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a prompt (text, tokenized with the model's special tokens, or token ids)."""
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt, add_special=True, parse_special=True)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+            vocab = self.runner.config.vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise ValueError(f"request {request_id}: token ids must be in [0, {vocab})")
+        seq = Sequence(request_id, ids, params, arrival=len(self.requests))
+        self.scheduler.add(seq)
+        generator = make_generator(params.seed, self.runner.device) if params.seed is not None else None
+        self.requests[request_id] = Request(seq, text, self.tokenizer.incremental_detokenizer(skip_special=True),
+                                            generator, time.perf_counter(),
+                                            logprobs=[] if params.logprobs is not None else None)
+        return request_id
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def abort(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns the requests that finished in it."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("no request can be scheduled: the KV cache is too small for the waiting ones")
+            return []
+        logits = self.runner.run(scheduled)
+        self.scheduler.step_done(scheduled)
+        self.num_steps += 1
+        seqs = [s.seq for s in scheduled if s.completes]
+        reqs = [self.requests[seq.request_id] for seq in seqs]
+        sampled = self.sampler.sample(logits, [s.params for s in seqs], [s.prompt_token_ids for s in seqs],
+                                      [s.output_token_ids for s in seqs], [r.generator for r in reqs])
+        now = time.perf_counter()
+        finished = []
+        for req, token, logprobs in zip(reqs, sampled.token_ids, sampled.logprobs):
+            req.token_times.append(now)
+            if self._append(req, token, logprobs):
+                finished.append(req.output())
+        return finished
+
+    def _append(self, req: Request, token: int, logprobs: dict[int, float] | None) -> bool:
+        """Add a sampled token to its request; True if that finished the request."""
+        seq, params = req.seq, req.seq.params
+        seq.append(token)
+        if req.logprobs is not None:
+            req.logprobs.append(logprobs)
+        if token in self.tokenizer.eos_token_ids and not params.ignore_eos:
+            return self._finish(req, "stop")
+        piece = req.detokenizer.add(token)
+        req.text += piece
+        if params.stop and self._cut_at_stop(req, len(piece)):
+            self.scheduler.finish(seq, "stop")
+            return True
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.scheduler.config.max_model_len:
+            return self._finish(req, "length")
+        return False
+
+    def _finish(self, req: Request, reason: str) -> bool:
+        tail = req.detokenizer.flush()  # bytes the detokenizer held back
+        req.text += tail
+        if req.seq.params.stop and tail and self._cut_at_stop(req, len(tail)):
+            reason = "stop"
+        self.scheduler.finish(req.seq, reason)
+        return True
+
+    @staticmethod
+    def _cut_at_stop(req: Request, new_chars: int) -> bool:
+        """End the text before the first stop string that the last `new_chars` characters completed."""
+        stops = req.seq.params.stop
+        start = max(0, len(req.text) - new_chars - max(map(len, stops)) + 1)
+        hits = [i for i in (req.text.find(s, start) for s in stops) if i >= 0]
+        if hits:
+            req.text = req.text[: min(hits)]
+        return bool(hits)
+
+    def stream_deltas(self) -> dict[str, str]:
+        """New text of each request since the last call, holding back what may begin a stop string."""
+        out = {}
+        for rid, req in self.requests.items():
+            stops = req.seq.params.stop
+            hold = 0 if req.finished or not stops else max(map(len, stops)) - 1
+            end = max(req.streamed, len(req.text) - hold)
+            if end > req.streamed:
+                out[rid] = req.text[req.streamed : end]
+                req.streamed = end
+        return out
+
+    def pop_finished(self) -> None:
+        """Forget finished requests (their outputs have been handed out)."""
+        self.requests = {rid: r for rid, r in self.requests.items() if not r.finished}

@@ -1,0 +1,187 @@
+"""The sampler: next tokens for a whole batch from its logits, each row under its own `SamplingParams`.
+
+Per row, in this order (vLLM's):
+1. penalties: repetition (tokens in the prompt or the output), then presence and frequency (output only);
+2. temperature (0 = greedy: the argmax of the penalized logits, exactly);
+3. log-probabilities, if asked: `log_softmax` of the logits after steps 1-2 (temperature 1 for a greedy
+   row), before any filtering. This is the distribution the filters start from; vLLM's default
+   (raw model log-probs) would hide the penalties and the temperature the request asked for;
+4. filters, each on what the previous left: top-k; top-p on the renormalized top-k distribution (the
+   smallest set whose probability reaches top_p, at least one token); min-p (p >= min_p * p_max, a
+   ratio, so renormalization does not move it);
+5. sampling by the exponential race, argmax(p / q) with q ~ Exp(1) drawn per token: a seeded row draws
+   its q from its own generator, so its tokens do not depend on what else shares its batch.
+
+Everything runs on the logits' device; the only device-to-host transfer is one `.tolist()` per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ggtriton.runtime.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplerOutput:
+    """token_ids: the chosen token of each row. logprobs: per row, None unless its params asked for them;
+    else {token_id: logprob} of the chosen token (first) and the top `params.logprobs` tokens."""
+
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None]
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """The random stream of one seeded request, on the device its logits live on."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def _counts(token_ids: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[B, V] float32 occurrence counts of each token per row (ids outside [0, V) are ignored)."""
+    width = max(map(len, token_ids), default=0)
+    counts = torch.zeros(len(token_ids), vocab + 1, device=device)
+    if width:
+        # Pad with V: its counts land in the extra column, dropped below.
+        padded = [[t if 0 <= t < vocab else vocab for t in ids] + [vocab] * (width - len(ids))
+                  for ids in token_ids]
+        index = torch.tensor(padded, dtype=torch.int64, device=device)
+        counts.scatter_add_(1, index, torch.ones(index.shape, device=device))
+    return counts[:, :vocab]
+
+
+def apply_penalties(logits: torch.Tensor, prompt_token_ids: list[list[int]],
+                    output_token_ids: list[list[int]], repetition: torch.Tensor, presence: torch.Tensor,
+                    frequency: torch.Tensor) -> torch.Tensor:
+    """Penalized copy of `logits` [B, V]; the penalties are [B] tensors (1, 0, 0 = off).
+
+    Repetition (HF/vLLM): for a token in the prompt or the output, logit > 0 -> logit / r, else logit * r.
+    Presence and frequency (OpenAI/vLLM), output tokens only: logit -= presence * (count > 0) + frequency * count.
+    """
+    vocab = logits.shape[1]
+    out_counts = _counts(output_token_ids, vocab, logits.device)
+    seen = (_counts(prompt_token_ids, vocab, logits.device) > 0) | (out_counts > 0)
+    r = repetition[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+    return logits - presence[:, None] * (out_counts > 0) - frequency[:, None] * out_counts
+
+
+def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                 min_p: torch.Tensor) -> torch.Tensor:
+    """`probs` [B, V] with the tokens that top-k, then top-p, then min-p drop set to 0 (not renormalized).
+
+    top_k [B] (0 = off, larger than V = off), top_p [B] (1 = off), min_p [B] (0 = off).
+    """
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+        sorted_p, order = probs.sort(dim=1, descending=True)
+        rank = torch.arange(probs.shape[1], device=probs.device)
+        k = torch.where(top_k > 0, top_k, probs.shape[1])
+        keep_sorted = rank[None, :] < k[:, None]
+        sorted_p = sorted_p * keep_sorted
+        cum = sorted_p.cumsum(dim=1)
+        # A token stays while the mass before it is still short of top_p (of the top-k mass): the
+        # smallest set reaching top_p, its first token always kept. top_p = 1 keeps everything, even
+        # when float32 rounding makes the cumulative sum reach the total early.
+        reached = (cum - sorted_p) >= top_p[:, None] * cum[:, -1:]
+        keep_sorted &= ~reached | (top_p[:, None] >= 1)
+        keep = keep.scatter(1, order, keep_sorted)
+    if bool((min_p > 0).any()):
+        keep &= probs >= min_p[:, None] * probs.amax(dim=1, keepdim=True)
+    return probs * keep
+
+
+class Sampler:
+    """Samples the next token of every row of a batch; holds the stream that unseeded rows share.
+
+    seed: the shared stream's seed (None: a fresh nondeterministic one).
+    """
+
+    def __init__(self, seed: int | None = None):
+        self._seed = seed
+        self._shared: dict[torch.device, torch.Generator] = {}
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._shared:
+            g = torch.Generator(device=device)
+            if self._seed is None:
+                g.seed()
+            else:
+                g.manual_seed(self._seed)
+            self._shared[device] = g
+        return self._shared[device]
+
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams], prompt_token_ids: list[list[int]],
+               output_token_ids: list[list[int]], generators: list[torch.Generator | None]) -> SamplerOutput:
+        """Next token of each row of `logits` [B, V].
+
+        Per row: its params, its prompt ids and its output ids so far (for the penalties), and its
+        generator (`make_generator(params.seed, logits.device)` for a seeded request, else None).
+        """
+        batch, vocab = logits.shape
+        if not len(params) == len(prompt_token_ids) == len(output_token_ids) == len(generators) == batch:
+            raise ValueError(f"sampler: {batch} logit rows but {len(params)} params, {len(prompt_token_ids)} "
+                             f"prompts, {len(output_token_ids)} outputs, {len(generators)} generators")
+        if batch == 0:
+            return SamplerOutput([], [])
+        device = logits.device
+        logits = logits.float()
+
+        # One host-to-device copy for all per-row parameters.
+        table = torch.tensor([[p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty,
+                               p.presence_penalty, p.frequency_penalty] for p in params],
+                             dtype=torch.float32, device=device)
+        temperature, top_k, top_p, min_p, repetition, presence, frequency = table.unbind(1)
+
+        penalized = [p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
+                     for p in params]
+        if any(penalized):
+            # Rows without penalties pass no ids: they would cost a padded copy for nothing.
+            logits = apply_penalties(
+                logits, [ids if on else [] for ids, on in zip(prompt_token_ids, penalized)],
+                [ids if on else [] for ids, on in zip(output_token_ids, penalized)],
+                repetition, presence, frequency)
+
+        greedy = temperature == 0
+        scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
+        tokens = logits.argmax(dim=1)
+
+        sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if sampled_rows:
+            probs = filter_probs(torch.softmax(scaled, dim=1), top_k.long(), top_p, min_p)
+            q = torch.empty_like(probs).exponential_(generator=self._shared_generator(device))
+            for i in sampled_rows:
+                if generators[i] is not None:
+                    if generators[i].device != device:
+                        raise ValueError(f"sampler: row {i}'s generator is on {generators[i].device}, "
+                                         f"its logits on {device}")
+                    q[i].exponential_(generator=generators[i])
+            # q can be exactly 0; clamping keeps p / q finite and a dropped token (p = 0) at score 0.
+            race = (probs / q.clamp_min(torch.finfo(q.dtype).tiny)).argmax(dim=1)
+            tokens = torch.where(greedy, tokens, race)
+
+        n_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        if n_top is None:
+            return SamplerOutput(tokens.tolist(), [None] * batch)
+
+        logprobs = torch.log_softmax(scaled, dim=1)
+        top_lp, top_ids = logprobs.topk(min(n_top, vocab), dim=1)
+        chosen_lp = logprobs.gather(1, tokens[:, None])
+        # One transfer: float64 holds token ids exactly and float32 log-probs exactly.
+        packed = torch.cat([tokens[:, None].double(), chosen_lp.double(), top_ids.double(), top_lp.double()],
+                           dim=1).tolist()
+        n = top_ids.shape[1]
+        token_ids = [int(row[0]) for row in packed]
+        out: list[dict[int, float] | None] = []
+        for p, row in zip(params, packed):
+            if p.logprobs is None:
+                out.append(None)
+                continue
+            entry = {int(row[0]): row[1]}
+            for t, lp in zip(row[2:2 + min(p.logprobs, n)], row[2 + n:2 + n + min(p.logprobs, n)]):
+                entry.setdefault(int(t), lp)
+            out.append(entry)
+        return SamplerOutput(token_ids, out)

@@ -1,0 +1,160 @@
+"""The quantized matmul kernels against x @ dequantize(W)^T in float64, every GGUF type on every path."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Without a GPU the kernels run in Triton's interpreter, on CPU tensors; set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from ggtriton.gguf import TYPE_TRAITS, GGMLType  # noqa: E402
+from ggtriton.gguf.quants import DEQUANTIZERS, dequantize  # noqa: E402
+from ggtriton.gguf.quantize import random_blocks  # noqa: E402
+from ggtriton.kernels import qmatmul  # noqa: E402
+from ggtriton.kernels._common import backend  # noqa: E402
+from ggtriton.kernels.qmatmul import _DISPATCH, PATHS, _choose_path, qmatmul_ref  # noqa: E402
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+FLOAT_WEIGHTS = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
+N = 40  # not a multiple of any BLOCK_N
+
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
+
+
+def weight(ggml_type: GGMLType, n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Raw bytes of an (n, k) weight of ordinary values: random valid blocks with scales of N(0, 2^-7)."""
+    if ggml_type in FLOAT_WEIGHTS:
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).to(FLOAT_WEIGHTS[ggml_type])
+        return w.view(torch.uint8).reshape(-1).to(DEVICE)
+    rng = np.random.default_rng(seed)
+    blocks = random_blocks(ggml_type, n * k // TYPE_TRAITS[ggml_type].block_elements, rng)
+    if ggml_type == GGMLType.MXFP4:  # E8M0 scales 2^-9..2^0 instead of up to 2^127, which overflow
+        blocks[:, 0] = rng.integers(119, 129, len(blocks))
+    return torch.from_numpy(blocks.reshape(-1)).to(DEVICE)
+
+
+def check(ggml_type: GGMLType, m: int, k: int, dtype: torch.dtype, path: str | None, **kwargs) -> None:
+    raw = weight(ggml_type, N, k, seed=m + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dtype).to(DEVICE)
+    out = qmatmul(x, raw, ggml_type, (N, k), path=path, **kwargs)
+    assert out.shape == (m, N) and out.dtype == dtype and out.device == x.device
+    ref = x.double() @ dequantize(raw, ggml_type, (N, k)).double().t()
+    err = ((out.double() - ref).norm() / ref.norm()).item()  # NaN (an unwritten element) fails too
+    assert err <= TOL[dtype], f"relative error {err:.3g}"
+
+
+def many_blocks_k(ggml_type: GGMLType) -> int:
+    """A K of several blocks that spans several K tiles and ends in a partial one where blocks allow it."""
+    qk = TYPE_TRAITS[ggml_type].block_elements
+    return {1: 200, 32: 13 * 32}.get(qk, 3 * qk)
+
+
+def split_kwargs(path: str) -> dict:
+    return {"split_k": 3} if path == "splitk" else {}
+
+
+# Every type on every path, each dtype with its own M: 1 (the GEMV branch), 3 (padded tl.dot), 17 (two M tiles).
+@pytest.mark.parametrize(("dtype", "m"), [(torch.float32, 1), (torch.float16, 3), (torch.bfloat16, 17)], ids=str)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("ggml_type", list(DEQUANTIZERS), ids=lambda t: t.name)
+def test_every_type_every_path(ggml_type: GGMLType, path: str, dtype: torch.dtype, m: int) -> None:
+    qk = TYPE_TRAITS[ggml_type].block_elements
+    check(ggml_type, m, max(160, 2 * qk), dtype, path, **split_kwargs(path))
+
+
+# The awkward shapes on one type per block size: M around the skinny / tile limits, K of one block and many.
+@pytest.mark.parametrize("k_blocks", ["one", "many"])
+@pytest.mark.parametrize(
+    ("m", "dtype"),
+    [(1, torch.bfloat16), (3, torch.float32), (16, torch.float16), (17, torch.float32), (64, torch.bfloat16)],
+    ids=str,
+)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("ggml_type", [GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.F16], ids=lambda t: t.name)
+def test_shapes(ggml_type: GGMLType, path: str, m: int, dtype: torch.dtype, k_blocks: str) -> None:
+    k = TYPE_TRAITS[ggml_type].block_elements if k_blocks == "one" else many_blocks_k(ggml_type)
+    check(ggml_type, m, k, dtype, path, **split_kwargs(path))
+
+
+def test_gemm_past_one_group() -> None:
+    # More M tiles than GROUP_M: the grouped program order wraps into a second, shorter group.
+    check(GGMLType.Q8_0, 300, 64, torch.float16, "gemm")
+
+
+@pytest.mark.parametrize("m", [1, 16, 17], ids=str)
+def test_default_path(m: int) -> None:
+    check(GGMLType.Q4_K, m, 512, torch.float16, None)
+
+
+def test_choose_path() -> None:
+    cpu = torch.device("cpu")
+    th = _DISPATCH[backend(cpu)]
+    skinny_m, gemm_m = th["skinny_max_m"], th["dequant_min_m"] - 1
+    assert _choose_path(GGMLType.Q4_K, 1, 40, 512, cpu) == "splitk"  # one row tile: K splits fill the "SMs"
+    assert _choose_path(GGMLType.Q4_K, skinny_m, 40, 64, cpu) == "skinny"  # one K tile: nothing to split
+    assert _choose_path(GGMLType.Q4_K, skinny_m, th["split_max_n"] + 1, 4096, cpu) == "skinny"
+    assert _choose_path(GGMLType.Q4_K, skinny_m + 1, 4096, 4096, cpu) == "gemm"
+    assert _choose_path(GGMLType.Q4_K, gemm_m, 4096, 4096, cpu) == "gemm"
+    assert _choose_path(GGMLType.Q4_K, gemm_m + 1, 4096, 4096, cpu) == "dequant"
+    assert _choose_path(GGMLType.BF16, th["float_dequant_min_m"], 4096, 4096, cpu) == "dequant"
+
+
+def test_split_k_is_deterministic() -> None:
+    raw = weight(GGMLType.Q6_K, N, 1024)
+    x = torch.randn(5, 1024).to(DEVICE)
+    a = qmatmul(x, raw, GGMLType.Q6_K, (N, 1024), path="splitk", split_k=4)
+    b = qmatmul(x, raw, GGMLType.Q6_K, (N, 1024), path="splitk", split_k=4)
+    assert torch.equal(a, b)
+
+
+def test_reference() -> None:
+    raw = weight(GGMLType.Q5_K, N, 256)
+    x = torch.randn(3, 256).to(DEVICE)
+    ref = x.double() @ dequantize(raw, GGMLType.Q5_K, (N, 256)).double().t()
+    out = qmatmul_ref(x, raw, GGMLType.Q5_K, (N, 256))
+    assert out.dtype == torch.float32 and ((out.double() - ref).norm() / ref.norm()).item() <= 1e-6
+
+
+def test_empty() -> None:
+    raw = weight(GGMLType.Q4_0, N, 32)
+    assert qmatmul(torch.randn(0, 32).to(DEVICE), raw, GGMLType.Q4_0, (N, 32)).shape == (0, N)
+    no_k = torch.zeros(0, dtype=torch.uint8, device=DEVICE)
+    assert torch.equal(qmatmul(torch.randn(2, 0).to(DEVICE), no_k, GGMLType.Q4_0, (N, 0)), torch.zeros(2, N))
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "dtype", "shape", "kwargs", "match"),
+    [
+        ((2, 32), torch.float32, (N, 64), {}, r"x must be \[M, 64\]"),
+        ((64,), torch.float32, (N, 64), {}, r"x must be \[M, 64\]"),
+        ((2, 64), torch.int32, (N, 64), {}, "x must be float32, float16 or bfloat16"),
+        ((2, 64), torch.float32, (2, N, 32), {}, "must be 2-D"),
+        ((2, 64), torch.float32, (N, 64), {"path": "gemv"}, "path must be one of"),
+        ((2, 64), torch.float32, (N, 64), {"path": "skinny", "split_k": 2}, "split_k"),
+        ((2, 64), torch.float32, (N, 64), {"path": "splitk", "split_k": 0}, "split_k"),
+    ],
+)
+def test_bad_input_raises(x_shape, dtype, shape, kwargs, match) -> None:
+    raw = weight(GGMLType.Q4_0, N, 64)
+    with pytest.raises(ValueError, match=match):
+        qmatmul(torch.ones(x_shape, dtype=dtype, device=DEVICE), raw, GGMLType.Q4_0, shape, **kwargs)
+
+
+def test_bad_raw_raises() -> None:
+    x = torch.randn(2, 64).to(DEVICE)
+    with pytest.raises(ValueError, match=r"Q4_0: a tensor of shape \(40, 64\) takes 1440 bytes, got 700"):
+        qmatmul(x, weight(GGMLType.Q4_0, N, 64)[:700], GGMLType.Q4_0, (N, 64))
+    with pytest.raises(ValueError, match="uint8"):
+        qmatmul(x, weight(GGMLType.Q4_0, N, 64).view(torch.int8), GGMLType.Q4_0, (N, 64))
+    misaligned = torch.zeros(1441, dtype=torch.uint8, device=DEVICE)[1:]
+    with pytest.raises(ValueError, match="2-byte aligned"):
+        qmatmul(x, misaligned, GGMLType.Q4_0, (N, 64))
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        qmatmul(torch.randn(64, 2).to(DEVICE).t(), weight(GGMLType.Q4_0, N, 64), GGMLType.Q4_0, (N, 64))
