@@ -13,17 +13,13 @@ medians. Prints a table and appends it to bench/RESULTS.md.
 
 from __future__ import annotations
 
-import datetime
 import itertools
-import sys
-from pathlib import Path
 
 import torch
-import triton
-from triton.testing import do_bench
 
 from ggtriton.kernels.flash_attention import flash_attention
 from ggtriton.kernels.paged_decode import paged_decode
+from gpu_timing import append_results, copy_gbps, heading, median_ms, require_gpu
 
 N_HEADS, N_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -31,12 +27,11 @@ PREFILL_TOKENS = (1024, 2048, 4096, 8192, 16384)
 DECODE_BATCH = (1, 16, 64, 256)
 DECODE_CONTEXT = (512, 4096, 32768)
 ROTATE_BYTES = 512 << 20  # well past any L2: each timed call reads memory the previous calls did not
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def bench(fn) -> float:
     """Median seconds of fn."""
-    return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3
+    return median_ms(fn) * 1e-3
 
 
 def paged(n_seqs: int, ctx: int, copies: int, gen: torch.Generator):
@@ -49,13 +44,6 @@ def paged(n_seqs: int, ctx: int, copies: int, gen: torch.Generator):
     perm = torch.randperm(num_blocks, generator=gen).to(device="cuda", dtype=torch.int32)
     tables = perm.view(copies, n_seqs, pages)
     return k_cache, v_cache, tables
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s of a 1 GiB device-to-device copy (read + write)."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / bench(lambda: dst.copy_(src))
 
 
 def matmul_rate() -> float:
@@ -128,16 +116,13 @@ def decode_rows(gen: torch.Generator, copy_bw: float) -> list[str]:
 
 
 def main() -> None:
-    if not torch.cuda.is_available():
-        sys.exit("bench/attention.py needs a CUDA or ROCm GPU, and torch sees none: nothing measured.")
+    require_gpu("bench/attention.py")
     gen = torch.Generator().manual_seed(0)
-    device = torch.cuda.get_device_name()
     runtime = f"HIP {torch.version.hip}" if torch.version.hip else f"CUDA {torch.version.cuda}"
-    copy_bw, mm = copy_bandwidth(), matmul_rate()
+    copy_bw, mm = copy_gbps() * 1e9, matmul_rate()
     lines = [
         "",
-        f"## Attention ({datetime.date.today()}, {device}, torch {torch.__version__}, triton {triton.__version__}, "
-        f"{runtime})",
+        f"{heading('Attention')}, {runtime}",
         "",
         f"{N_HEADS} heads, {N_KV_HEADS} kv heads, head_dim {HEAD_DIM}, {str(DTYPE)[6:]}, pages of {BLOCK_SIZE}. "
         f"Copy bandwidth {copy_bw / 1e9:.0f} GB/s; bf16 matmul 8192^3 {mm / 1e12:.0f} TFLOP/s.",
@@ -154,10 +139,7 @@ def main() -> None:
         "|---:|---:|---:|---:|---:|---:|",
         *decode_rows(gen, copy_bw),
     ]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    with RESULTS.open("a") as f:
-        f.write(table)
+    append_results("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,42 +11,19 @@ Prints a table and appends it to bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
-import itertools
-import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
-import triton
-from triton.testing import do_bench
 
 from ggtriton.gguf import TYPE_TRAITS, GGMLType
 from ggtriton.gguf.quants import DEQUANTIZERS
 from ggtriton.gguf.quantize import random_blocks
 from ggtriton.kernels import dequantize
+from gpu_timing import append_results, copy_gbps, heading, l2_bytes, median_ms, require_gpu, rotated
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 ROW = 4096
-
-
-def rotated(make, bytes_each: int, l2_bytes: int) -> list:
-    """Enough copies of a buffer that one pass over them is at least twice the L2 cache."""
-    return [make() for _ in range(max(2, math.ceil(2 * l2_bytes / bytes_each)))]
-
-
-def median_ms(fn, buffers: list) -> float:
-    it = itertools.cycle(buffers)
-    return do_bench(lambda: fn(next(it)), warmup=25, rep=100, return_mode="median")
-
-
-def copy_gbps() -> float:
-    n = 1 << 30  # far larger than any L2: no rotation needed
-    src, dst = (torch.empty(n, dtype=torch.uint8, device="cuda") for _ in range(2))
-    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
-    return 2 * n / ms / 1e6
 
 
 def main() -> None:
@@ -55,14 +32,12 @@ def main() -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--types", default=",".join(t.name for t in DEQUANTIZERS), help="comma-separated")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/dequant.py measures GPU kernels and needs a CUDA or ROCm device; none is available.")
+    require_gpu("bench/dequant.py")
     if args.elements % ROW:
         sys.exit(f"--elements must be a multiple of {ROW}")
     types = [GGMLType[name] for name in args.types.split(",")]
     dtype = DTYPES[args.dtype]
-    props = torch.cuda.get_device_properties(0)
-    l2 = getattr(props, "L2_cache_size", 64 << 20)
+    l2 = l2_bytes()
     shape = (args.elements // ROW, ROW)
     rng = np.random.default_rng(0)
 
@@ -82,8 +57,7 @@ def main() -> None:
 
     lines = [
         "",
-        f"## Dequantization ({datetime.date.today()}, {props.name}, torch {torch.__version__}, "
-        f"triton {triton.__version__})",
+        heading("Dequantization"),
         "",
         f"{args.elements} elements per tensor, {args.dtype} output; copy bandwidth {copy:.0f} GB/s "
         "(read + written).",
@@ -92,10 +66,7 @@ def main() -> None:
         "|---|---:|---:|---:|---:|",
         *rows,
     ]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    with RESULTS.open("a") as f:
-        f.write(table)
+    append_results("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

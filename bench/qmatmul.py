@@ -16,44 +16,20 @@ bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
-import itertools
-import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
-import triton
-from triton.testing import do_bench
 
 from ggtriton.gguf import TYPE_TRAITS, GGMLType
 from ggtriton.gguf.quantize import random_blocks
 from ggtriton.kernels import qmatmul
 from ggtriton.kernels.qmatmul import PATHS, _choose_path
+from gpu_timing import append_results, copy_gbps, heading, l2_bytes, median_ms, require_gpu, rotated
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 TYPES = ("Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_XS")
 SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (128256, 4096))
 M_VALUES = "1,2,4,8,16,64,256,2048"
 DTYPE = torch.bfloat16
-
-
-def median_ms(fn, buffers: list) -> float:
-    it = itertools.cycle(buffers)
-    return do_bench(lambda: fn(next(it)), warmup=25, rep=100, return_mode="median")
-
-
-def rotated(make, bytes_each: int, l2_bytes: int) -> list:
-    """Enough copies of a buffer that one pass over them is at least twice the L2 cache."""
-    return [make() for _ in range(max(1, math.ceil(2 * l2_bytes / bytes_each)))]
-
-
-def copy_gbps() -> float:
-    n = 1 << 30  # far larger than any L2: no rotation needed
-    src, dst = (torch.empty(n, dtype=torch.uint8, device="cuda") for _ in range(2))
-    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
-    return 2 * n / ms / 1e6
 
 
 def main() -> None:
@@ -62,12 +38,10 @@ def main() -> None:
     parser.add_argument("--m", default=M_VALUES, help="comma-separated rows of x")
     parser.add_argument("--path", choices=PATHS, help="force one path (default: the dispatch's choice)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/qmatmul.py measures GPU kernels and needs a CUDA or ROCm device; none is available.")
+    require_gpu("bench/qmatmul.py")
     types = [GGMLType[name] for name in dict.fromkeys([*TYPES, *args.types])]
     ms_rows = [int(m) for m in args.m.split(",")]
-    props = torch.cuda.get_device_properties(0)
-    l2 = getattr(props, "L2_cache_size", 64 << 20)
+    l2 = l2_bytes()
     device = torch.device("cuda")
     rng = np.random.default_rng(0)
 
@@ -97,8 +71,7 @@ def main() -> None:
 
     lines = [
         "",
-        f"## Quantized matmul ({datetime.date.today()}, {props.name}, torch {torch.__version__}, "
-        f"triton {triton.__version__})",
+        heading("Quantized matmul"),
         "",
         f"bf16 x [M, K] @ W^T, W (N, K) in GGUF blocks; path: {args.path or 'dispatch'}; copy bandwidth "
         f"{copy:.0f} GB/s (read + written); cuBLAS: torch.matmul in bf16 on a dense W.",
@@ -107,10 +80,7 @@ def main() -> None:
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
     ]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    with RESULTS.open("a") as f:
-        f.write(table)
+    append_results("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
