@@ -38,6 +38,15 @@ class TensorData:
     data: bytes | bytearray | memoryview | np.ndarray
 
 
+def typed_metadata(metadata: Mapping[str, Any], value_types: Mapping[str, tuple[GGUFValueType, ...]]) -> dict[str, Any]:
+    """A read file's metadata (`GGUFFile.metadata`, `.value_types`) with the types it was stored with."""
+    out = {}
+    for key, value in metadata.items():
+        types = value_types[key]
+        out[key] = Typed(types[0], value, types[1] if len(types) > 1 else None)
+    return out
+
+
 def _infer_type(value: Any) -> GGUFValueType:
     if isinstance(value, Typed):
         return value.type

@@ -91,7 +91,17 @@ def run_bench(llm: LLM, requests: list[BenchRequest], seed: int = 0) -> dict[str
         "itl_ms": _percentiles(itl),
         "steps": engine.num_steps,
         "preemptions": engine.scheduler.num_preemptions,
-    }
+    } | _spec_metrics(reqs)
+
+
+def _spec_metrics(reqs) -> dict[str, float]:
+    """Speculative decoding: share of draft tokens accepted, and tokens accepted per verify step."""
+    drafted = sum(r.drafted for r in reqs)
+    steps = sum(r.verify_steps for r in reqs)
+    if not steps:
+        return {}
+    return {"acceptance_rate": sum(r.accepted for r in reqs) / max(drafted, 1),
+            "mean_accepted_length": sum(r.accepted for r in reqs) / steps}
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -103,4 +113,6 @@ def format_report(r: dict[str, Any]) -> str:
         f"  total tokens/s      {r['total_tokens_per_s']:.1f}",
         "  TTFT ms             p50 {p50:.1f}  p90 {p90:.1f}  p99 {p99:.1f}".format(**r["ttft_ms"]),
         "  ITL ms              p50 {p50:.1f}  p90 {p90:.1f}  p99 {p99:.1f}".format(**r["itl_ms"]),
+        *([f"  draft acceptance    {r['acceptance_rate']:.1%}, {r['mean_accepted_length']:.2f} tokens per step"]
+          if "acceptance_rate" in r else []),
     ])

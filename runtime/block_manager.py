@@ -114,6 +114,7 @@ class BlockManager:
             self._ref(block_id)
         seq.block_table = hits + [self._take_free() for _ in range(self.blocks_for(seq.num_tokens) - len(hits))]
         seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_draft_computed_tokens = 0  # a shared page holds the target's K/V, not necessarily the draft's
         seq.num_hashed_blocks = len(hits)
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
@@ -134,6 +135,7 @@ class BlockManager:
                 self.free[block_id] = None
         seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.num_draft_computed_tokens = 0
         seq.num_hashed_blocks = 0
 
     def truncate(self, seq: Sequence, num_tokens: int) -> None:
@@ -163,3 +165,4 @@ class BlockManager:
             else:
                 self._unhash(last)
         seq.num_hashed_blocks = min(seq.num_hashed_blocks, seq.num_computed_tokens // bs)
+        seq.num_draft_computed_tokens = min(seq.num_draft_computed_tokens, seq.num_computed_tokens)

@@ -33,7 +33,8 @@ def _llm(args: argparse.Namespace):
     from ggtriton.runtime.llm import LLM
 
     return LLM(_model_path(args.model), device=args.device, backend=args.backend, max_model_len=args.ctx_size,
-               max_num_seqs=args.parallel, seed=args.seed)
+               max_num_seqs=args.parallel, seed=args.seed, draft_model=args.draft_model,
+               num_speculative_tokens=args.draft_max, draft_min=args.draft_min, draft_p_min=args.draft_p_min)
 
 
 def _params(args: argparse.Namespace):
@@ -55,8 +56,10 @@ def _stream(llm, prompt: str, params) -> None:
     prefill = m.get("first_token", m["arrival"]) - m["arrival"]
     decode = m.get("last_token", 0.0) - m.get("first_token", 0.0)
     gen_rate = (n_out - 1) / decode if n_out > 1 and decode > 0 else 0.0
+    spec = (f" | draft acceptance {m['acceptance_rate']:.0%}, {m['mean_accepted_length']:.2f} accepted per step"
+            if "acceptance_rate" in m else "")
     print(f"\n\n[prompt: {n_prompt} tokens, {n_prompt / max(prefill, 1e-9):.1f} tokens/s | generation: {n_out} "
-          f"tokens, {gen_rate:.1f} tokens/s | {out.finish_reason}]", file=sys.stderr)
+          f"tokens, {gen_rate:.1f} tokens/s | {out.finish_reason}{spec}]", file=sys.stderr)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -120,6 +123,11 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["triton", "torch"], default=None,
                    help="kernels: triton (default on a GPU) or the torch reference ops (default on CPU)")
     p.add_argument("-s", "--seed", type=int, default=None, help="random seed")
+    p.add_argument("-md", "--draft-model", help="draft GGUF for speculative decoding (same vocabulary)")
+    p.add_argument("--draft-max", type=int, default=4, help="draft tokens proposed per step at most")
+    p.add_argument("--draft-min", type=int, default=1, help="fewer drafts than this are not verified")
+    p.add_argument("--draft-p-min", type=float, default=0.0,
+                   help="stop drafting when the draft's top probability falls below this")
 
 
 def _sampling_flags(p: argparse.ArgumentParser, n_predict: int) -> None:

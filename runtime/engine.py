@@ -11,11 +11,12 @@ import torch
 from ggtriton.gguf import Tokenizer
 from ggtriton.gguf.tokenizer import IncrementalDetokenizer
 
-from .model_runner import ModelRunner
+from .model_runner import Chunk, ModelRunner
 from .sampler import Sampler, make_generator
 from .sampling_params import RequestOutput, SamplingParams
-from .scheduler import Scheduler
+from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Sequence
+from .spec_decode import SpecDecoder
 
 
 @dataclass(eq=False)
@@ -31,6 +32,9 @@ class Request:
     streamed: int = 0  # characters of `text` already handed out by `Engine.stream_deltas`
     logprobs: list[dict[int, float]] | None = None
     token_times: list[float] = field(default_factory=list)
+    drafted: int = 0  # draft tokens proposed for this request (speculative decoding)
+    accepted: int = 0  # ... and accepted by the target
+    verify_steps: int = 0
 
     @property
     def finished(self) -> bool:
@@ -41,16 +45,21 @@ class Request:
         if self.token_times:
             m["first_token"] = self.token_times[0]
             m["last_token"] = self.token_times[-1]
+        if self.verify_steps:
+            m["acceptance_rate"] = self.accepted / max(self.drafted, 1)
+            m["mean_accepted_length"] = self.accepted / self.verify_steps
         return RequestOutput(self.seq.request_id, self.prompt, self.seq.prompt_token_ids, self.text,
                              self.seq.output_token_ids, self.seq.finish_reason or "", self.logprobs, m)
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, scheduler: Scheduler, sampler: Sampler):
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, scheduler: Scheduler, sampler: Sampler,
+                 spec: SpecDecoder | None = None):
         self.runner = runner
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.sampler = sampler
+        self.spec = spec
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
@@ -88,19 +97,70 @@ class Engine:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("no request can be scheduled: the KV cache is too small for the waiting ones")
             return []
-        logits = self.runner.run(scheduled)
+        speculative = [s for s in scheduled if s.num_lookahead] if self.spec else []
+        proposals = {}
+        if speculative:
+            props = self.spec.propose([s.seq for s in speculative], [s.num_lookahead for s in speculative],
+                                      [self.requests[s.seq.request_id].generator for s in speculative])
+            proposals = {id(s): p for s, p in zip(speculative, props) if p.drafts}
+        chunks = []
+        for s in scheduled:
+            tokens = s.seq.token_ids[s.start : s.start + s.num_new_tokens]
+            prop = proposals.get(id(s))
+            if prop:
+                chunks.append(Chunk(s.seq, s.start, tokens + prop.drafts, 1 + len(prop.drafts)))
+            else:
+                chunks.append(Chunk(s.seq, s.start, tokens, int(s.completes)))
+        logits = self.runner.run(chunks)
         self.scheduler.step_done(scheduled)
         self.num_steps += 1
-        seqs = [s.seq for s in scheduled if s.completes]
+        plain_rows, verify_rows, row = [], [], 0
+        for s, c in zip(scheduled, chunks):
+            (verify_rows if id(s) in proposals else plain_rows).extend(range(row, row + c.n_logits))
+            row += c.n_logits
+        finished = []
+        plain = [s for s in scheduled if s.completes and id(s) not in proposals]
+        if plain:
+            seqs = [s.seq for s in plain]
+            reqs = [self.requests[seq.request_id] for seq in seqs]
+            sampled = self.sampler.sample(logits[plain_rows], [s.params for s in seqs],
+                                          [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
+                                          [r.generator for r in reqs])
+            now = time.perf_counter()
+            for req, token, logprobs in zip(reqs, sampled.token_ids, sampled.logprobs):
+                req.token_times.append(now)
+                if self._append(req, token, logprobs):
+                    finished.append(req.output())
+        if proposals:
+            finished += self._verified([s for s in scheduled if id(s) in proposals], proposals, logits[verify_rows])
+        return finished
+
+    def _verified(self, spec: list[ScheduledSeq], proposals: dict, logits) -> list[RequestOutput]:
+        """Accept drafts against the target's logits; append what each sequence gains."""
+        seqs = [s.seq for s in spec]
         reqs = [self.requests[seq.request_id] for seq in seqs]
-        sampled = self.sampler.sample(logits, [s.params for s in seqs], [s.prompt_token_ids for s in seqs],
-                                      [s.output_token_ids for s in seqs], [r.generator for r in reqs])
+        props = [proposals[id(s)] for s in spec]
+        gains = self.spec.verify(seqs, props, logits, [r.generator for r in reqs])
         now = time.perf_counter()
         finished = []
-        for req, token, logprobs in zip(reqs, sampled.token_ids, sampled.logprobs):
-            req.token_times.append(now)
-            if self._append(req, token, logprobs):
-                finished.append(req.output())
+        bm = self.scheduler.block_manager
+        for s, req, prop, tokens in zip(spec, reqs, props, gains):
+            req.drafted += len(prop.drafts)
+            req.accepted += len(tokens) - 1
+            req.verify_steps += 1
+            done = False
+            for token in tokens:
+                req.token_times.append(now)
+                if self._append(req, token, None):
+                    finished.append(req.output())
+                    done = True
+                    break
+            if not done:
+                # The target's cache is valid up to the last accepted draft; the rejected drafts' slots
+                # are overwritten later, and pages past the sequence's end go back.
+                s.seq.num_computed_tokens = s.seq.num_tokens - 1
+                bm.truncate(s.seq, s.seq.num_tokens)
+                bm.register_computed(s.seq)
         return finished
 
     def _append(self, req: Request, token: int, logprobs: dict[int, float] | None) -> bool:

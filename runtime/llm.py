@@ -25,6 +25,7 @@ from .ops import Ops
 from .sampler import Sampler
 from .sampling_params import RequestOutput, SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
+from .spec_decode import SpecDecoder
 from .weights import load_weights
 
 Messages = Sequence[Mapping[str, Any]]
@@ -47,13 +48,19 @@ class LLM:
     takes `kv_cache_bytes` (default: on a GPU what keeps its memory use under `gpu_memory_utilization`,
     2 GiB on CPU) in pages of `block_size` tokens, shared between prompts with common prefixes when
     `enable_prefix_caching`. `max_model_len`: longest sequence (default: the model's context).
+    Speculative decoding: `draft_model` (a GGUF with the same vocabulary) proposes up to
+    `num_speculative_tokens` tokens per step, stopping early when its top probability is below
+    `draft_p_min`; proposals shorter than `draft_min` are dropped. The output distribution is the
+    target's own.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
                  backend: str | None = None, dtype: torch.dtype | None = None, block_size: int = 16,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  kv_cache_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
-                 enable_prefix_caching: bool = True, seed: int | None = None):
+                 enable_prefix_caching: bool = True, seed: int | None = None,
+                 draft_model: str | os.PathLike | None = None, num_speculative_tokens: int = 4,
+                 draft_p_min: float = 0.0, draft_min: int = 1):
         self.path = Path(model) if model is not None else default_model_path()
         self.device = torch.device(device) if device is not None else default_device()
         if backend is None:
@@ -66,24 +73,37 @@ class LLM:
         self.config = ModelConfig.from_gguf(self.gguf)
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
         self.ops = Ops(backend, dtype)
-        weights = load_weights(self.gguf, self.device)
-        self.model = DecoderModel(self.config, weights, self.ops, self.device)
-        self.ops.preload(weights.values())
+        self.model = self._load(self.gguf, self.config)
+        self.draft: tuple[ModelConfig, DecoderModel] | None = None
+        if draft_model is not None:
+            draft = GGUFFile(draft_model)
+            draft_config = ModelConfig.from_gguf(draft)
+            if draft.metadata.get("tokenizer.ggml.tokens") != self.gguf.metadata.get("tokenizer.ggml.tokens"):
+                raise ValueError(f"draft model {draft_model} does not share the vocabulary of {self.path}")
+            self.draft = (draft_config, self._load(draft, draft_config))
         self.block_size = block_size
         self.scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens,
                                                 min(max_model_len or self.config.context_length,
-                                                    self.config.context_length))
+                                                    self.config.context_length),
+                                                num_speculative_tokens if draft_model is not None else 0)
+        self._draft_p_min, self._draft_min = draft_p_min, draft_min
         self._kv_cache_bytes = kv_cache_budget(self.device, gpu_memory_utilization, kv_cache_bytes)
         self._prefix_caching = enable_prefix_caching
         self._seed = seed
         self._engine: Engine | None = None
 
+    def _load(self, f: GGUFFile, config: ModelConfig) -> DecoderModel:
+        weights = load_weights(f, self.device)
+        model = DecoderModel(config, weights, self.ops, self.device)
+        self.ops.preload(weights.values())
+        return model
+
     @property
     def backend(self) -> str:
         return self.ops.backend
 
-    def _kv_layout(self, num_blocks: int) -> KVCacheLayout:
-        cfg = self.config
+    def _kv_layout(self, num_blocks: int, config: ModelConfig | None = None) -> KVCacheLayout:
+        cfg = config or self.config
         return KVCacheLayout(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks, self.block_size, self.ops.dtype)
 
     @torch.inference_mode()
@@ -117,13 +137,22 @@ class LLM:
     def engine(self) -> Engine:
         """The continuous-batching engine, built (and its KV cache allocated) on first use."""
         if self._engine is None:
-            layout = KVCacheLayout.fit(self._kv_cache_bytes, n_layers=self.config.n_layers,
-                                       n_kv_heads=self.config.n_kv_heads, head_dim=self.config.head_dim,
-                                       block_size=self.block_size, dtype=self.ops.dtype)
-            runner = ModelRunner(self.model, self.config, layout, self.device)
-            blocks = BlockManager(layout.num_blocks, self.block_size, prefix_caching=self._prefix_caching)
-            self._engine = Engine(runner, self.tokenizer, Scheduler(self.scheduler_config, blocks),
-                                  Sampler(self._seed))
+            # Target and draft caches have one page per page id each: the budget buys pairs of pages.
+            configs = [self.config] + ([self.draft[0]] if self.draft else [])
+            pair_bytes = sum(self._kv_layout(1, c).block_bytes for c in configs)
+            if self._kv_cache_bytes < pair_bytes:
+                raise ValueError(f"KV cache budget {self._kv_cache_bytes} B is below one page ({pair_bytes} B)")
+            num_blocks = self._kv_cache_bytes // pair_bytes
+            runner = ModelRunner(self.model, self.config, self._kv_layout(num_blocks), self.device)
+            blocks = BlockManager(num_blocks, self.block_size, prefix_caching=self._prefix_caching)
+            sampler = Sampler(self._seed)
+            spec = None
+            if self.draft:
+                draft_config, draft_model = self.draft
+                draft_runner = ModelRunner(draft_model, draft_config, self._kv_layout(num_blocks, draft_config),
+                                           self.device)
+                spec = SpecDecoder(draft_runner, sampler, p_min=self._draft_p_min, min_drafts=self._draft_min)
+            self._engine = Engine(runner, self.tokenizer, Scheduler(self.scheduler_config, blocks), sampler, spec)
         return self._engine
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],

@@ -114,6 +114,28 @@ class Sampler:
             self._shared[device] = g
         return self._shared[device]
 
+    def _random(self, shape: tuple[int, int], device: torch.device, generators: list[torch.Generator | None],
+                draw) -> torch.Tensor:
+        """Random numbers [rows, n] by `draw(tensor, generator)`; a row with a generator of its own draws
+        from it (a seeded request is reproducible whatever shares its batch), the rest from the shared one."""
+        out = draw(torch.empty(shape, device=device), self._shared_generator(device))
+        for i, g in enumerate(generators):
+            if g is not None:
+                if g.device != device:
+                    raise ValueError(f"sampler: row {i}'s generator is on {g.device}, its logits on {device}")
+                draw(out[i], g)
+        return out
+
+    def race(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+        """One token per row of `probs` [B, V] (any non-negative weights) by the exponential race."""
+        q = self._random(probs.shape, probs.device, generators, lambda t, g: t.exponential_(generator=g))
+        # q can be exactly 0; clamping keeps p / q finite and a dropped token (p = 0) at score 0.
+        return (probs / q.clamp_min(torch.finfo(q.dtype).tiny)).argmax(dim=1)
+
+    def uniform(self, rows: int, device: torch.device, generators: list[torch.Generator | None]) -> torch.Tensor:
+        """One U(0, 1) number per row."""
+        return self._random((rows, 1), device, generators, lambda t, g: t.uniform_(generator=g))[:, 0]
+
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], prompt_token_ids: list[list[int]],
                output_token_ids: list[list[int]], generators: list[torch.Generator | None]) -> SamplerOutput:
         """Next token of each row of `logits` [B, V].
@@ -152,15 +174,7 @@ class Sampler:
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows:
             probs = filter_probs(torch.softmax(scaled, dim=1), top_k.long(), top_p, min_p)
-            q = torch.empty_like(probs).exponential_(generator=self._shared_generator(device))
-            for i in sampled_rows:
-                if generators[i] is not None:
-                    if generators[i].device != device:
-                        raise ValueError(f"sampler: row {i}'s generator is on {generators[i].device}, "
-                                         f"its logits on {device}")
-                    q[i].exponential_(generator=generators[i])
-            # q can be exactly 0; clamping keeps p / q finite and a dropped token (p = 0) at score 0.
-            race = (probs / q.clamp_min(torch.finfo(q.dtype).tiny)).argmax(dim=1)
+            race = self.race(probs, generators)
             tokens = torch.where(greedy, tokens, race)
 
         n_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
@@ -185,3 +199,23 @@ class Sampler:
                 entry.setdefault(int(t), lp)
             out.append(entry)
         return SamplerOutput(token_ids, out)
+
+
+def token_probs(logits: torch.Tensor, params: list[SamplingParams], prompt_token_ids: list[list[int]],
+                output_token_ids: list[list[int]]) -> torch.Tensor:
+    """The distribution each row of `logits` [B, V] is sampled from, as probabilities [B, V]: penalties,
+    temperature, then top-k, top-p and min-p, renormalized; a greedy row is one-hot on its argmax.
+    Speculative decoding compares the draft's and the target's distributions in this form."""
+    device = logits.device
+    table = torch.tensor([[p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
+                           p.frequency_penalty] for p in params], dtype=torch.float32, device=device)
+    temperature, top_k, top_p, min_p, repetition, presence, frequency = table.unbind(1)
+    logits = logits.float()
+    if any(p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params):
+        logits = apply_penalties(logits, prompt_token_ids, output_token_ids, repetition, presence, frequency)
+    greedy = temperature == 0
+    probs = filter_probs(torch.softmax(logits / torch.where(greedy, 1.0, temperature)[:, None], dim=1),
+                         top_k.long(), top_p, min_p)
+    probs = probs / probs.sum(dim=1, keepdim=True)
+    one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=1, keepdim=True), 1.0)
+    return torch.where(greedy[:, None], one_hot, probs)

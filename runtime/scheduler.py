@@ -6,6 +6,8 @@ rest of its prompt or what is left of the budget (chunked prefill), so long prom
 decodes. Waiting sequences are admitted in arrival order while pages, budget and the cap allow. When a
 running sequence needs a page and none is free, the newest running sequence is preempted: its pages
 are released and it goes back to the front of the queue, to be recomputed when it is readmitted.
+With speculative decoding a decoding sequence also gets room for up to `num_speculative_tokens` draft
+tokens (its lookahead): pages for them and a share of the budget, for the target to verify them.
 """
 
 from __future__ import annotations
@@ -22,20 +24,25 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
+    num_speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
 
 
 @dataclass
 class ScheduledSeq:
-    """`num_new_tokens` tokens of `seq`, from position `start`, are computed this step."""
+    """`num_new_tokens` tokens of `seq`, from position `start`, are computed this step, and up to
+    `num_lookahead` draft tokens after them."""
 
     seq: Sequence
     start: int
     num_new_tokens: int
+    num_lookahead: int = 0
 
     @property
     def completes(self) -> bool:
@@ -77,7 +84,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            while not bm.can_grow(seq, seq.num_tokens):
+            lookahead = self._lookahead(seq, budget)
+            while not bm.can_grow(seq, seq.num_tokens + lookahead):
                 victim = self.running[-1]
                 self.preempt(victim)
                 preempted = True
@@ -85,10 +93,10 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 break
-            bm.grow(seq, seq.num_tokens)
+            bm.grow(seq, seq.num_tokens + lookahead)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            out.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
-            budget -= n
+            out.append(ScheduledSeq(seq, seq.num_computed_tokens, n, lookahead))
+            budget -= n + lookahead
             i += 1
         # Admitting new work right after preempting would only preempt again.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -103,6 +111,14 @@ class Scheduler:
             out.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
             budget -= n
         return out
+
+    def _lookahead(self, seq: Sequence, budget: int) -> int:
+        """Draft tokens a decoding sequence may verify this step: within the budget, and never past its
+        max_tokens or the model's context (drafts beyond them would be thrown away)."""
+        if seq.num_tokens - seq.num_computed_tokens != 1 or seq.params.logprobs is not None:
+            return 0  # only decodes speculate, and not those that report per-token log-probabilities
+        room = min(seq.params.max_tokens - seq.num_output_tokens, self.config.max_model_len - seq.num_tokens) - 1
+        return max(0, min(self.config.num_speculative_tokens, budget - 1, room))
 
     def preempt(self, seq: Sequence) -> None:
         """Release a running sequence's pages and requeue it first: it is recomputed when readmitted."""

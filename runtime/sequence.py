@@ -32,6 +32,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
+        self.num_draft_computed_tokens = 0  # tokens in the draft model's cache (speculative decoding)
         self.num_hashed_blocks = 0  # leading full pages registered in the prefix cache
         self.finish_reason: str | None = None
 

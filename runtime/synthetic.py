@@ -53,11 +53,16 @@ class SyntheticModel:
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.arch!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
-        if self.vocab < 256 + len(SPECIAL_TOKENS):
-            raise ValueError(f"vocab must hold the 256 byte tokens and {len(SPECIAL_TOKENS)} special tokens")
+        if self.vocab < len(SPECIAL_TOKENS) + 1:
+            raise ValueError(f"vocab must hold the {len(SPECIAL_TOKENS)} special tokens and at least one other")
 
 
 def _vocabulary(n: int) -> tuple[list[str], list[int]]:
+    """The 256 byte tokens, then the special ones, then padding; a vocabulary too small for every byte
+    (sampling tests want few tokens) has single letters and the special tokens last."""
+    if n < 256 + len(SPECIAL_TOKENS):
+        letters = [chr(ord("a") + i) for i in range(n - len(SPECIAL_TOKENS))]
+        return letters + list(SPECIAL_TOKENS), [1] * len(letters) + [3] * len(SPECIAL_TOKENS)
     # Byte-level BPE spells byte b as a printable character (GPT-2's map).
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = {}, 0
@@ -124,8 +129,8 @@ def write_synthetic_model(path: str | os.PathLike, m: SyntheticModel) -> None:
         "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.token_type": Typed(GGUFValueType.ARRAY, types, GGUFValueType.INT32),
         "tokenizer.ggml.merges": Typed(GGUFValueType.ARRAY, [], GGUFValueType.STRING),
-        "tokenizer.ggml.bos_token_id": Typed(GGUFValueType.UINT32, 256),
-        "tokenizer.ggml.eos_token_id": Typed(GGUFValueType.UINT32, 258),
+        "tokenizer.ggml.bos_token_id": Typed(GGUFValueType.UINT32, tokens.index("<|endoftext|>")),
+        "tokenizer.ggml.eos_token_id": Typed(GGUFValueType.UINT32, tokens.index("<|im_end|>")),
         "tokenizer.chat_template": CHATML,
     }
     if m.sliding_window:

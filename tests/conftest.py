@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 
 from ggtriton.gguf import bundled
+from ggtriton.runtime.scheduler import Scheduler
+from ggtriton.runtime.sequence import SequenceStatus
 
 
 def _require(locate) -> Path:
@@ -49,3 +52,31 @@ def poisoned_outputs(monkeypatch):
         return t.fill_(math.nan) if t.is_floating_point() else t
 
     monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def check_invariants(sched: Scheduler) -> None:
+    """The books of a scheduler and its block manager balance (see `check_books`)."""
+    bm = sched.block_manager
+    live = list(sched.running)
+    refs = Counter(b for seq in live for b in seq.block_table)
+    for seq in live:
+        assert len(set(seq.block_table)) == len(seq.block_table), f"{seq!r} holds a page twice"
+        assert seq.status is SequenceStatus.RUNNING
+        assert len(seq.block_table) >= bm.blocks_for(seq.num_computed_tokens)
+        assert seq.num_computed_tokens <= seq.num_tokens
+    for seq in sched.waiting:
+        assert seq.block_table == [] and seq.num_computed_tokens == 0 and seq.status is SequenceStatus.WAITING
+    for block in bm.blocks:
+        assert block.ref_count == refs[block.block_id], f"block {block.block_id}: refs {block.ref_count}"
+        assert (block.block_id in bm.free) == (block.ref_count == 0)
+    assert len(bm.free) == len(bm.blocks) - len(refs)
+    for h, block_id in bm.cached.items():
+        assert bm.blocks[block_id].hash == h
+    assert len(sched.running) <= sched.config.max_num_seqs
+
+
+@pytest.fixture(scope="session")
+def check_books():
+    """Checks that no page is leaked or held twice, that reference counts equal the block tables holding
+    each page, and that the prefix-cache index points at pages carrying that hash."""
+    return check_invariants

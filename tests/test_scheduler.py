@@ -9,8 +9,6 @@ the prefix-cache index points at pages that carry that hash, and every request f
 from __future__ import annotations
 
 import random
-from collections import Counter
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,26 +17,6 @@ from ggtriton.runtime.block_manager import BlockManager, chain_hash
 from ggtriton.runtime.sampling_params import SamplingParams
 from ggtriton.runtime.scheduler import Scheduler, SchedulerConfig
 from ggtriton.runtime.sequence import Sequence, SequenceStatus
-
-
-def check_invariants(sched: Scheduler) -> None:
-    bm = sched.block_manager
-    live = list(sched.running)
-    refs = Counter(b for seq in live for b in seq.block_table)
-    for seq in live:
-        assert len(set(seq.block_table)) == len(seq.block_table), f"{seq!r} holds a page twice"
-        assert seq.status is SequenceStatus.RUNNING
-        assert len(seq.block_table) >= bm.blocks_for(seq.num_computed_tokens)
-        assert seq.num_computed_tokens <= seq.num_tokens
-    for seq in sched.waiting:
-        assert seq.block_table == [] and seq.num_computed_tokens == 0 and seq.status is SequenceStatus.WAITING
-    for block in bm.blocks:
-        assert block.ref_count == refs[block.block_id], f"block {block.block_id}: refs {block.ref_count}"
-        assert (block.block_id in bm.free) == (block.ref_count == 0)
-    assert len(bm.free) == len(bm.blocks) - len(refs)
-    for h, block_id in bm.cached.items():
-        assert bm.blocks[block_id].hash == h
-    assert len(sched.running) <= sched.config.max_num_seqs
 
 
 def fake_step(sched: Scheduler, rng: random.Random, vocab: int = 7) -> list[Sequence]:
@@ -77,7 +55,8 @@ operations = st.lists(
 @given(ops=operations, num_blocks=st.integers(4, 40), block_size=st.sampled_from([1, 2, 4, 16]),
        max_seqs=st.integers(1, 8), budget=st.integers(1, 64), seed=st.integers(0, 2**16),
        prefix_caching=st.booleans())
-def test_random_request_streams_keep_the_books(ops, num_blocks, block_size, max_seqs, budget, seed, prefix_caching):
+def test_random_request_streams_keep_the_books(check_books, ops, num_blocks, block_size, max_seqs, budget, seed,
+                                               prefix_caching):
     rng = random.Random(seed)
     bm = BlockManager(num_blocks, block_size, watermark=0.0, prefix_caching=prefix_caching)
     sched = Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=64), bm)
@@ -99,13 +78,13 @@ def test_random_request_streams_keep_the_books(ops, num_blocks, block_size, max_
         elif seqs:
             aborted = sched.abort(seqs[arg % len(seqs)].request_id)
             assert aborted is None or aborted.is_finished
-        check_invariants(sched)
+        check_books(sched)
     # Every request finishes: each step makes progress, so a bounded number of steps drains the queue.
     for _ in range(10_000):
         if not sched.has_unfinished():
             break
         fake_step(sched, rng)
-        check_invariants(sched)
+        check_books(sched)
     assert not sched.has_unfinished()
     assert all(s.is_finished for s in seqs)
     assert bm.num_free_blocks == num_blocks
@@ -136,7 +115,7 @@ def test_prefix_pages_are_shared_and_survive_their_first_owner():
     assert bm.blocks[c.block_table[0]].ref_count == 2
 
 
-def test_preemption_frees_the_newest_and_recomputes_it():
+def test_preemption_frees_the_newest_and_recomputes_it(check_books):
     bm = BlockManager(5, 2, watermark=0.0)
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_model_len=64), bm)
     rng = random.Random(1)
@@ -147,14 +126,14 @@ def test_preemption_frees_the_newest_and_recomputes_it():
     assert bm.num_free_blocks == 1
     while sched.num_preemptions == 0:  # both grow: the second to need a third page has none
         fake_step(sched, rng)
-        check_invariants(sched)
+        check_books(sched)
     assert new.status is SequenceStatus.WAITING and new.num_computed_tokens == 0 and new.block_table == []
     assert old.status is SequenceStatus.RUNNING
     for _ in range(100):
         if not sched.has_unfinished():
             break
         fake_step(sched, rng)
-        check_invariants(sched)
+        check_books(sched)
     assert old.is_finished and new.is_finished and new.num_output_tokens == 5
 
 
