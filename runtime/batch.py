@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .kv_cache import slots
+
 
 @dataclass
 class ForwardBatch:
@@ -31,14 +33,12 @@ class ForwardBatch:
     def build(cls, tokens: Sequence[Sequence[int]], starts: Sequence[int], block_tables: Sequence[Sequence[int]],
               block_size: int, device: torch.device) -> ForwardBatch:
         """Sequence b feeds `tokens[b]` at positions starts[b] ..., its pages listed in block_tables[b]."""
-        ids, positions, slots, cu, ctx = [], [], [], [0], []
+        ids, positions, slot_ids, cu, ctx = [], [], [], [0], []
         for toks, start, table in zip(tokens, starts, block_tables):
             end = start + len(toks)
-            if end > len(table) * block_size:
-                raise ValueError(f"positions up to {end} need more than the {len(table)} pages given")
             ids += toks
             positions += range(start, end)
-            slots += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+            slot_ids += slots(table, start, end, block_size)
             cu.append(cu[-1] + len(toks))
             ctx.append(end)
         width = max((len(t) for t in block_tables), default=0)
@@ -51,7 +51,7 @@ class ForwardBatch:
         return cls(
             input_ids=tensor(ids, torch.int64),
             positions=tensor(positions, torch.int64),
-            slot_mapping=tensor(slots, torch.int64),
+            slot_mapping=tensor(slot_ids, torch.int64),
             block_tables=tensor(tables, torch.int32).reshape(len(tables), width),
             context_lens=tensor(ctx, torch.int32),
             cu_seqlens_q=tensor(cu, torch.int32),

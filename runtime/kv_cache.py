@@ -69,23 +69,14 @@ class KVCacheLayout:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.n_layers * self.block_size * self.n_kv_heads * self.head_dim * elem
 
-    @classmethod
-    def fit(cls, budget_bytes: int, *, n_layers: int, n_kv_heads: int, head_dim: int, block_size: int = 16,
-            dtype: torch.dtype = torch.float16) -> KVCacheLayout:
-        """The layout with as many blocks as `budget_bytes` holds."""
-        one = cls(n_layers, n_kv_heads, head_dim, 1, block_size, dtype)
-        if budget_bytes < one.block_bytes:
-            raise ValueError(f"KV cache budget {budget_bytes} B is below one block ({one.block_bytes} B)")
-        return cls(n_layers, n_kv_heads, head_dim, budget_bytes // one.block_bytes, block_size, dtype)
-
     def allocate(self, device: torch.device | str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the (k_cache, v_cache) pair; uninitialised: a slot is read only after it is written."""
         return [(torch.empty(self.page_shape, dtype=self.dtype, device=device),
                  torch.empty(self.page_shape, dtype=self.dtype, device=device)) for _ in range(self.n_layers)]
 
-    def slots(self, block_table: Sequence[int], start: int, end: int) -> list[int]:
-        """Slots of positions [start, end) of a sequence with this block table (its slot_mapping entries)."""
-        bs = self.block_size
-        if end > len(block_table) * bs or not 0 <= start <= end:
-            raise ValueError(f"positions [{start}, {end}) are not covered by {len(block_table)} pages")
-        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+def slots(block_table: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
+    """Slots of positions [start, end) of a sequence with this block table (its slot_mapping entries)."""
+    if end > len(block_table) * block_size or not 0 <= start <= end:
+        raise ValueError(f"positions [{start}, {end}) are not covered by {len(block_table)} pages")
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ggtriton.runtime.kv_cache import KVCacheLayout
+from ggtriton.runtime.kv_cache import KVCacheLayout, slots
 
 
 def test_layout_allocate_and_size():
@@ -15,11 +15,6 @@ def test_layout_allocate_and_size():
     for k, v in caches:
         assert k.shape == v.shape == (5, 16, 2, 80) and k.dtype == torch.bfloat16 and k.is_contiguous()
     assert layout.block_bytes == 2 * 3 * 16 * 2 * 80 * 2
-    fitted = KVCacheLayout.fit(10 * layout.block_bytes + 1, n_layers=3, n_kv_heads=2, head_dim=80,
-                               dtype=torch.bfloat16)
-    assert fitted.num_blocks == 10 and fitted.block_size == 16
-    with pytest.raises(ValueError, match="below one block"):
-        KVCacheLayout.fit(100, n_layers=3, n_kv_heads=2, head_dim=80)
     with pytest.raises(ValueError, match="dtype"):
         KVCacheLayout(1, 1, 64, 4, dtype=torch.int8)
     with pytest.raises(ValueError, match="block_size"):
@@ -29,12 +24,12 @@ def test_layout_allocate_and_size():
 def test_slots_follow_the_block_table():
     layout = KVCacheLayout(n_layers=1, n_kv_heads=1, head_dim=64, num_blocks=8, block_size=4)
     table = [6, 1, 3]
-    assert layout.slots(table, 0, 12) == [24, 25, 26, 27, 4, 5, 6, 7, 12, 13, 14, 15]
-    assert layout.slots(table, 5, 9) == [5, 6, 7, 12]
-    assert layout.slots(table, 3, 3) == []
+    assert slots(table, 0, 12, 4) == [24, 25, 26, 27, 4, 5, 6, 7, 12, 13, 14, 15]
+    assert slots(table, 5, 9, 4) == [5, 6, 7, 12]
+    assert slots(table, 3, 3, 4) == []
     with pytest.raises(ValueError, match="not covered"):
-        layout.slots(table, 10, 13)
+        slots(table, 10, 13, 4)
     # A slot indexes the cache viewed as [num_blocks * block_size, ...]: page 1 of the table, offset 2.
     k, _ = layout.allocate("cpu")[0]
-    k.view(-1, 1, 64)[layout.slots(table, 6, 7)[0]] = 1.0
+    k.view(-1, 1, 64)[slots(table, 6, 7, 4)[0]] = 1.0
     assert (k[1, 2] == 1.0).all()

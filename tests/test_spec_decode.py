@@ -3,7 +3,6 @@ target's, and no page leaked when speculation meets preemption and abort."""
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -11,9 +10,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ggtriton.gguf import GGMLType, GGUFFile, GGUFValueType, dequantize
+from ggtriton.gguf import GGMLType, GGUFFile, dequantize
 from ggtriton.gguf.quantize import quantize
-from ggtriton.gguf.writer import TensorData, Typed, typed_metadata, write_gguf
+from ggtriton.gguf.writer import TensorData, typed_metadata, write_gguf
 from ggtriton.runtime.llm import LLM
 from ggtriton.runtime.sampling_params import SamplingParams
 from ggtriton.runtime.synthetic import SyntheticModel, write_synthetic_model
