@@ -36,6 +36,7 @@ class BlockManager:
         self.cached: dict[int, int] = {}  # chained hash -> block id
         self.watermark_blocks = int(watermark * num_blocks)
         self.prefix_caching = prefix_caching
+        self.num_prefix_hit_tokens = 0  # tokens whose pages came from the prefix cache
 
     @property
     def num_blocks(self) -> int:
@@ -114,6 +115,7 @@ class BlockManager:
             self._ref(block_id)
         seq.block_table = hits + [self._take_free() for _ in range(self.blocks_for(seq.num_tokens) - len(hits))]
         seq.num_computed_tokens = len(hits) * self.block_size
+        self.num_prefix_hit_tokens += seq.num_computed_tokens
         seq.num_draft_computed_tokens = 0  # a shared page holds the target's K/V, not necessarily the draft's
         seq.num_hashed_blocks = len(hits)
 

@@ -37,6 +37,7 @@ def test_batch_equals_each_prompt_alone(smollm2):
     outputs = batched.generate(prompts, params, use_tqdm=False)
     engine = batched.engine
     assert engine.scheduler.num_preemptions > 0
+    assert engine.scheduler.block_manager.num_prefix_hit_tokens > 0
     assert [o.token_ids for o in outputs] == expected
     assert [o.prompt for o in outputs] == prompts
     assert all(o.finish_reason == "length" and len(o.token_ids) == 6 for o in outputs)
