@@ -51,7 +51,7 @@ class LLM:
     Speculative decoding: `draft_model` (a GGUF with the same vocabulary) proposes up to
     `num_speculative_tokens` tokens per step, stopping early when its top probability is below
     `draft_p_min`; proposals shorter than `draft_min` are dropped. The output distribution is the
-    target's own.
+    target's own. `cuda_graphs`: replay decode steps as CUDA graphs (CUDA only).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
@@ -60,7 +60,7 @@ class LLM:
                  kv_cache_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
                  enable_prefix_caching: bool = True, seed: int | None = None,
                  draft_model: str | os.PathLike | None = None, num_speculative_tokens: int = 4,
-                 draft_p_min: float = 0.0, draft_min: int = 1):
+                 draft_p_min: float = 0.0, draft_min: int = 1, cuda_graphs: bool = True):
         self.path = Path(model) if model is not None else default_model_path()
         self.device = torch.device(device) if device is not None else default_device()
         if backend is None:
@@ -87,10 +87,23 @@ class LLM:
                                                     self.config.context_length),
                                                 num_speculative_tokens if draft_model is not None else 0)
         self._draft_p_min, self._draft_min = draft_p_min, draft_min
-        self._kv_cache_bytes = kv_cache_budget(self.device, gpu_memory_utilization, kv_cache_bytes)
+        self._cuda_graphs = cuda_graphs
+        self._kv_cache_bytes = kv_cache_budget(self.device, gpu_memory_utilization, kv_cache_bytes,
+                                               lambda: self._warm_up(max_num_batched_tokens))
         self._prefix_caching = enable_prefix_caching
         self._seed = seed
         self._engine: Engine | None = None
+
+    @torch.inference_mode()
+    def _warm_up(self, num_tokens: int) -> None:
+        """One prefill step of `num_tokens` tokens, the largest a step holds, into a throwaway cache."""
+        n = min(num_tokens, self.scheduler_config.max_model_len)
+        models = [(self.config, self.model)] + ([self.draft] if self.draft else [])
+        for config, model in models:
+            blocks = -(-n // self.block_size)
+            kv = self._kv_layout(blocks, config).allocate(self.device)
+            batch = ForwardBatch.build([[0] * n], [0], [list(range(blocks))], self.block_size, self.device)
+            model.logits(model.forward(batch, kv)[-1:])
 
     def _load(self, f: GGUFFile, config: ModelConfig) -> DecoderModel:
         weights = load_weights(f, self.device)
@@ -143,14 +156,16 @@ class LLM:
             if self._kv_cache_bytes < pair_bytes:
                 raise ValueError(f"KV cache budget {self._kv_cache_bytes} B is below one page ({pair_bytes} B)")
             num_blocks = self._kv_cache_bytes // pair_bytes
-            runner = ModelRunner(self.model, self.config, self._kv_layout(num_blocks), self.device)
+            max_len = self.scheduler_config.max_model_len
+            runner = ModelRunner(self.model, self.config, self._kv_layout(num_blocks), self.device, max_len,
+                                 self._cuda_graphs)
             blocks = BlockManager(num_blocks, self.block_size, prefix_caching=self._prefix_caching)
             sampler = Sampler(self._seed)
             spec = None
             if self.draft:
                 draft_config, draft_model = self.draft
                 draft_runner = ModelRunner(draft_model, draft_config, self._kv_layout(num_blocks, draft_config),
-                                           self.device)
+                                           self.device, max_len, self._cuda_graphs)
                 spec = SpecDecoder(draft_runner, sampler, p_min=self._draft_p_min, min_drafts=self._draft_min)
             self._engine = Engine(runner, self.tokenizer, Scheduler(self.scheduler_config, blocks), sampler, spec)
         return self._engine

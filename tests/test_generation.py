@@ -142,3 +142,26 @@ def test_generate_chat_and_batch_commands(tiny, tmp_path, capsys, monkeypatch):
     assert "draft acceptance 100%" in capsys.readouterr().err  # the model drafting for itself
     assert main(["generate", "-m", str(tmp_path / "missing.gguf"), "-p", "x"]) == 1
     assert "cannot open" in capsys.readouterr().err
+
+
+def test_graph_replay_with_padded_buckets_equals_eager(tiny, monkeypatch):
+    """The decode-graph path's static buffers and padding, run on CPU with the capture replaced by
+    recording the step function (CUDA graphs themselves need a GPU)."""
+    from ggtriton.runtime import model_runner
+
+    def record(self, step):
+        out = step()
+        return (lambda: out.copy_(step())), out
+
+    monkeypatch.setattr(model_runner.ModelRunner, "_record", record)
+    prompts = ["hello", "a longer prompt here", "xyz"]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    eager = LLM(tiny, device="cpu").generate(prompts, params, use_tqdm=False)
+    graphed = LLM(tiny, device="cpu")
+    graphed.engine.runner.cuda_graphs = True
+    outputs = graphed.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in eager]
+    assert sorted(graphed.engine.runner._graphs) == [4]  # 3 sequences padded to the bucket of 4
+    graphed._warm_up(40)  # the step a GPU engine runs to measure activation memory before sizing its cache
+    single = graphed.generate("hello", params, use_tqdm=False)[0]
+    assert single.token_ids == eager[0].token_ids and sorted(graphed.engine.runner._graphs) == [1, 4]
