@@ -112,6 +112,14 @@ def test_random_files_round_trip(tmp_path, metadata, tensor_list, version, align
                 assert got == expected, k
 
 
+def finish(w: gguf_pypi.GGUFWriter) -> None:
+    """Write out everything added to a reference writer."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def test_every_value_type_from_the_reference_writer(tmp_path):
     path = tmp_path / "all_types.gguf"
     w = gguf_pypi.GGUFWriter(path, "llama")
@@ -125,10 +133,7 @@ def test_every_value_type_from_the_reference_writer(tmp_path):
         w.add_key_value(f"test.array.{vtype.name.lower()}", [value, value], gguf_pypi.GGUFValueType.ARRAY,
                         sub_type=gguf_pypi.GGUFValueType(int(vtype)))
     w.add_tensor("weight", np.arange(64, dtype=np.float32).reshape(2, 32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
 
     f = GGUFFile(path)
     assert f.version == 3 and f.metadata["general.architecture"] == "llama"
@@ -160,10 +165,7 @@ def test_custom_alignment_from_the_reference_writer(tmp_path, alignment):
     arrays = {f"t{i}": rng.standard_normal((3, 7 + i)).astype(np.float32) for i in range(3)}
     for name, a in arrays.items():
         w.add_tensor(name, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     f = GGUFFile(path)
     assert f.alignment == alignment and f.data_offset % alignment == 0
     for name, a in arrays.items():
@@ -179,10 +181,7 @@ def _reference_split(tmp_path, n_tensors: int, per_part: int) -> dict[str, np.nd
     w.add_name("split test")
     for name, a in arrays.items():
         w.add_tensor(name, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return arrays
 
 
