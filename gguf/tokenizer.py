@@ -1,6 +1,7 @@
 """Tokenizer and chat template built from a GGUF file's `tokenizer.*` metadata, token for token as llama.cpp.
 
-The vocabulary becomes a `tokenizers` (Rust) BPE model in memory; nothing is downloaded or written.
+A byte-level BPE vocabulary becomes a `tokenizers` (Rust) BPE model in memory; nothing is downloaded or
+written.
 What llama.cpp does around the model is done here the same way:
 
 - Special tokens are split out of the text first, longest token text first (llama.cpp's
@@ -10,9 +11,8 @@ What llama.cpp does around the model is done here the same way:
   regexes llama.cpp picks for `tokenizer.ggml.pre` (each regex splits the pieces of the one before,
   matches and the text between them kept).
 - `tokenizer.ggml.model == "llama"`: SentencePiece-style BPE that merges the adjacent pair whose
-  concatenation is the highest-scoring token, spaces escaped as U+2581, an optional space prefix, and
-  `<0xNN>` byte tokens for characters outside the vocabulary. The scores become BPE merge ranks: every
-  split of every token into two tokens is a merge, ranked by the whole token's score.
+  concatenation is the highest-scoring token (spm.py), spaces escaped as U+2581, an optional space
+  prefix, and `<0xNN>` byte tokens for characters outside the vocabulary.
 - Decoding follows llama.cpp's `llama_detokenize` (piece per token, first-token space strip, and the
   `clean_spaces` rules of BPE vocabularies).
 
@@ -34,10 +34,11 @@ from itertools import repeat
 from typing import Any
 
 import numpy as np
-from tokenizers import Regex, Tokenizer as _HFTokenizer, decoders, pre_tokenizers
+from tokenizers import Regex, Tokenizer as _HFTokenizer, pre_tokenizers
 from tokenizers.models import BPE
 
 from .reader import GGUFFile
+from .spm import SPACE, SpmEncoder
 
 # token_type values in `tokenizer.ggml.token_type`
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -147,8 +148,6 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
 }
 FALLBACK_PRE = "gpt-2"
 
-_SPACE = "\u2581"  # SentencePiece's escaped space
-
 
 class ChatTemplateError(ValueError):
     """A chat template that is missing, broken, or tried to leave the sandbox."""
@@ -175,87 +174,6 @@ def _clean_spaces(text: bytes) -> bytes:
     text = re.sub(rb" (?=[?!.,])", b"", text)  # " ?", " !", " .", " ,"
     text = re.sub(rb" ' ", b"'", text)  # a lone apostrophe between spaces
     return re.sub(rb" '(?=[sm]|re|ve)", b"'", text)  # " 's", " 'm", " 're", " 've"
-
-
-_HASH_BASE = 0x100000001B3  # strings hash to sum((c_i + 1) * _HASH_BASE**i) mod 2**64
-_SLOT_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier: the product's top bits spread hashes over slots
-
-
-class _HashTable:
-    """Hash table of uint64 keys (open addressing, linear probing, at most 1/4 full) queried a whole
-    array at a time: a probe is one numpy gather per query, where a binary search over sorted keys
-    takes ~18 dependent steps, and nearly every query ends at its first slot."""
-
-    def __init__(self, keys: np.ndarray):
-        bits = max(len(keys), 1).bit_length() + 2
-        self._shift, self._mask = np.uint64(64 - bits), (1 << bits) - 1
-        self._ids = np.full(1 << bits, -1, dtype=np.int32)
-        todo, slot = np.arange(len(keys), dtype=np.int32), self._slots(keys)
-        while todo.size:
-            free = self._ids[slot] < 0
-            self._ids[slot[free]] = todo[free]  # of the keys landing on one free slot, one stays
-            moved = self._ids[slot] != todo
-            todo, slot = todo[moved], (slot[moved] + 1) & self._mask
-        self._keys = keys[self._ids]  # beside the ids: one memory access per probe; id -1 ends a probe
-
-    def _slots(self, keys: np.ndarray) -> np.ndarray:
-        return ((keys * _SLOT_MIX) >> self._shift).astype(np.intp)
-
-    def find(self, queries: np.ndarray) -> np.ndarray:
-        """The index in `keys` of each query, -1 where absent."""
-        slot = self._slots(queries)
-        ids = self._ids[slot]
-        hit = self._keys[slot] == queries
-        found = np.where(hit, ids, -1)
-        todo = np.flatnonzero(~hit & (ids >= 0))  # the few that probe on
-        slot = slot[todo]
-        while todo.size:
-            slot = (slot + 1) & self._mask
-            ids = self._ids[slot]
-            hit = self._keys[slot] == queries[todo]
-            found[todo[hit]] = ids[hit]
-            more = ~hit & (ids >= 0)
-            todo, slot = todo[more], slot[more]
-        return found
-
-
-def _spm_merges(tokens: list[str], scores: Sequence[float]) -> list[tuple[str, str]]:
-    """Every split of a token into two tokens, best-scoring whole token first (ties: lower id first).
-
-    Vectorised over the concatenated code points of the vocabulary: a running sum gives the hash of
-    every prefix of every token, and from it every suffix's; a hash table of the whole tokens finds
-    the candidate halves, and a string comparison confirms each one.
-    """
-    n = len(tokens)
-    lengths = np.fromiter(map(len, tokens), dtype=np.intp, count=n)
-    codes = np.frombuffer("".join(tokens).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-    starts = np.cumsum(lengths) - lengths
-    owner = np.repeat(np.arange(n), lengths)  # the token of each code point
-    at = np.arange(len(codes)) - starts[owner]  # its index in that token
-    width = int(lengths.max(initial=0))
-    power = np.array([pow(_HASH_BASE, i, 1 << 64) for i in range(width)], dtype=np.uint64)
-    unpower = np.array([pow(_HASH_BASE, -i, 1 << 64) for i in range(width)], dtype=np.uint64)
-    cum = np.zeros(len(codes) + 1, dtype=np.uint64)  # hash of token t's code points before j: cum[j] - cum[starts[t]]
-    np.cumsum((codes + np.uint64(1)) * power[at], out=cum[1:])
-    full = cum[starts + lengths] - cum[starts]
-    table = _HashTable(full)
-
-    split = np.flatnonzero(at)  # before every code point but a token's first: by token id, then position
-    head = cum[split] - cum[starts[owner[split]]]
-    left = table.find(head)
-    hit = np.flatnonzero(left >= 0)
-    split, head, left = split[hit], head[hit], left[hit]
-    tok, k = owner[split], at[split]
-    right = table.find((full[tok] - head) * unpower[k])
-    hit = np.flatnonzero(right >= 0)
-    # a stable sort keeps equal scores in token id, then split position, order
-    hit = hit[np.argsort(-np.asarray(scores, dtype=np.float64)[tok[hit]], kind="stable")]
-    tok, k, left, right = tok[hit], k[hit], left[hit], right[hit]
-
-    text = np.array(tokens, dtype=object)
-    a, b = text[left], text[right]
-    same = (lengths[left] == k) & (a + b == text[tok])  # the hashes only proposed the pairs
-    return list(zip(a[same].tolist(), b[same].tolist()))
 
 
 def _bpe_merges(merges: Iterable[str], vocab: Mapping[str, int]) -> list[tuple[str, str]]:
@@ -344,11 +262,12 @@ class Tokenizer:
                 [pre_tokenizers.Split(Regex(r), "isolated") for r in pre.regexes]
                 + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
             )
-            hf.decoder = decoders.ByteLevel()
+            self._hf = hf
         else:
             scores = metadata.get("tokenizer.ggml.scores") or [0.0] * n
-            hf = _HFTokenizer(BPE(vocab, _spm_merges(tokens, scores), byte_fallback=True))
-        self._hf = hf
+            if len(scores) < n:
+                raise ValueError(f"{source}: tokenizer.ggml.scores has {len(scores)} entries for {n} tokens")
+            self._spm = SpmEncoder(vocab, scores)
         self.chat_template: str | None = metadata.get("tokenizer.chat_template")
 
     @classmethod
@@ -435,8 +354,9 @@ class Tokenizer:
             if self.model == "llama":
                 if self.add_space_prefix and prev_special:
                     frag = " " + frag
-                frag = frag.replace(" ", _SPACE)
-            ids.extend(self._hf.encode(frag, add_special_tokens=False).ids)
+                ids += self._spm.encode(frag.replace(" ", SPACE))
+            else:
+                ids += self._hf.encode(frag, add_special_tokens=False).ids
             prev_special = False
         if add_special and self.add_eos:
             ids.append(self.eos_token_id)
@@ -453,7 +373,7 @@ class Tokenizer:
                 out.append(text.encode())
             elif attr & _ATTR_NORMAL:
                 if self.model == "llama":
-                    out.append(text.replace(_SPACE, " ").encode())
+                    out.append(text.replace(SPACE, " ").encode())
                 else:
                     out.append(bytes(_BYTE_DECODER[c] for c in text) if all(c in _BYTE_DECODER for c in text)
                                else text.encode())

@@ -239,3 +239,9 @@ def test_unsupported_model_is_a_clear_error(tmp_path):
     write_gguf(path, {"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
     with pytest.raises(ValueError, match="bert.gguf.*'bert' is not supported"):
         Tokenizer.from_gguf(path)
+
+
+def test_spm_scores_shorter_than_the_vocabulary_is_a_clear_error(tmp_path):
+    path = _spm_file(tmp_path, ["a", "b", "ab"], scores=[-1.0, -2.0])
+    with pytest.raises(ValueError, match=r"spm.gguf: tokenizer.ggml.scores has 264 entries for 265 tokens"):
+        Tokenizer.from_gguf(path)
