@@ -319,7 +319,8 @@ def decode_mxfp4(blk_ptr, j, table_ptr):
 
 @triton.jit
 def _signed(v, pattern, j):
-    return tl.where(((pattern >> (j % 8)) & 1) != 0, -v, v)
+    # a product by -1, not `-v`: Triton 3.6 lowers negation to 0 - v, which makes -0.0 of 0.0 a +0.0
+    return v * tl.where(((pattern >> (j % 8)) & 1) != 0, -1.0, 1.0)
 
 
 @triton.jit
