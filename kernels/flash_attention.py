@@ -134,6 +134,8 @@ def flash_attention(
     n_heads, head_dim = q.shape[1:]
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_m, block_n, num_warps, num_stages = _CONFIGS[backend(q.device)][max(64, block_d)]
+    if q.element_size() == 4:  # float32 tiles take twice the shared memory: halved, they fit 99 KB GPUs
+        block_m, num_stages = max(16, block_m // 2), 1
     grid = (triton.cdiv(max_seqlen_q, block_m), batch, n_heads)
     _flash_attention_kernel[grid](
         q, k_cache, v_cache, out, block_tables, cu_seqlens_q, context_lens,

@@ -154,6 +154,8 @@ def paged_decode(
         max_context_len = int(context_lens.max())
     span = max(1, min(max_context_len, sliding_window or max_context_len))
     block_n, num_warps, num_stages = _CONFIGS[backend(q.device)]
+    if q.element_size() == 4:  # float32 tiles take twice the shared memory: one stage fits 99 KB GPUs
+        num_stages = 1
     if num_splits is None:
         num_splits = min(_MAX_SPLITS, triton.cdiv(span, _MIN_SPLIT_KEYS),
                          triton.cdiv(2 * sm_count(q.device), batch * n_kv_heads))

@@ -1,6 +1,6 @@
 """Every kernel variant compiled for a GPU target by Triton's own backend, on a machine without a GPU.
 
-    python tests/compile_check.py [--target cuda:90] [--quick]
+    python tests/compile_check.py [--target cuda:90] [--quick] [--only qmatmul,flash_attention]
 
 Triton compiles in-process down to the target's binary (PTX and a cubin through the ptxas it ships, for
 CUDA); only loading and launching need the device. Here a driver that names the target and has no device
@@ -73,6 +73,7 @@ class Compiler:
         self.target = target
         self.variants: dict[str, set] = defaultdict(set)
         self.shared: dict[str, int] = defaultdict(int)
+        self.latest: list[tuple[str, int]] = []  # (kernel, shared bytes) of each compile of the current launch
         driver.set_active(CompileOnlyDriver(target))
         run = JITFunction.run
         compiler = self
@@ -82,6 +83,7 @@ class Compiler:
             name = fn.fn.__name__
             compiler.variants[name].add(kernel.hash)
             compiler.shared[name] = max(compiler.shared[name], kernel.metadata.shared)
+            compiler.latest.append((name, kernel.metadata.shared))
             return kernel
 
         def compile_config(tuner, *args, config, **meta):
@@ -176,25 +178,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="cuda:90", help="cuda:<sm> or hip:<gfx arch>, e.g. cuda:80, hip:gfx942")
     parser.add_argument("--quick", action="store_true", help="bfloat16 and a few GGUF types only")
+    parser.add_argument("--only", default="", help="comma-separated launchers to compile, e.g. qmatmul,rope")
     args = parser.parse_args(argv)
     target = parse_target(args.target)
     compiler = Compiler(target)
     limit = SHARED_LIMIT.get((target.backend, target.arch))
     failures = []
     start = time.perf_counter()
+    only = tuple(args.only.split(",")) if args.only else ("",)
     for description, call in launches(args.quick):
+        if not description.split()[0].startswith(only):
+            continue
+        compiler.latest.clear()
         try:
             call()
         except Exception as e:  # noqa: BLE001 - every failure is reported, the rest still compile
             failures.append(f"{description}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        failures += [f"{description}: {name} takes {shared} bytes of shared memory, the target has {limit}"
+                     for name, shared in compiler.latest if limit is not None and shared > limit]
     print(f"Triton {triton.__version__}, target {target.backend} {target.arch}, "
           f"{time.perf_counter() - start:.0f} s")
     print(f"{'kernel':32} {'variants':>8} {'max shared (bytes)':>19}")
     for name in sorted(compiler.variants):
         shared = compiler.shared[name]
         over = " over the limit" if limit is not None and shared > limit else ""
-        if over:
-            failures.append(f"{name}: {shared} bytes of shared memory, the target has {limit}")
         print(f"{name:32} {len(compiler.variants[name]):>8} {shared:>19}{over}")
     for failure in failures:
         print("FAILED", failure)
