@@ -10,32 +10,49 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 KERNELS = ("_act_mul_kernel", "_dequant_kernel", "_flash_attention_kernel", "_kv_store_kernel",
            "_paged_decode_kernel", "_paged_decode_reduce_kernel", "_qmatmul_kernel", "_rmsnorm_kernel",
            "_rope_kernel", "_splitk_reduce_kernel")
 
 
-def compile_check(*args: str) -> tuple[dict[str, int], str]:
-    """Runs compile_check.py; returns the variants compiled per kernel, and the report."""
+CHECKS = {
+    "sm90": ("--quick", "--target", "cuda:90"),
+    "sm89_attention": ("--target", "cuda:89", "--only", "flash_attention,paged_decode"),
+}
+
+
+@pytest.fixture(scope="module")
+def checks():
+    """Both checks started at once, in parallel: each compiles for minutes on one core."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).with_name("compile_check.py")
-    result = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
-                            timeout=1800)
-    report = result.stdout + result.stderr[-3000:]
-    assert result.returncode == 0, report
-    compiled = {line.split()[0]: int(line.split()[1]) for line in result.stdout.splitlines()
+    script = str(Path(__file__).with_name("compile_check.py"))
+    procs = {name: subprocess.Popen([sys.executable, script, *args], env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for name, args in CHECKS.items()}
+    yield procs
+    for proc in procs.values():
+        proc.kill()
+
+
+def finish(proc: subprocess.Popen) -> tuple[dict[str, int], str]:
+    """The variants compiled per kernel, and the report, of a check that must succeed."""
+    stdout, stderr = proc.communicate(timeout=1800)
+    report = stdout + stderr[-3000:]
+    assert proc.returncode == 0, report
+    compiled = {line.split()[0]: int(line.split()[1]) for line in stdout.splitlines()
                 if line.startswith("_") and len(line.split()) >= 3}
     return compiled, report
 
 
-def test_every_kernel_compiles_for_sm90():
-    compiled, report = compile_check("--quick", "--target", "cuda:90")
+def test_every_kernel_compiles_for_sm90(checks):
+    compiled, report = finish(checks["sm90"])
     assert set(KERNELS) <= set(compiled), report
     # every GGUF type's dequantization, and four matmul paths of seven types with all their configs
     assert compiled["_dequant_kernel"] >= 25 and compiled["_qmatmul_kernel"] >= 7 * 4, report
 
 
-def test_attention_fits_sm89_shared_memory():
-    compiled, report = compile_check("--target", "cuda:89", "--only", "flash_attention,paged_decode")
+def test_attention_fits_sm89_shared_memory(checks):
+    compiled, report = finish(checks["sm89_attention"])
     # five head dims x three dtypes x two flag sets, both GQA group sizes
     assert compiled["_flash_attention_kernel"] >= 30 and compiled["_paged_decode_kernel"] >= 60, report
