@@ -26,9 +26,9 @@ import torch
 
 from ggtriton.gguf import GGMLType
 from ggtriton.runtime import LLM, SamplingParams
-from ggtriton.runtime.bench import random_requests, run_bench
-from ggtriton.runtime.model_runner import Chunk
-from ggtriton.runtime.sequence import Sequence
+from ggtriton.runtime.engine.model_runner import Chunk
+from ggtriton.runtime.engine.sequence import Sequence
+from ggtriton.runtime.entrypoints.bench import random_requests, run_bench
 from ggtriton.runtime.synthetic import SyntheticModel, write_synthetic_model
 from gpu_timing import append_results, copy_gbps, heading, median_ms, require_gpu
 

@@ -70,7 +70,7 @@ def check_last_dim_contiguous(**tensors: torch.Tensor) -> None:
 
 
 def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    """K and V pages: [num_blocks, block_size, n_kv_heads, head_dim], one dtype (ggtriton.runtime.kv_cache)."""
+    """K and V pages: [num_blocks, block_size, n_kv_heads, head_dim], one dtype (ggtriton.runtime.engine.kv_cache)."""
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache, v_cache must be [num_blocks, block_size, n_kv_heads, head_dim] alike, "
                          f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")

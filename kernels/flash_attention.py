@@ -3,7 +3,7 @@
 Sequence b has q_len_b = cu_seqlens_q[b + 1] - cu_seqlens_q[b] new queries (rows cu_seqlens_q[b].. of the
 packed q) at positions [ctx_b - q_len_b, ctx_b), ctx_b = context_lens[b]; its keys 0..ctx_b - 1 (a cached
 prefix and the new tokens, which `kv_store` has already written) are read through its block table
-(layout: ggtriton.runtime.kv_cache). Query head h uses kv head h // (n_heads // n_kv_heads) (GQA, MQA).
+(layout: ggtriton.runtime.engine.kv_cache). Query head h uses kv head h // (n_heads // n_kv_heads) (GQA, MQA).
 
     s_j = scale * q . k_j                          (soft-capped: s_j = cap * tanh(s_j / cap))
     out = sum_j softmax(s)_j v_j    over keys j <= pos, and j > pos - sliding_window when windowed

@@ -1,4 +1,4 @@
-"""Write new keys and values into the paged KV cache (layout: ggtriton.runtime.kv_cache).
+"""Write new keys and values into the paged KV cache (layout: ggtriton.runtime.engine.kv_cache).
 
     k_cache[slot // block_size, slot % block_size] = k[t],  v_cache[...] = v[t],  slot = slot_mapping[t]
 

@@ -2,7 +2,7 @@
 
 Sequence b's query q[b] sits at position ctx_b - 1 (ctx_b = context_lens[b], the new token included,
 already written by `kv_store`) and attends to keys j in [lo_b, ctx_b), lo_b = max(0, ctx_b - window)
-when windowed, read through its block table (layout: ggtriton.runtime.kv_cache):
+when windowed, read through its block table (layout: ggtriton.runtime.engine.kv_cache):
 
     s_j = scale * q . k_j                          (soft-capped: s_j = cap * tanh(s_j / cap))
     out = sum_j softmax(s)_j v_j

@@ -14,19 +14,19 @@ import torch
 from ggtriton.gguf import GGUFFile, Tokenizer
 from ggtriton.gguf.bundled import default_model_path
 
-from .batch import ForwardBatch
-from .block_manager import BlockManager
 from .config import ModelConfig
-from .engine import Engine
-from .kv_cache import KVCacheLayout
-from .model_runner import ModelRunner, kv_cache_budget
+from .engine.batch import ForwardBatch
+from .engine.block_manager import BlockManager
+from .engine.engine import Engine
+from .engine.kv_cache import KVCacheLayout
+from .engine.model_runner import ModelRunner, kv_cache_budget
+from .engine.sampler import Sampler
+from .engine.scheduler import Scheduler, SchedulerConfig
+from .engine.spec_decode import SpecDecoder
 from .models.decoder import DecoderModel
-from .ops import Ops
-from .sampler import Sampler
+from .models.ops import Ops
+from .models.weights import load_weights
 from .sampling_params import RequestOutput, SamplingParams
-from .scheduler import Scheduler, SchedulerConfig
-from .spec_decode import SpecDecoder
-from .weights import load_weights
 
 Messages = Sequence[Mapping[str, Any]]
 

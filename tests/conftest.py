@@ -16,8 +16,8 @@ if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 
 from ggtriton.gguf import bundled
-from ggtriton.runtime.scheduler import Scheduler
-from ggtriton.runtime.sequence import SequenceStatus
+from ggtriton.runtime.engine.scheduler import Scheduler
+from ggtriton.runtime.engine.sequence import SequenceStatus
 
 
 def _require(locate) -> Path:

@@ -13,7 +13,7 @@ import pytest
 
 from ggtriton.gguf import GGUFFile
 from ggtriton.gguf.describe import JSON_ARRAY_LIMIT
-from ggtriton.runtime.cli import main
+from ggtriton.runtime.entrypoints.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from ggtriton.runtime.bench import random_requests, run_bench
-from ggtriton.runtime.cli import main
+from ggtriton.runtime.entrypoints.bench import random_requests, run_bench
+from ggtriton.runtime.entrypoints.cli import main
+from ggtriton.runtime.entrypoints.openai_batch import run_batch
 from ggtriton.runtime.llm import LLM
-from ggtriton.runtime.openai_batch import run_batch
 from ggtriton.runtime.sampling_params import SamplingParams
 from ggtriton.runtime.synthetic import SyntheticModel, write_synthetic_model
 
@@ -147,7 +147,7 @@ def test_generate_chat_and_batch_commands(tiny, tmp_path, capsys, monkeypatch):
 def test_graph_replay_with_padded_buckets_equals_eager(tiny, monkeypatch):
     """The decode-graph path's static buffers and padding, run on CPU with the capture replaced by
     recording the step function (CUDA graphs themselves need a GPU)."""
-    from ggtriton.runtime import model_runner
+    from ggtriton.runtime.engine import model_runner
 
     def record(self, step):
         out = step()

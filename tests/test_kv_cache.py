@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ggtriton.runtime.kv_cache import KVCacheLayout, slots
+from ggtriton.runtime.engine.kv_cache import KVCacheLayout, slots
 
 
 def test_layout_allocate_and_size():

@@ -15,7 +15,7 @@ import torch
 
 from ggtriton.gguf import GGMLType
 from ggtriton.runtime import llm as llm_module
-from ggtriton.runtime.batch import ForwardBatch
+from ggtriton.runtime.engine.batch import ForwardBatch
 from ggtriton.runtime.llm import LLM
 from ggtriton.runtime.synthetic import SyntheticModel, write_synthetic_model
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from ggtriton.runtime.sampler import Sampler, apply_penalties, make_generator
+from ggtriton.runtime.engine.sampler import Sampler, apply_penalties, make_generator
 from ggtriton.runtime.sampling_params import SamplingParams
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

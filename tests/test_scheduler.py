@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ggtriton.runtime.block_manager import BlockManager, chain_hash
+from ggtriton.runtime.engine.block_manager import BlockManager, chain_hash
+from ggtriton.runtime.engine.scheduler import Scheduler, SchedulerConfig
+from ggtriton.runtime.engine.sequence import Sequence, SequenceStatus
 from ggtriton.runtime.sampling_params import SamplingParams
-from ggtriton.runtime.scheduler import Scheduler, SchedulerConfig
-from ggtriton.runtime.sequence import Sequence, SequenceStatus
 
 
 def fake_step(sched: Scheduler, rng: random.Random, vocab: int = 7) -> list[Sequence]:

@@ -1,0 +1,1 @@
+"""What a forward pass computes: architectures, the decoder, its ops and weights."""

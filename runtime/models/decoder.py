@@ -22,10 +22,10 @@ import torch
 
 from ggtriton.kernels.rope import rope_inv_freq
 
-from ..batch import ForwardBatch
 from ..config import ModelConfig, RopeConfig
-from ..ops import Ops
-from ..weights import QuantWeight
+from ..engine.batch import ForwardBatch
+from .ops import Ops
+from .weights import QuantWeight
 
 
 @dataclass

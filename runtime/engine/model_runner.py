@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import ModelConfig
+from ..models.decoder import DecoderModel
 from .batch import ForwardBatch
-from .config import ModelConfig
 from .kv_cache import KVCacheLayout
-from .models.decoder import DecoderModel
 from .sequence import Sequence
 
 # KV cache of a CPU engine when none is given: plenty for the small models CPU inference is for.

@@ -11,9 +11,9 @@ import torch
 from ggtriton.gguf import Tokenizer
 from ggtriton.gguf.tokenizer import IncrementalDetokenizer
 
+from ..sampling_params import RequestOutput, SamplingParams
 from .model_runner import Chunk, ModelRunner
 from .sampler import Sampler, make_generator
-from .sampling_params import RequestOutput, SamplingParams
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Sequence
 from .spec_decode import SpecDecoder

@@ -91,7 +91,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ggtriton.runtime.bench import format_report, jsonl_requests, random_requests, run_bench
+    from ggtriton.runtime.entrypoints.bench import format_report, jsonl_requests, random_requests, run_bench
 
     llm = _llm(args)
     requests = (jsonl_requests(args.dataset, args.output_len) if args.dataset
@@ -102,7 +102,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from ggtriton.runtime.openai_batch import run_batch
+    from ggtriton.runtime.entrypoints.openai_batch import run_batch
 
     llm = _llm(args)
     with open(args.input, encoding="utf-8") as f:

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .llm import LLM
-from .sampling_params import SamplingParams
+from ..llm import LLM
+from ..sampling_params import SamplingParams
 
 
 @dataclass

@@ -16,8 +16,8 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from .llm import LLM
-from .sampling_params import RequestOutput, SamplingParams
+from ..llm import LLM
+from ..sampling_params import RequestOutput, SamplingParams
 
 URLS = ("/v1/chat/completions", "/v1/completions")
 _PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
