@@ -5,7 +5,7 @@
 Each type dequantizes a [elements / 4096, 4096] tensor of random valid blocks; GB/s counts the raw bytes read
 plus the values written. Times are `triton.testing.do_bench` medians over buffers rotated so that one round
 exceeds the L2 cache; the copy bandwidth is that of a large `Tensor.copy_` (bytes read plus written).
-Prints a table and appends it to bench/RESULTS.md.
+Prints a table and appends it to bench/RESULTS.md. `bench/gpu_check.py` runs the same measurement.
 """
 
 from __future__ import annotations
@@ -13,17 +13,32 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
 import torch
 
-from ggtriton.gguf import TYPE_TRAITS, GGMLType
+from ggtriton.gguf import GGMLType
 from ggtriton.gguf.quants import DEQUANTIZERS
-from ggtriton.gguf.quantize import random_blocks
 from ggtriton.kernels import dequantize
-from gpu_timing import append_results, copy_gbps, heading, l2_bytes, median_ms, require_gpu, rotated
+from gpu_timing import append_results, copy_gbps, device, heading, l2_bytes, median_ms, require_gpu, rotated
+from qmatmul import random_weight
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 ROW = 4096
+
+
+def dequant_point(t: GGMLType, elements: int, dtype: torch.dtype, copy: float | None) -> dict:
+    """{type, us, gbps, of_copy} of dequantizing `elements` (a multiple of 4096) values of type t into
+    `dtype`; the figures are None without a GPU."""
+    dev = device()
+    shape = (elements // ROW, ROW)
+    raw = random_weight(t, shape, dev)
+    out_bytes = elements * dtype.itemsize
+    bufs = rotated(lambda: (raw.clone(), torch.empty(shape, dtype=dtype, device=dev)), raw.numel() + out_bytes,
+                   l2_bytes())
+    ms = median_ms(lambda b: dequantize(b[0], t, shape, dtype, out=b[1]), bufs)
+    if ms is None:
+        return dict(type=t.name, us=None, gbps=None, of_copy=None)
+    gbps = (raw.numel() + out_bytes) / ms / 1e6
+    return dict(type=t.name, us=ms * 1e3, gbps=gbps, of_copy=gbps / copy)
 
 
 def main() -> None:
@@ -35,25 +50,12 @@ def main() -> None:
     require_gpu("bench/dequant.py")
     if args.elements % ROW:
         sys.exit(f"--elements must be a multiple of {ROW}")
-    types = [GGMLType[name] for name in args.types.split(",")]
-    dtype = DTYPES[args.dtype]
-    l2 = l2_bytes()
-    shape = (args.elements // ROW, ROW)
-    rng = np.random.default_rng(0)
-
     copy = copy_gbps()
     rows = []
-    for t in types:
-        n_blocks = args.elements // TYPE_TRAITS[t].block_elements
-        raw = torch.from_numpy(random_blocks(t, n_blocks, rng).reshape(-1)).cuda()
-        out_bytes = args.elements * dtype.itemsize
-        bufs = rotated(
-            lambda: (raw.clone(), torch.empty(shape, dtype=dtype, device="cuda")), raw.numel() + out_bytes, l2
-        )
-        ms = median_ms(lambda b: dequantize(b[0], t, shape, dtype, out=b[1]), bufs)
-        gbps = (raw.numel() + out_bytes) / ms / 1e6
-        rows.append(f"| {t.name} | {t.bits_per_weight:.3g} | {ms * 1e3:.1f} | {gbps:.0f} | {gbps / copy:.0%} |")
-        del bufs, raw
+    for name in args.types.split(","):
+        t = GGMLType[name]
+        p = dequant_point(t, args.elements, DTYPES[args.dtype], copy)
+        rows.append(f"| {t.name} | {t.bits_per_weight:.3g} | {p['us']:.1f} | {p['gbps']:.0f} | {p['of_copy']:.0%} |")
 
     lines = [
         "",

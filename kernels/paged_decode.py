@@ -10,10 +10,14 @@ when windowed, read through its block table (layout: ggtriton.runtime.engine.kv_
 Decode is bound by reading the cache, so the work is cut two ways to fill the GPU and read each page once:
 - GQA: one program takes all n_heads / n_kv_heads query heads of a kv head, as the rows of one
   [group, head_dim] x [head_dim, BLOCK_N] dot, so a K/V tile is loaded once for its whole group.
-- Split-K (flash-decoding): the key range is cut into `num_splits` chunks, one program each; a program
-  stores its normalised partial output o_s and log-sum-exp lse_s (base 2) and a reduce kernel combines
-  them: out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s. With one split the
-  program writes the output directly and no reduce runs.
+- Split-K (flash-decoding): the key range is cut into up to `num_splits` chunks, one program each; a
+  program stores its normalised partial output o_s and log-sum-exp lse_s (base 2) and a reduce kernel
+  combines them: out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s. With one split
+  the program writes the output directly and no reduce runs.
+  Each sequence cuts its own key range, read on the device, into min(num_splits, span / min_split_keys)
+  splits (the rest stay empty). So the split count depends on the batch alone, never on a bound of the
+  lengths: a CUDA graph captured for any length spreads a short context over as many SMs as eager
+  decode does, and no launch reads the lengths back to the host.
 A sequence with context length 0 (batch padding) gets a zero output.
 """
 
@@ -27,7 +31,8 @@ from ._common import (attention_ref, backend, check_attention_options, check_pag
                       logit_scales, sm_count, tanh)
 
 # Fewest keys a split gets: below this the reduce and the partial round trip cost more than they save.
-_MIN_SPLIT_KEYS = 256
+# Small in the interpreter, so that tests cross several splits on short contexts.
+_MIN_SPLIT_KEYS = {"cuda": 256, "hip": 256, "interpreter": 16}
 _MAX_SPLITS = 64
 
 # (BLOCK_N, num_warps, num_stages): starting points, not yet measured; HIP unmeasured. Small key tiles
@@ -40,7 +45,7 @@ def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, o_ptr, lse_ptr, block_tables_ptr, context_lens_ptr,
     q_seq_stride, q_head_stride, o_seq_stride, o_head_stride, o_split_stride, lse_seq_stride, lse_head_stride,
     kc_block_stride, kc_slot_stride, kc_head_stride, vc_block_stride, vc_slot_stride, vc_head_stride,
-    bt_stride, qk_scale, soft_cap, window, split_len, head_dim,
+    bt_stride, qk_scale, soft_cap, window, min_split_keys, head_dim,
     PAGE: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SOFT_CAP: tl.constexpr, WINDOW: tl.constexpr, F32: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
@@ -52,6 +57,10 @@ def _paged_decode_kernel(
     lo = 0
     if WINDOW:
         lo = tl.maximum(0, ctx - window)
+    span = ctx - lo
+    # This sequence's own split length, whole key tiles; splits past its last one stay empty.
+    splits = tl.maximum(1, tl.minimum(tl.num_programs(2), tl.cdiv(span, min_split_keys)))
+    split_len = tl.cdiv(tl.cdiv(span, splits), BLOCK_N) * BLOCK_N
     start = lo + split * split_len
     end = tl.minimum(ctx, start + split_len)
 
@@ -89,11 +98,15 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, F32)
         m_i = m_new
 
-    # An empty split (past the context, or a padding sequence) leaves l = 0: output 0, lse = -inf.
+    # An empty split (past the context, or a padding sequence) leaves l = 0: output 0, lse = -inf. Its
+    # partial output is not stored (the reduce skips splits with lse = -inf): no traffic for empty splits.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    o_mask = g_mask[:, None] & d_mask[None, :]
+    if WRITE_LSE:
+        o_mask = o_mask & ~empty[:, None]
     tl.store(o_ptr + seq * o_seq_stride + heads[:, None] * o_head_stride + split * o_split_stride + offs_d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+             out.to(o_ptr.dtype.element_ty), mask=o_mask)
     if WRITE_LSE:
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         tl.store(lse_ptr + seq * lse_seq_stride + heads * lse_head_stride + split, lse, mask=g_mask)
@@ -115,8 +128,9 @@ def _paged_decode_reduce_kernel(
                   other=float("-inf"))
     m = tl.max(lse, 0)
     w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    written = s_mask & (lse > float("-inf"))
     o = tl.load(o_part_ptr + seq * op_seq_stride + head * op_head_stride + offs_s[:, None] * head_dim
-                + offs_d[None, :], mask=s_mask[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+                + offs_d[None, :], mask=written[:, None] & (offs_d < head_dim)[None, :], other=0.0)
     total = tl.sum(w, 0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + seq * out_seq_stride + head * out_head_stride + offs_d, out.to(out_ptr.dtype.element_ty),
@@ -133,15 +147,15 @@ def paged_decode(
     scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
-    max_context_len: int | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of q [batch, n_heads, head_dim] (one token per sequence) over the paged cache.
 
     k_cache, v_cache: [num_blocks, block_size, n_kv_heads, head_dim], q's dtype; block_tables int32
-    [batch, max_pages]; context_lens int32 [batch] (the new token included). max_context_len: an upper
-    bound of context_lens if the caller knows it (else read: a device sync). num_splits: fixed split count
-    (a captured graph needs one); by default enough splits of >= 256 keys to give every SM ~2 programs.
+    [batch, max_pages]; context_lens int32 [batch] (the new token included). num_splits: most splits a
+    sequence's keys are cut into (each of at least 256 keys); by default enough programs for ~2 per SM at
+    the batch size rounded up to a power of two. The launch depends on the shapes only (no length is read
+    back), so a CUDA graph can capture it.
     Returns [batch, n_heads, head_dim] in q's dtype.
     """
     _check(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, soft_cap, num_splits)
@@ -150,17 +164,15 @@ def paged_decode(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
-    if max_context_len is None:
-        max_context_len = int(context_lens.max())
-    span = max(1, min(max_context_len, sliding_window or max_context_len))
-    block_n, num_warps, num_stages = _CONFIGS[backend(q.device)]
+    be = backend(q.device)
+    block_n, num_warps, num_stages = _CONFIGS[be]
     if q.element_size() == 4:  # float32 tiles take twice the shared memory: one stage fits 99 KB GPUs
         num_stages = 1
     if num_splits is None:
-        num_splits = min(_MAX_SPLITS, triton.cdiv(span, _MIN_SPLIT_KEYS),
-                         triton.cdiv(2 * sm_count(q.device), batch * n_kv_heads))
-    split_len = triton.cdiv(triton.cdiv(span, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(span, split_len)  # rounding split_len up can leave trailing splits empty
+        # Sized for the batch rounded up to a power of two, as CUDA graphs pad it: a sequence then gets the
+        # same splits, and the same bits, replayed in a graph or run eagerly.
+        padded = triton.next_power_of_2(batch)
+        num_splits = min(_MAX_SPLITS, triton.cdiv(2 * sm_count(q.device), padded * n_kv_heads))
     block_d = max(16, triton.next_power_of_2(head_dim))
     group = n_heads // n_kv_heads
     if num_splits == 1:
@@ -175,7 +187,7 @@ def paged_decode(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
-        *logit_scales(scale, soft_cap), sliding_window or 0, split_len, head_dim,
+        *logit_scales(scale, soft_cap), sliding_window or 0, _MIN_SPLIT_KEYS[be], head_dim,
         # tl.dot needs at least 16 rows: small groups are padded with masked rows.
         PAGE=k_cache.shape[1], GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=block_d,
@@ -186,7 +198,8 @@ def paged_decode(
         _paged_decode_reduce_kernel[(batch, n_heads)](
             o, lse, out, num_splits, head_dim,
             o.stride(0), o.stride(1), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+            # One tile width for every split count: one compiled reduce for all batch sizes.
+            BLOCK_S=triton.next_power_of_2(max(num_splits, _MAX_SPLITS)), BLOCK_D=block_d,
         )
     return out
 

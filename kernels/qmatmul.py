@@ -5,7 +5,7 @@
 x: [M, K] float32, float16 or bfloat16 (last dim contiguous). W: (N, K) as `raw` uint8 bytes, rows of K / QK
 whole blocks of BLOCK_BYTES bytes (row n starts at byte n * K / QK * BLOCK_BYTES), decoded by
 `blocks.decode_block`, the decoder the dequant kernel uses too (block layouts are documented there). Sums are
-float32; out is [M, N] in x's dtype.
+float32; out is [M, N] in x's dtype, or in `out_dtype` (float32 logits from bfloat16 activations).
 
 Four paths, picked by `_choose_path` from per-backend thresholds (or forced with `path=`):
 - "skinny" (small M: decode, small batches, speculative verification). A program owns BLOCK_N rows of W over
@@ -35,7 +35,7 @@ import triton.language as tl
 from ..gguf.quants import check_size
 from ..gguf.quants import dequantize as _gguf_dequantize
 from ..gguf.types import TYPE_TRAITS, GGMLType
-from ._common import backend, check_float, check_last_dim_contiguous, dot, f32_dot, sm_count
+from ._common import FLOAT_DTYPES, backend, check_float, check_last_dim_contiguous, dot, f32_dot, sm_count
 from .blocks import decode_block, decode_table_tensor
 from .dequant import dequantize
 
@@ -146,7 +146,9 @@ def _tuned(be: str, gemm: bool):
     configs = [triton.Config(dict(zip(names, c[:-2])), num_warps=c[-2], num_stages=c[-1])
                for c in (_GEMM_CONFIGS if gemm else _SKINNY_CONFIGS)[be]]
     prune = {"early_config_prune": _prune_gemm} if gemm else None
-    return triton.autotune(configs, key=["m_bucket", "N", "K", "TYPE"], prune_configs_by=prune)(_qmatmul_kernel)
+    # cache_results: the timings persist in Triton's cache folder (see cache.py): a second start skips tuning.
+    return triton.autotune(configs, key=["m_bucket", "N", "K", "TYPE"], prune_configs_by=prune,
+                           cache_results=True)(_qmatmul_kernel)
 
 
 def _choose_path(ggml_type: GGMLType, M: int, N: int, K: int, device: torch.device) -> str:
@@ -179,13 +181,14 @@ def qmatmul(
     *,
     path: str | None = None,
     split_k: int | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """x [M, K] @ W^T for the weight W of `shape` (N, K) stored as `raw` GGUF blocks of `ggml_type`: [M, N].
 
     x: float32, float16 or bfloat16, last dim contiguous. raw: contiguous uint8 on x's device (CPU under
     TRITON_INTERPRET=1), 2-byte aligned (4 for F32). path: one of PATHS, default `_choose_path`'s choice.
     split_k: K ranges of the "splitk" path (default from N, K and the SM count); only with path="splitk".
-    The result is in x's dtype, accumulated in float32.
+    The result is accumulated in float32 and stored in `out_dtype` (default x's dtype).
     """
     t = _check(x, raw, ggml_type, shape)
     M, K = x.shape
@@ -196,13 +199,17 @@ def qmatmul(
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if split_k is not None and (path != "splitk" or split_k < 1):
         raise ValueError(f"split_k must be >= 1 and only goes with path='splitk', got {split_k} with {path!r}")
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    out_dtype = out_dtype or x.dtype
+    if out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    out = torch.empty((M, N), dtype=out_dtype, device=x.device)
     if M == 0 or N == 0:
         return out
     if K == 0:
         return out.zero_()
     if path == "dequant":
-        return torch.mm(x, dequantize(raw, t, (N, K), x.dtype).t(), out=out)
+        # torch.mm writes its operands' dtype: another output dtype multiplies in that dtype instead.
+        return torch.mm(x.to(out_dtype), dequantize(raw, t, (N, K), out_dtype).t(), out=out)
 
     gemm = path == "gemm"
     split_len = K

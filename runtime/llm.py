@@ -13,13 +13,12 @@ import torch
 
 from ggtriton.gguf import GGUFFile, Tokenizer
 from ggtriton.gguf.bundled import default_model_path
+from ggtriton.kernels.cache import use_cache_dir
 
 from .config import ModelConfig
-from .engine.batch import ForwardBatch
 from .engine.block_manager import BlockManager
 from .engine.engine import Engine
-from .engine.kv_cache import KVCacheLayout
-from .engine.model_runner import ModelRunner, kv_cache_budget
+from .engine.model_runner import ModelRunner
 from .engine.sampler import Sampler
 from .engine.scheduler import Scheduler, SchedulerConfig
 from .engine.spec_decode import SpecDecoder
@@ -30,12 +29,23 @@ from .sampling_params import RequestOutput, SamplingParams
 
 Messages = Sequence[Mapping[str, Any]]
 
-# Tokens scored per forward by `LLM.logits`: bounds the float32 [tokens, vocab] logits held at once.
+# Tokens scored per forward by `LLM.logits` (at most the step budget): bounds the float32 [tokens, vocab]
+# logits held at once.
 _LOGITS_CHUNK = 512
+# KV cache of a CPU engine when none is given: plenty for the small models CPU inference is for.
+DEFAULT_CPU_KV_BYTES = 2 << 30
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on, with its index: "cuda" alone names the current GPU, so that every tensor and
+    random generator of the engine reports one and the same device (a generator made on "cuda" says cuda:0
+    only once the index is given)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", torch.cuda.current_device())
+    return d
 
 
 class LLM:
@@ -46,12 +56,17 @@ class LLM:
     KV cache; default float32 on CPU, bfloat16 on a GPU.
     Batching: at most `max_num_seqs` sequences and `max_num_batched_tokens` tokens per step; the KV cache
     takes `kv_cache_bytes` (default: on a GPU what keeps its memory use under `gpu_memory_utilization`,
-    2 GiB on CPU) in pages of `block_size` tokens, shared between prompts with common prefixes when
-    `enable_prefix_caching`. `max_model_len`: longest sequence (default: the model's context).
+    see `_kv_cache_budget`; 2 GiB on CPU) in pages of `block_size` tokens, shared between prompts with
+    common prefixes when `enable_prefix_caching`. `max_model_len`: longest sequence (default: the model's
+    context).
     Speculative decoding: `draft_model` (a GGUF with the same vocabulary) proposes up to
     `num_speculative_tokens` tokens per step, stopping early when its top probability is below
     `draft_p_min`; proposals shorter than `draft_min` are dropped. The output distribution is the
-    target's own. `cuda_graphs`: replay decode steps as CUDA graphs (CUDA only).
+    target's own. `cuda_graphs`: replay decode steps as CUDA graphs (CUDA with the Triton kernels).
+    Start-up: with `warm_up` (default on CUDA) the constructor compiles and tunes every kernel shape the
+    engine's steps use and captures every decode graph, printing one line per phase on stderr, so that no
+    request pays for compilation. Compiled kernels and tuning results persist in
+    `cache_dir`/<device name> (default $GGTRITON_CACHE_DIR or ~/.cache/ggtriton): a second start skips both.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
@@ -60,15 +75,18 @@ class LLM:
                  kv_cache_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
                  enable_prefix_caching: bool = True, seed: int | None = None,
                  draft_model: str | os.PathLike | None = None, num_speculative_tokens: int = 4,
-                 draft_p_min: float = 0.0, draft_min: int = 1, cuda_graphs: bool = True):
+                 draft_p_min: float = 0.0, draft_min: int = 1, cuda_graphs: bool = True,
+                 warm_up: bool | None = None, cache_dir: str | os.PathLike | None = None):
         self.path = Path(model) if model is not None else default_model_path()
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         if backend is None:
             backend = "torch" if self.device.type == "cpu" else "triton"
         if backend == "triton" and self.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("backend='triton' on CPU needs TRITON_INTERPRET=1 (the Triton interpreter)")
         if dtype is None:
             dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        if self.device.type == "cuda":
+            use_cache_dir(cache_dir, self.device)  # before the first kernel compiles
         self.gguf = GGUFFile(self.path)
         self.config = ModelConfig.from_gguf(self.gguf)
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
@@ -86,24 +104,21 @@ class LLM:
                                                 min(max_model_len or self.config.context_length,
                                                     self.config.context_length),
                                                 num_speculative_tokens if draft_model is not None else 0)
+        max_len = self.scheduler_config.max_model_len
+        self.runner = ModelRunner(self.model, self.config, self.device, block_size, max_len, cuda_graphs)
+        self.draft_runner = (ModelRunner(self.draft[1], self.draft[0], self.device, block_size, max_len, cuda_graphs)
+                             if self.draft else None)
         self._draft_p_min, self._draft_min = draft_p_min, draft_min
-        self._cuda_graphs = cuda_graphs
-        self._kv_cache_bytes = kv_cache_budget(self.device, gpu_memory_utilization, kv_cache_bytes,
-                                               lambda: self._warm_up(max_num_batched_tokens))
         self._prefix_caching = enable_prefix_caching
         self._seed = seed
         self._engine: Engine | None = None
-
-    @torch.inference_mode()
-    def _warm_up(self, num_tokens: int) -> None:
-        """One prefill step of `num_tokens` tokens, the largest a step holds, into a throwaway cache."""
-        n = min(num_tokens, self.scheduler_config.max_model_len)
-        models = [(self.config, self.model)] + ([self.draft] if self.draft else [])
-        for config, model in models:
-            blocks = -(-n // self.block_size)
-            kv = self._kv_layout(blocks, config).allocate(self.device)
-            batch = ForwardBatch.build([[0] * n], [0], [list(range(blocks))], self.block_size, self.device)
-            model.logits(model.forward(batch, kv)[-1:])
+        warm = warm_up if warm_up is not None else self.device.type == "cuda"
+        self._kv_cache_bytes = self._kv_cache_budget(kv_cache_bytes, gpu_memory_utilization, warm)
+        if warm and any(r.cuda_graphs for r in self._runners):
+            start = time.perf_counter()
+            self.engine  # noqa: B018 - allocates the KV cache
+            n = sum(r.capture_graphs(max_num_seqs) for r in self._runners)
+            _log(f"warm-up: captured {n} CUDA graphs of decode steps in {time.perf_counter() - start:.1f} s")
 
     def _load(self, f: GGUFFile, config: ModelConfig) -> DecoderModel:
         weights = load_weights(f, self.device)
@@ -112,12 +127,70 @@ class LLM:
         return model
 
     @property
+    def _runners(self) -> list[ModelRunner]:
+        return [self.runner] + ([self.draft_runner] if self.draft_runner else [])
+
+    @property
     def backend(self) -> str:
         return self.ops.backend
 
-    def _kv_layout(self, num_blocks: int, config: ModelConfig | None = None) -> KVCacheLayout:
-        cfg = config or self.config
-        return KVCacheLayout(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks, self.block_size, self.ops.dtype)
+    @property
+    def _score_chunk(self) -> int:
+        return min(_LOGITS_CHUNK, self.scheduler_config.max_num_batched_tokens)
+
+    def _kv_cache_budget(self, kv_cache_bytes: int | None, gpu_memory_utilization: float, warm: bool) -> int:
+        """Bytes for the KV cache: as given; else on CPU 2 GiB; else on a GPU
+
+            free - (1 - gpu_memory_utilization) * total - max(step, sampler) - graphs
+
+        with `free` measured after the weights are loaded and the warm-up steps have run, `step` the peak
+        activations of the largest step (a full prefill of max_num_batched_tokens tokens, its logits
+        included), `sampler` the peak of sampling and speculative verification over the most logit rows a
+        step can have (every filter and penalty on), and `graphs` what the decode graphs keep: each
+        bucket's float32 [bucket, vocab] logits, plus their private memory pool, as large as the
+        activations of a decode step of the largest bucket. Each counts the target and the draft model.
+        The target's and the draft's KV pages are bought in pairs, one page id indexing both caches.
+        Runs the warm-up (every step shape when `warm`, only the largest otherwise) when it has to measure.
+        """
+        measure = self.device.type == "cuda" and kv_cache_bytes is None
+        if not (warm or measure):
+            return kv_cache_bytes if kv_cache_bytes is not None else DEFAULT_CPU_KV_BYTES
+        peaks = self._warm_up(every_shape=warm)
+        if not measure:
+            return kv_cache_bytes if kv_cache_bytes is not None else DEFAULT_CPU_KV_BYTES
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        return max(0, int(free - (1 - gpu_memory_utilization) * total - peaks))
+
+    @torch.inference_mode()
+    def _warm_up(self, every_shape: bool) -> int:
+        """Run the engine's steps into throwaway caches: with `every_shape`, prefills of 2^i - 1 and 2^i
+        tokens (every power-of-two bucket the kernels tune by, on both sides of each dispatch threshold)
+        and decodes of one and of the most sequences, so that kernels compile and tune now (the decode
+        graphs compile theirs when captured); else the largest steps only. Returns the memory the KV cache
+        must leave free (see `_kv_cache_budget`)."""
+        cfg = self.scheduler_config
+        max_tokens = min(cfg.max_num_batched_tokens, cfg.max_model_len - 1)
+        counts = [max_tokens]
+        if every_shape:
+            powers = [1 << i for i in range(max_tokens.bit_length())]
+            counts = sorted({t for p in powers for t in (p - 1, p) if t > 0} | {max_tokens})
+        rows = min(max(cfg.max_num_seqs * (1 + cfg.num_speculative_tokens), self._score_chunk), max_tokens)
+        start = time.perf_counter()
+        activations = self.runner.sampling_peak(rows)
+        graphs = 0
+        for runner in self._runners:
+            sizes = runner.graph_sizes(cfg.max_num_seqs)
+            largest = sizes[-1] if sizes else cfg.max_num_seqs
+            activations = max(activations, runner.warm_up(counts, rows, []))
+            decode = runner.warm_up([], rows, [largest] + ([1] if every_shape else []))
+            activations = max(activations, decode)
+            if sizes:  # kept for good: each graph's logits, and a private pool as large as its largest step
+                graphs += runner.graph_output_bytes(cfg.max_num_seqs) + decode
+        if every_shape:
+            _log(f"warm-up: kernels compiled and tuned for {len(counts)} prefill sizes up to {max_tokens} tokens "
+                 f"in {time.perf_counter() - start:.1f} s")
+        return activations + graphs
 
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -134,15 +207,7 @@ class LLM:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary of {self.config.vocab_size}")
         if len(ids) > self.config.context_length:
             raise ValueError(f"{len(ids)} tokens exceed the model's context of {self.config.context_length}")
-        n_blocks = -(-len(ids) // self.block_size)
-        kv = self._kv_layout(n_blocks).allocate(self.device)
-        table = list(range(n_blocks))
-        out = torch.empty(len(ids), self.config.vocab_size)
-        for start in range(0, len(ids), _LOGITS_CHUNK):
-            chunk = ids[start : start + _LOGITS_CHUNK]
-            batch = ForwardBatch.build([chunk], [start], [table], self.block_size, self.device)
-            out[start : start + len(chunk)] = self.model.logits(self.model.forward(batch, kv)).cpu()
-        return out
+        return self.runner.score(ids, self._score_chunk)
 
     # --- generation ---------------------------------------------------------------------------------
 
@@ -151,23 +216,20 @@ class LLM:
         """The continuous-batching engine, built (and its KV cache allocated) on first use."""
         if self._engine is None:
             # Target and draft caches have one page per page id each: the budget buys pairs of pages.
-            configs = [self.config] + ([self.draft[0]] if self.draft else [])
-            pair_bytes = sum(self._kv_layout(1, c).block_bytes for c in configs)
+            pair_bytes = sum(r.kv_layout(1).block_bytes for r in self._runners)
             if self._kv_cache_bytes < pair_bytes:
                 raise ValueError(f"KV cache budget {self._kv_cache_bytes} B is below one page ({pair_bytes} B)")
             num_blocks = self._kv_cache_bytes // pair_bytes
-            max_len = self.scheduler_config.max_model_len
-            runner = ModelRunner(self.model, self.config, self._kv_layout(num_blocks), self.device, max_len,
-                                 self._cuda_graphs)
+            for r in self._runners:
+                r.allocate_kv(num_blocks)
             blocks = BlockManager(num_blocks, self.block_size, prefix_caching=self._prefix_caching)
             sampler = Sampler(self._seed)
             spec = None
-            if self.draft:
-                draft_config, draft_model = self.draft
-                draft_runner = ModelRunner(draft_model, draft_config, self._kv_layout(num_blocks, draft_config),
-                                           self.device, max_len, self._cuda_graphs)
-                spec = SpecDecoder(draft_runner, sampler, p_min=self._draft_p_min, min_drafts=self._draft_min)
-            self._engine = Engine(runner, self.tokenizer, Scheduler(self.scheduler_config, blocks), sampler, spec)
+            if self.draft_runner:
+                spec = SpecDecoder(self.draft_runner, sampler, p_min=self._draft_p_min, min_drafts=self._draft_min,
+                                   max_batched_tokens=self.scheduler_config.max_num_batched_tokens)
+            self._engine = Engine(self.runner, self.tokenizer, Scheduler(self.scheduler_config, blocks), sampler,
+                                  spec)
         return self._engine
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
@@ -225,6 +287,10 @@ class LLM:
         finally:
             engine.abort(rid)
             engine.pop_finished()
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 class _Progress:

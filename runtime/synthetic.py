@@ -2,13 +2,15 @@
 
 The file is a complete model: metadata as llama.cpp's converter writes it, a small byte-level BPE
 vocabulary (the 256 bytes, chat tokens, padding up to `vocab`), a ChatML chat template, and every
-tensor its architecture reads, in `weight_type` (float types hold N(0, 1/fan_in) values; 32-element
-block types are quantized from them; other types are random valid blocks).
+tensor its architecture reads, in `weight_type`, its values near N(0, 1/fan_in) (`random_tensor`), so
+that activations keep their scale through any depth: float types hold float32 normals, block types
+random valid blocks written directly (no values to quantize: an 8B-shaped file takes seconds).
 """
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 from ggtriton.gguf import GGMLType, GGUFValueType, dequantize
-from ggtriton.gguf.quantize import quantize, random_blocks
+from ggtriton.gguf.quantize import random_blocks
 from ggtriton.gguf.writer import TensorData, Typed, write_gguf
 
 from .models.architectures import ARCHITECTURES
@@ -26,6 +28,7 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+_POOL_BLOCKS = 4096  # see `random_tensor`
 
 
 @dataclass
@@ -79,29 +82,40 @@ def _vocabulary(n: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def _weight(name: str, shape: tuple[int, ...], t: GGMLType, rng: np.random.Generator) -> TensorData:
-    values = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
-    if t == GGMLType.F32:
-        return TensorData(name, t, shape, values)
-    if t == GGMLType.F16:
-        return TensorData(name, t, shape, values.astype(np.float16))
-    if t == GGMLType.BF16:
-        return TensorData(name, t, shape, torch.from_numpy(values).bfloat16().view(torch.int16).numpy())
-    try:
-        return TensorData(name, t, shape, quantize(values, t).numpy())
-    except ValueError:  # no quantizer for this type: random valid blocks of a fitting scale
-        pass
+def random_tensor(shape: tuple[int, ...], t: GGMLType, rng: np.random.Generator) -> np.ndarray:
+    """The data of a random tensor of `shape` (fan_in = shape[-1]) in type `t`, values near N(0, 1/fan_in):
+    float32 normals for the float types; for block types, random valid blocks whose fp16 scales are sized
+    from a probe of 64 blocks (random blocks with N(0, 2^-7) scales would give values of a fixed spread,
+    whatever the fan-in, and activations that grow layer by layer).
+
+    A tensor of more than `_POOL_BLOCKS` blocks draws them, with replacement, from a pool of that many:
+    every block is still a random valid block, and a large tensor costs one gather (an 8B-shaped file
+    takes seconds) instead of generating each of its bytes.
+    """
+    fan_in = shape[-1]
+    if t in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+        values = rng.standard_normal(shape, dtype=np.float32) * np.float32(fan_in**-0.5)
+        if t == GGMLType.F16:
+            return values.astype(np.float16)
+        if t == GGMLType.BF16:
+            return torch.from_numpy(values).bfloat16().view(torch.int16).numpy()
+        return values
     n_blocks = int(np.prod(shape)) // t.block_elements
+    pool_size = min(n_blocks, _POOL_BLOCKS)
     if t == GGMLType.MXFP4:
         # E8M0 scale byte e: values are e2m1 levels (|v| <= 6, ~3 typical) times 2^(e - 127)
-        blocks = random_blocks(t, n_blocks, rng)
-        blocks[:, 0] = 127 + round(np.log2(1 / (3 * np.sqrt(shape[-1]))))
-        return TensorData(name, t, shape, blocks)
-    # Random valid blocks, their fp16 scales sized so the values come out near N(0, 1/fan_in).
-    probe_scales = np.abs(rng.standard_normal(256)) + 0.5
-    probe = dequantize(random_blocks(t, 64, rng, probe_scales), t, (64 * t.block_elements,))
-    scales = probe_scales / (float(probe.std()) * np.sqrt(shape[-1]))
-    return TensorData(name, t, shape, random_blocks(t, n_blocks, rng, scales))
+        pool = random_blocks(t, pool_size, rng)
+        pool[:, 0] = 127 + round(np.log2(1 / (3 * np.sqrt(fan_in))))
+    else:
+        # Scales of either sign: with positive ones, a type that adds or subtracts a block minimum (Q4_1,
+        # K-quants' dmin) has values of non-zero mean, which a deep model amplifies layer after layer.
+        probe_scales = (np.abs(rng.standard_normal(256)) + 0.5) * rng.choice([-1.0, 1.0], 256)
+        probe = dequantize(random_blocks(t, 64, rng, probe_scales), t, (64 * t.block_elements,))
+        pool = random_blocks(t, pool_size, rng, probe_scales / (float(probe.std()) * np.sqrt(fan_in)))
+    if pool_size == n_blocks:
+        return pool
+    rows = pool.view(np.dtype((np.void, t.block_bytes))).ravel()
+    return np.take(rows, rng.integers(0, pool_size, n_blocks)).view(np.uint8).reshape(n_blocks, t.block_bytes)
 
 
 def write_synthetic_model(path: str | os.PathLike, m: SyntheticModel) -> None:
@@ -143,40 +157,52 @@ def write_synthetic_model(path: str | os.PathLike, m: SyntheticModel) -> None:
 
     wt = m.weight_type
     q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
-    out = [_weight("token_embd.weight", (m.vocab, m.hidden), wt, rng)]
+    # The weights, (name, shape) here, are made below; the small float tensors now, from `rng`.
+    out: list[TensorData | tuple[str, tuple[int, ...]]] = [("token_embd.weight", (m.vocab, m.hidden))]
 
     def norm(name: str, n: int) -> TensorData:
-        return TensorData(name, GGMLType.F32, (n,), (1 + 0.1 * rng.standard_normal(n)).astype(np.float32))
+        return TensorData(name, GGMLType.F32, (n,), 1 + 0.1 * rng.standard_normal(n, dtype=np.float32))
 
     for i in range(m.n_layers):
         p = f"blk.{i}."
         out.append(norm(p + "attn_norm.weight", m.hidden))
         if spec.fused_qkv:
-            out.append(_weight(p + "attn_qkv.weight", (q + 2 * kv, m.hidden), wt, rng))
+            out.append((p + "attn_qkv.weight", (q + 2 * kv, m.hidden)))
         else:
-            out += [_weight(p + "attn_q.weight", (q, m.hidden), wt, rng),
-                    _weight(p + "attn_k.weight", (kv, m.hidden), wt, rng),
-                    _weight(p + "attn_v.weight", (kv, m.hidden), wt, rng)]
+            out += [(p + "attn_q.weight", (q, m.hidden)),
+                    (p + "attn_k.weight", (kv, m.hidden)),
+                    (p + "attn_v.weight", (kv, m.hidden))]
         if spec.qkv_bias:
             out += [TensorData(p + f"attn_{n}.bias", GGMLType.F32, (size,),
-                               (0.1 * rng.standard_normal(size)).astype(np.float32))
+                               0.1 * rng.standard_normal(size, dtype=np.float32))
                     for n, size in (("q", q), ("k", kv), ("v", kv))]
         if spec.qk_norm:
             out += [norm(p + "attn_q_norm.weight", m.head_dim), norm(p + "attn_k_norm.weight", m.head_dim)]
-        out.append(_weight(p + "attn_output.weight", (m.hidden, q), wt, rng))
+        out.append((p + "attn_output.weight", (m.hidden, q)))
         if spec.post_norms:
             out.append(norm(p + "post_attention_norm.weight", m.hidden))
         out.append(norm(p + "ffn_norm.weight", m.hidden))
         if spec.fused_gate_up:
-            out.append(_weight(p + "ffn_up.weight", (2 * m.ffn, m.hidden), wt, rng))
+            out.append((p + "ffn_up.weight", (2 * m.ffn, m.hidden)))
         else:
-            out += [_weight(p + "ffn_gate.weight", (m.ffn, m.hidden), wt, rng),
-                    _weight(p + "ffn_up.weight", (m.ffn, m.hidden), wt, rng)]
-        out.append(_weight(p + "ffn_down.weight", (m.hidden, m.ffn), wt, rng))
+            out += [(p + "ffn_gate.weight", (m.ffn, m.hidden)),
+                    (p + "ffn_up.weight", (m.ffn, m.hidden))]
+        out.append((p + "ffn_down.weight", (m.hidden, m.ffn)))
         if spec.post_norms:
             out.append(norm(p + "post_ffw_norm.weight", m.hidden))
     out.append(norm("output_norm.weight", m.hidden))
     if not m.tie_embeddings:
-        out.append(_weight("output.weight", (m.vocab, m.hidden), wt, rng))
+        out.append(("output.weight", (m.vocab, m.hidden)))
     out += [TensorData(name, GGMLType.F32, v.shape, v.astype(np.float32)) for name, v in m.tensors.items()]
-    write_gguf(path, md, out)
+
+    # Each weight from its own seed, in threads (numpy's generators release the GIL while they fill
+    # an array): the same file whatever the thread count, in seconds for 8B shapes on a many-core host.
+    todo = [x for x in out if isinstance(x, tuple)]
+
+    def make(item: tuple[str, tuple[int, ...]], seed: np.random.SeedSequence) -> TensorData:
+        name, shape = item
+        return TensorData(name, wt, shape, random_tensor(shape, wt, np.random.default_rng(seed)))
+
+    with ThreadPoolExecutor() as pool:
+        made = iter(pool.map(make, todo, np.random.SeedSequence(m.seed).spawn(len(todo))))
+        write_gguf(path, md, [next(made) if isinstance(x, tuple) else x for x in out])

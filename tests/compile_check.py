@@ -90,8 +90,13 @@ class Compiler:
             tuner.fn.run(*args, **(meta | config.all_kwargs() | {"warmup": True}))
             return [1.0, 1.0, 1.0]  # every config "as fast": the autotuner then launches the first
 
+        def bench_without_disk_cache(tuner, tuning_key, configs, bench_fn):
+            bench_fn()  # the stand-in timings must never reach the on-disk tuning cache a real GPU reads
+            return False
+
         JITFunction.run = compile_only
         Autotuner._bench = compile_config
+        Autotuner.check_disk_cache = bench_without_disk_cache
         # the launchers take the target backend's configs, dispatch and dot precision for CPU tensors
         name = "hip" if target.backend == "hip" else "cuda"
         for module in KERNEL_MODULES:
@@ -138,7 +143,7 @@ def launches(quick: bool):
                                f"splits={splits}",
                                lambda a=args, w=window, c=cap, s=splits: paged_decode.paged_decode(
                                    a["q"][:1], a["k"], a["v"], a["tables"], a["lens"], scale=0.1, sliding_window=w,
-                                   soft_cap=c, max_context_len=2048, num_splits=s))
+                                   soft_cap=c, num_splits=s))
     for dtype in dtypes:
         x = torch.zeros(8, 4096, dtype=dtype)
         yield f"rmsnorm {dtype}", lambda x=x: rmsnorm.rmsnorm(x, torch.ones(4096, dtype=x.dtype), 1e-6)

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real test models (required: a missing one fails, never skips), output poisoning."""
+"""Shared fixtures: the device kernel and model tests run on, the real test models (required: a missing one
+fails, never skips), output poisoning."""
 
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ def _require(locate) -> Path:
 
 
 @pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where kernel and model tests run: the GPU when there is one, else the CPU, where the Triton kernels
+    run in the interpreter (TRITON_INTERPRET=1, set above)."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    return torch.device("cuda" if torch.cuda.is_available() and not interpret else "cpu")
+
+
+@pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     return _require(bundled.smollm2_path)
 
@@ -44,7 +53,8 @@ def real_model_path(request) -> Path:
 
 @pytest.fixture
 def poisoned_outputs(monkeypatch):
-    """Every float tensor made with torch.empty starts as NaN, so an unwritten output element fails."""
+    """Every float tensor made with torch.empty, on any device, starts as NaN, so an unwritten output element
+    fails."""
     empty = torch.empty
 
     def nan_empty(*args, **kwargs):

@@ -1,8 +1,9 @@
 """Prefill (flash) and decode (paged, split-K) attention and kv_store against naive float64 attention.
 
-The Triton kernels run in the interpreter without a GPU. Each case packs sequences of 1, 15, 16, 17
-and 100 new tokens behind cached prefixes that end on and off page boundaries, with pages scattered over
-a shuffled cache whose unused slots hold NaN (a read outside a sequence's context shows up as NaN).
+The tests run on `device`: the GPU, or the CPU with the kernels in the interpreter. Each case packs
+sequences of 1, 15, 16, 17 and 100 new tokens behind cached prefixes that end on and off page boundaries,
+with pages scattered over a shuffled cache whose unused slots hold NaN (a read outside a sequence's
+context shows up as NaN).
 """
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).norm() / ref.norm()).item()
+    """||out - ref|| / ||ref||, on the CPU (the naive references are CPU float64)."""
+    out, ref = out.cpu().double(), ref.cpu().double()
+    return ((out - ref).norm() / ref.norm()).item()
 
 
 class Paged:
-    """Dense per-sequence K/V (float64 copies of the cache dtype's values) and the same in shuffled pages."""
+    """Dense per-sequence K/V (CPU float64 copies of the cache dtype's values) and the same in shuffled pages
+    on `device`."""
 
-    def __init__(self, ctx_lens, n_kv_heads, head_dim, dtype, block_size, seed):
+    def __init__(self, ctx_lens, n_kv_heads, head_dim, dtype, block_size, seed, device):
         g = torch.Generator().manual_seed(seed)
         n_pages = [-(-c // block_size) for c in ctx_lens]
         num_blocks = sum(n_pages) + 3  # spare blocks stay NaN
@@ -55,11 +59,15 @@ class Paged:
             self.v_cache[pages[pos // block_size], pos % block_size] = v
             self.k.append(k.double())
             self.v.append(v.double())
-        self.context_lens = torch.tensor(ctx_lens, dtype=torch.int32)
+        self.k_cache, self.v_cache = self.k_cache.to(device), self.v_cache.to(device)
+        self.block_tables = self.block_tables.to(device)
+        self.context_lens = torch.tensor(ctx_lens, dtype=torch.int32, device=device)
 
 
 def naive_attention(q, k, v, ctx, scale, window, cap):
-    """q [T, H, D] at positions ctx - T .. ctx - 1, k, v [ctx, KVH, D], all float64: dense softmax per head."""
+    """q [T, H, D] at positions ctx - T .. ctx - 1, k, v [ctx, KVH, D] CPU float64: dense softmax per head,
+    in float64 on the CPU."""
+    q = q.cpu().double()
     t, h, _ = q.shape
     group = h // k.shape[1]
     pos = torch.arange(ctx - t, ctx)[:, None]
@@ -99,13 +107,13 @@ def _ids(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=map(_ids, CASES))
-def test_flash_attention(case):
+def test_flash_attention(case, device):
     head_dim, ratio, n_kv_heads, dtype, window, cap, block_size = case
     ctx_lens = [p + q for p, q in zip(PREFIXES, Q_LENS)]
-    paged = Paged(ctx_lens, n_kv_heads, head_dim, dtype, block_size, seed=head_dim + ratio)
+    paged = Paged(ctx_lens, n_kv_heads, head_dim, dtype, block_size, seed=head_dim + ratio, device=device)
     n_heads = ratio * n_kv_heads
-    q = torch.randn(sum(Q_LENS), n_heads, head_dim, generator=torch.Generator().manual_seed(1)).to(dtype)
-    cu = torch.tensor([0, *torch.tensor(Q_LENS).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(sum(Q_LENS), n_heads, head_dim, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    cu = torch.tensor([0, *torch.tensor(Q_LENS).cumsum(0).tolist()], dtype=torch.int32, device=device)
     scale = head_dim**-0.5
     args = (q, paged.k_cache, paged.v_cache, paged.block_tables, cu, paged.context_lens)
     opts = dict(scale=scale, sliding_window=window, soft_cap=cap)
@@ -124,12 +132,12 @@ def test_flash_attention(case):
 
 @pytest.mark.parametrize("dtype", list(TOL), ids=lambda t: str(t)[6:])
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
-def test_flash_attention_sweep(head_dim, dtype):
+def test_flash_attention_sweep(head_dim, dtype, device):
     """Every head dim in every dtype, on a smaller batch: 1 and 17 new tokens behind mid-page prefixes."""
     q_lens, ctx_lens = [1, 17], [4, 40]
-    paged = Paged(ctx_lens, 1, head_dim, dtype, 16, seed=head_dim)
-    q = torch.randn(sum(q_lens), 2, head_dim, generator=torch.Generator().manual_seed(3)).to(dtype)
-    cu = torch.tensor([0, 1, 18], dtype=torch.int32)
+    paged = Paged(ctx_lens, 1, head_dim, dtype, 16, seed=head_dim, device=device)
+    q = torch.randn(sum(q_lens), 2, head_dim, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    cu = torch.tensor([0, 1, 18], dtype=torch.int32, device=device)
     out = flash_attention(q, paged.k_cache, paged.v_cache, paged.block_tables, cu, paged.context_lens, scale=0.2)
     expect = torch.cat([naive_attention(q[:1].double(), paged.k[0], paged.v[0], 4, 0.2, None, None),
                         naive_attention(q[1:].double(), paged.k[1], paged.v[1], 40, 0.2, None, None)])
@@ -151,12 +159,12 @@ DECODE_CASES = [
 
 
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: _ids(c[:7]) + f"-split{c[7]}")
-def test_paged_decode(case):
+def test_paged_decode(case, device):
     head_dim, ratio, n_kv_heads, dtype, window, cap, block_size, splits = case
     ctx_lens = [p + q for p, q in zip(PREFIXES, Q_LENS)] + [1, 0]  # a fresh sequence, a padding row
-    paged = Paged(ctx_lens, n_kv_heads, head_dim, dtype, block_size, seed=head_dim * ratio)
+    paged = Paged(ctx_lens, n_kv_heads, head_dim, dtype, block_size, seed=head_dim * ratio, device=device)
     n_heads = ratio * n_kv_heads
-    q = torch.randn(len(ctx_lens), n_heads, head_dim, generator=torch.Generator().manual_seed(2)).to(dtype)
+    q = torch.randn(len(ctx_lens), n_heads, head_dim, generator=torch.Generator().manual_seed(2)).to(device, dtype)
     scale = head_dim**-0.5
     args = (q, paged.k_cache, paged.v_cache, paged.block_tables, paged.context_lens)
     opts = dict(scale=scale, sliding_window=window, soft_cap=cap)
@@ -175,11 +183,11 @@ def test_paged_decode(case):
 
 @pytest.mark.parametrize("dtype", list(TOL), ids=lambda t: str(t)[6:])
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
-def test_paged_decode_sweep(head_dim, dtype):
+def test_paged_decode_sweep(head_dim, dtype, device):
     """Every head dim in every dtype, two splits, GQA 4."""
     ctx_lens = [3, 16, 45]
-    paged = Paged(ctx_lens, 1, head_dim, dtype, 16, seed=head_dim)
-    q = torch.randn(3, 4, head_dim, generator=torch.Generator().manual_seed(3)).to(dtype)
+    paged = Paged(ctx_lens, 1, head_dim, dtype, 16, seed=head_dim, device=device)
+    q = torch.randn(3, 4, head_dim, generator=torch.Generator().manual_seed(3)).to(device, dtype)
     out = paged_decode(q, paged.k_cache, paged.v_cache, paged.block_tables, paged.context_lens, scale=0.2,
                        num_splits=2)
     expect = torch.stack([naive_attention(q[b : b + 1].double(), paged.k[b], paged.v[b], c, 0.2, None, None)[0]
@@ -187,11 +195,11 @@ def test_paged_decode_sweep(head_dim, dtype):
     assert rel_err(out, expect) <= TOL[dtype]
 
 
-def test_decode_matches_last_prefill_row():
+def test_decode_matches_last_prefill_row(device):
     """The two kernels agree on a sequence's last token (split-K against one pass, float32)."""
-    paged = Paged([300], 2, 64, torch.float32, 16, seed=3)
-    q = torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(4))
-    cu = torch.tensor([0, 1], dtype=torch.int32)
+    paged = Paged([300], 2, 64, torch.float32, 16, seed=3, device=device)
+    q = torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(4)).to(device)
+    cu = torch.tensor([0, 1], dtype=torch.int32, device=device)
     common = (paged.k_cache, paged.v_cache, paged.block_tables)
     prefill = flash_attention(q, *common, cu, paged.context_lens, scale=0.125, sliding_window=100)
     decode = paged_decode(q, *common, paged.context_lens, scale=0.125, sliding_window=100, num_splits=4)
@@ -200,14 +208,16 @@ def test_decode_matches_last_prefill_row():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_kv_heads,head_dim,block_size", [(1, 64, 16), (3, 80, 8), (2, 256, 32)])
-def test_kv_store(n_kv_heads, head_dim, block_size, dtype):
+def test_kv_store(n_kv_heads, head_dim, block_size, dtype, device):
     g = torch.Generator().manual_seed(head_dim)
     num_blocks, n = 6, 23
-    cache = [torch.randn(num_blocks, block_size, n_kv_heads, head_dim, generator=g).to(dtype) for _ in range(2)]
+    cache = [torch.randn(num_blocks, block_size, n_kv_heads, head_dim, generator=g).to(device, dtype)
+             for _ in range(2)]
     slots = torch.randperm(num_blocks * block_size, generator=g)[:n]
     slots[::5] = -1
+    slots = slots.to(device)
     # k and v as views into a fused [n, 3 * heads * head_dim] projection output, as a model passes them.
-    qkv = torch.randn(n, 3 * n_kv_heads * head_dim, generator=g).to(dtype)
+    qkv = torch.randn(n, 3 * n_kv_heads * head_dim, generator=g).to(device, dtype)
     k, v = (qkv[:, i * n_kv_heads * head_dim : (i + 1) * n_kv_heads * head_dim].view(n, n_kv_heads, head_dim)
             for i in (1, 2))
     expect = [c.clone() for c in cache]
@@ -223,29 +233,29 @@ def test_kv_store(n_kv_heads, head_dim, block_size, dtype):
     assert all(torch.equal(a, b) for a, b in zip(out, expect))
 
 
-def test_store_then_attend():
+def test_store_then_attend(device):
     """The runtime's order: kv_store the new tokens behind a cached prefix, then flash_attention."""
     head_dim, block_size, prefix, new = 64, 16, 21, 12
-    paged = Paged([prefix + new], 1, head_dim, torch.float32, block_size, seed=5)
-    k_new, v_new = paged.k[0][prefix:].float(), paged.v[0][prefix:].float()
-    pos = torch.arange(prefix, prefix + new)
+    paged = Paged([prefix + new], 1, head_dim, torch.float32, block_size, seed=5, device=device)
+    k_new, v_new = paged.k[0][prefix:].float().to(device), paged.v[0][prefix:].float().to(device)
+    pos = torch.arange(prefix, prefix + new, device=device)
     table = paged.block_tables[0].long()
     slots = table[pos // block_size] * block_size + pos % block_size
     paged.k_cache.view(-1, 1, head_dim)[slots] = math.nan  # the new tokens are not in the cache yet
     paged.v_cache.view(-1, 1, head_dim)[slots] = math.nan
     kv_store(k_new, v_new, paged.k_cache, paged.v_cache, slots)
-    q = torch.randn(new, 2, head_dim, generator=torch.Generator().manual_seed(6))
-    cu = torch.tensor([0, new], dtype=torch.int32)
+    q = torch.randn(new, 2, head_dim, generator=torch.Generator().manual_seed(6)).to(device)
+    cu = torch.tensor([0, new], dtype=torch.int32, device=device)
     out = flash_attention(q, paged.k_cache, paged.v_cache, paged.block_tables, cu, paged.context_lens, scale=0.1)
     expect = naive_attention(q.double(), paged.k[0], paged.v[0], prefix + new, 0.1, None, None)
     assert rel_err(out, expect) <= 1e-5
 
 
-def test_bad_arguments():
-    paged = Paged([5], 2, 64, torch.float16, 16, seed=7)
+def test_bad_arguments(device):
+    paged = Paged([5], 2, 64, torch.float16, 16, seed=7, device=device)
     cache = (paged.k_cache, paged.v_cache, paged.block_tables)
-    cu = torch.tensor([0, 5], dtype=torch.int32)
-    q = torch.randn(5, 4, 64).half()
+    cu = torch.tensor([0, 5], dtype=torch.int32, device=device)
+    q = torch.randn(5, 4, 64, device=device).half()
     with pytest.raises(ValueError, match="dtype"):
         flash_attention(q.float(), *cache, cu, paged.context_lens, scale=0.1)
     with pytest.raises(ValueError, match="multiple of n_kv_heads"):
@@ -257,4 +267,4 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="context_lens"):
         paged_decode(q[:1], *cache, paged.context_lens.long(), scale=0.1)
     with pytest.raises(ValueError, match="slot_mapping"):
-        kv_store(q[:, :2], q[:, :2], paged.k_cache, paged.v_cache, torch.zeros(5, dtype=torch.int32))
+        kv_store(q[:, :2], q[:, :2], paged.k_cache, paged.v_cache, torch.zeros(5, dtype=torch.int32, device=device))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gguf as gguf_pypi
 import numpy as np
 import pytest
 import torch
@@ -40,6 +39,8 @@ def assert_bits_equal(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
 
 
 def oracle(raw: np.ndarray, ggml_type: GGMLType) -> np.ndarray:
+    import gguf as gguf_pypi
+
     return gguf_pypi.quants.dequantize(raw, gguf_pypi.GGMLQuantizationType(int(ggml_type)))
 
 
@@ -89,6 +90,8 @@ def test_quantize_matches_oracle(ggml_type: GGMLType, shape: tuple[int, ...]) ->
         flat[1] = rng.integers(-127, 128, 32) + 0.5 * rng.choice([-1, 1], 32)  # ties of roundf and trunc
         flat[1, 0] = 127
         flat[2] = np.repeat(flat[2, :1], 32)  # a constant block: max == min
+    import gguf as gguf_pypi
+
     ours = quantize(x, ggml_type)
     ref = gguf_pypi.quants.quantize(x, gguf_pypi.GGMLQuantizationType(int(ggml_type)))
     assert ours.dtype == torch.uint8

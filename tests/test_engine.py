@@ -1,8 +1,9 @@
-"""The engine end to end on SmolLM2 (CPU, float32): continuous batching changes nothing in the output."""
+"""The engine end to end on SmolLM2 (on `device`, float32): continuous batching changes nothing in the output."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ggtriton.runtime.llm import LLM
 from ggtriton.runtime.sampling_params import SamplingParams
@@ -25,14 +26,15 @@ def smollm2(smollm2_path):
     return smollm2_path
 
 
-def test_batch_equals_each_prompt_alone(smollm2):
+def test_batch_equals_each_prompt_alone(smollm2, device):
     prompts = mixed_prompts(32)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    alone = LLM(smollm2, device="cpu", max_num_seqs=1)
+    opts = dict(device=device, dtype=torch.float32, warm_up=False)
+    alone = LLM(smollm2, **opts, max_num_seqs=1, kv_cache_bytes=1 << 30)
     expected = [alone.generate(p, params, use_tqdm=False)[0].token_ids for p in prompts]
     # A 24-token step budget splits prompts into chunks; a cache of 40 pages of 4 tokens cannot hold
     # every sequence at once, so some are preempted and recomputed; the shared beginning is cached.
-    batched = LLM(smollm2, device="cpu", max_num_batched_tokens=24, block_size=4,
+    batched = LLM(smollm2, **opts, max_num_batched_tokens=24, block_size=4,
                   kv_cache_bytes=40 * 4 * 30 * 2 * 3 * 64 * 4)
     outputs = batched.generate(prompts, params, use_tqdm=False)
     engine = batched.engine

@@ -7,6 +7,7 @@ import io
 import json
 
 import pytest
+import torch
 
 from ggtriton.runtime.entrypoints.bench import random_requests, run_bench
 from ggtriton.runtime.entrypoints.cli import main
@@ -24,8 +25,8 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def llm(tiny):
-    return LLM(tiny, device="cpu", kv_cache_bytes=1 << 22)
+def llm(tiny, device):
+    return LLM(tiny, device=device, dtype=torch.float32, kv_cache_bytes=1 << 22, warm_up=False)
 
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
@@ -162,6 +163,6 @@ def test_graph_replay_with_padded_buckets_equals_eager(tiny, monkeypatch):
     outputs = graphed.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in outputs] == [o.token_ids for o in eager]
     assert sorted(graphed.engine.runner._graphs) == [4]  # 3 sequences padded to the bucket of 4
-    graphed._warm_up(40)  # the step a GPU engine runs to measure activation memory before sizing its cache
+    graphed._warm_up(every_shape=True)  # the steps a GPU engine runs at start-up, into throwaway caches
     single = graphed.generate("hello", params, use_tqdm=False)[0]
     assert single.token_ids == eager[0].token_ids and sorted(graphed.engine.runner._graphs) == [1, 4]

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-import gguf as gguf_pypi
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pytest
 
 from ggtriton.gguf import GGMLType, GGUFFile, GGUFValueType
+
+if TYPE_CHECKING:
+    import gguf as gguf_pypi
 
 _ORACLES: dict = {}
 
 
 def _oracle(path) -> gguf_pypi.GGUFReader:
     # GGUFReader takes seconds on a large vocabulary: read each model once per session.
+    import gguf as gguf_pypi
+
     if path not in _ORACLES:
         _ORACLES[path] = gguf_pypi.GGUFReader(path)
     return _ORACLES[path]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import struct
+from typing import TYPE_CHECKING
 
-import gguf as gguf_pypi
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,6 +17,9 @@ from hypothesis import strategies as st
 
 from ggtriton.gguf import GGMLType, GGUFError, GGUFFile, GGUFValueType
 from ggtriton.gguf.writer import TensorData, Typed, write_gguf
+
+if TYPE_CHECKING:
+    import gguf as gguf_pypi
 
 V = GGUFValueType
 INT_RANGES = {
@@ -98,6 +101,8 @@ def test_random_files_round_trip(tmp_path, metadata, tensor_list, version, align
         assert f.tensor_bytes(t.name).tobytes() == t.data
     if version == 3:
         # Cross-check with the independent reader (it handles neither v2's tag nor nested arrays the same way).
+        import gguf as gguf_pypi
+
         ref = gguf_pypi.GGUFReader(path)
         for t in ref.tensors:
             assert f.tensors[t.name].offset == t.data_offset
@@ -121,6 +126,8 @@ def finish(w: gguf_pypi.GGUFWriter) -> None:
 
 
 def test_every_value_type_from_the_reference_writer(tmp_path):
+    import gguf as gguf_pypi
+
     path = tmp_path / "all_types.gguf"
     w = gguf_pypi.GGUFWriter(path, "llama")
     values = {
@@ -158,6 +165,8 @@ def test_nested_arrays(tmp_path):
 
 @pytest.mark.parametrize("alignment", [64, 4096])
 def test_custom_alignment_from_the_reference_writer(tmp_path, alignment):
+    import gguf as gguf_pypi
+
     path = tmp_path / "aligned.gguf"
     w = gguf_pypi.GGUFWriter(path, "llama")
     w.add_custom_alignment(alignment)
@@ -175,6 +184,8 @@ def test_custom_alignment_from_the_reference_writer(tmp_path, alignment):
 
 
 def _reference_split(tmp_path, n_tensors: int, per_part: int) -> dict[str, np.ndarray]:
+    import gguf as gguf_pypi
+
     rng = np.random.default_rng(n_tensors)
     arrays = {f"blk.{i}.weight": rng.standard_normal((2, 16 * (i + 1))).astype(np.float32) for i in range(n_tensors)}
     w = gguf_pypi.GGUFWriter(tmp_path / "model.gguf", "llama", split_max_tensors=per_part)
@@ -259,6 +270,8 @@ def test_split_model_errors(tmp_path):
 
 
 def test_big_endian_file_is_refused_clearly(tmp_path):
+    import gguf as gguf_pypi
+
     path = tmp_path / "be.gguf"
     w = gguf_pypi.GGUFWriter(path, "llama", endianess=gguf_pypi.GGUFEndian.BIG)
     w.write_header_to_file()

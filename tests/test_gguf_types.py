@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import gguf as gguf_pypi
 import pytest
 
 from ggtriton.gguf import TYPE_TRAITS, GGMLType, GGUFValueType, LlamaFileType, file_type_name
 
 
 def test_every_ggml_type_matches_oracle_ids_and_names():
+    import gguf as gguf_pypi
+
     ours = {t.name: int(t) for t in GGMLType}
     ref = {t.name: int(t) for t in gguf_pypi.GGMLQuantizationType}
     assert ours == ref
@@ -16,6 +17,8 @@ def test_every_ggml_type_matches_oracle_ids_and_names():
 
 @pytest.mark.parametrize("t", list(GGMLType), ids=lambda t: t.name)
 def test_block_sizes_match_oracle(t):
+    import gguf as gguf_pypi
+
     blck, size = gguf_pypi.GGML_QUANT_SIZES[gguf_pypi.GGMLQuantizationType(int(t))]
     assert t.block_elements == blck
     if t is GGMLType.Q8_1:
@@ -27,6 +30,8 @@ def test_block_sizes_match_oracle(t):
 
 
 def test_value_and_file_types_match_oracle():
+    import gguf as gguf_pypi
+
     assert {v.name: int(v) for v in GGUFValueType} == {v.name: int(v) for v in gguf_pypi.GGUFValueType}
     assert {v.name: int(v) for v in LlamaFileType} == {v.name: int(v) for v in gguf_pypi.LlamaFileType}
 

@@ -1,4 +1,5 @@
-"""Every architecture on tiny synthetic GGUFs against an independent float64 forward.
+"""Every architecture on tiny synthetic GGUFs against an independent float64 forward, on `device` (the GPU, or
+the CPU: there the torch path, and the Triton kernels in the interpreter where a test asks for them).
 
 The reference reads the file with the PyPI `gguf` package (GGUFReader, `gguf.quants.dequantize`) and
 computes each architecture from its definition in float64 numpy, sharing no code with the engine.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import gguf as gguf_pypi
 import numpy as np
 import pytest
 import torch
@@ -23,6 +23,8 @@ from ggtriton.runtime.synthetic import SyntheticModel, write_synthetic_model
 
 
 def _read(path):
+    import gguf as gguf_pypi
+
     r = gguf_pypi.GGUFReader(path)
     md = {k: f.contents() for k, f in r.fields.items()}
     w = {}
@@ -158,6 +160,12 @@ def model_paths(tmp_path_factory):
     return paths
 
 
+def load(path, device: torch.device, **kwargs) -> LLM:
+    """The model on `device` in float32 (a GPU's default is bfloat16): the tolerances are float32's. No
+    start-up warm-up: these tests score tokens, they build no engine."""
+    return LLM(path, device=device, dtype=torch.float32, warm_up=False, **kwargs)
+
+
 def rel_err(a: torch.Tensor, b: np.ndarray) -> float:
     b = torch.from_numpy(b)
     return float((a.double() - b).norm() / b.norm())
@@ -167,16 +175,16 @@ TOKENS = np.random.default_rng(7).integers(0, 320, 29).tolist()
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_torch_path_matches_float64_reference(model_paths, name):
-    llm = LLM(model_paths[name], device="cpu")
+def test_torch_path_matches_float64_reference(model_paths, name, device):
+    llm = load(model_paths[name], device, backend="torch")
     got = llm.logits(TOKENS)
     ref = reference_logits(model_paths[name], TOKENS)
     assert got.shape == ref.shape
     assert rel_err(got, ref) <= 1e-5
 
 
-def test_chunked_prefill_equals_one_pass(model_paths, monkeypatch):
-    llm = LLM(model_paths["gemma2"], device="cpu")
+def test_chunked_prefill_equals_one_pass(model_paths, monkeypatch, device):
+    llm = load(model_paths["gemma2"], device)
     whole = llm.logits(TOKENS)
     monkeypatch.setattr(llm_module, "_LOGITS_CHUNK", 5)
     chunked = llm.logits(TOKENS)
@@ -187,7 +195,7 @@ def _decode_logits(llm: LLM, tokens: list[int]) -> torch.Tensor:
     """Prefill all but the last token, then one decode step: the last row of `logits`, via paged decode."""
     bs = llm.block_size
     n_blocks = -(-len(tokens) // bs) + 1
-    kv = llm._kv_layout(n_blocks).allocate(llm.device)
+    kv = llm.runner.kv_layout(n_blocks).allocate(llm.device)
     table = list(range(n_blocks))[::-1]  # pages in reverse: nothing may assume contiguous blocks
     prefill = ForwardBatch.build([tokens[:-1]], [0], [table], bs, llm.device)
     llm.model.forward(prefill, kv)
@@ -197,17 +205,17 @@ def _decode_logits(llm: LLM, tokens: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["llama-q4_k-gqa4", "gemma2", "gemma3"])
-def test_decode_step_matches_reference(model_paths, name):
-    llm = LLM(model_paths[name], device="cpu")
+def test_decode_step_matches_reference(model_paths, name, device):
+    llm = load(model_paths[name], device)
     ref = reference_logits(model_paths[name], TOKENS)
     assert rel_err(_decode_logits(llm, TOKENS)[None], ref[-1:]) <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["gemma2", "llama-q4_k-gqa4"])
-def test_triton_backend_equals_torch_backend(model_paths, name):
+def test_triton_backend_equals_torch_backend(model_paths, name, device):
     tokens = TOKENS[:20]
-    torch_llm = LLM(model_paths[name], device="cpu", backend="torch")
-    triton_llm = LLM(model_paths[name], device="cpu", backend="triton")
+    torch_llm = load(model_paths[name], device, backend="torch")
+    triton_llm = load(model_paths[name], device, backend="triton")
     assert triton_llm.backend == "triton"
     a, b = torch_llm.logits(tokens), triton_llm.logits(tokens)
     assert float((a - b).norm() / a.norm()) <= 1e-4
@@ -215,17 +223,17 @@ def test_triton_backend_equals_torch_backend(model_paths, name):
     assert float((da - db).norm() / da.norm()) <= 1e-4
 
 
-def test_unknown_architecture_is_a_clear_error(tmp_path):
+def test_unknown_architecture_is_a_clear_error(tmp_path, device):
     from ggtriton.gguf.writer import write_gguf
 
     path = tmp_path / "mamba.gguf"
     write_gguf(path, {"general.architecture": "mamba"})
     with pytest.raises(ValueError, match=r"architecture 'mamba' is not supported; supported: gemma2, gemma3, llama"):
-        LLM(path, device="cpu")
+        LLM(path, device=device)
 
 
-def test_bad_token_ids_and_lengths(model_paths):
-    llm = LLM(model_paths["llama"], device="cpu")
+def test_bad_token_ids_and_lengths(model_paths, device):
+    llm = load(model_paths["llama"], device)
     with pytest.raises(ValueError, match="token id 320 is outside the vocabulary of 320"):
         llm.logits([1, 320])
     assert llm.logits([]).shape == (0, 320)

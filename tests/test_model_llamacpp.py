@@ -38,10 +38,10 @@ def agreement(logits: torch.Tensor, top_ids: np.ndarray, top_logprobs: np.ndarra
 
 
 @pytest.mark.parametrize("model", ["smollm2", "gemma3"])
-def test_logits_agree_with_llamacpp(model, request):
+def test_logits_agree_with_llamacpp(model, request, device):
     path = request.getfixturevalue(f"{model}_path")
     fixture = np.load(FIXTURES / f"logits_{model}.npz")
-    llm = LLM(path, device="cpu")
+    llm = LLM(path, device=device, dtype=torch.float32, warm_up=False)  # exact float32 (DESIGN.md, Numerics)
     all_top1, all_kl = [], []
     for i in (0, 1):
         tokens = fixture[f"tokens{i}"].tolist()

@@ -1,26 +1,19 @@
-"""The quantized matmul kernels against x @ dequantize(W)^T in float64, every GGUF type on every path."""
+"""The quantized matmul kernels against x @ dequantize(W)^T in float64, every GGUF type on every path, on
+`device` (the GPU, or the CPU with the kernels in the interpreter)."""
 
 from __future__ import annotations
 
-import os
-
+import numpy as np
+import pytest
 import torch
 
-# Without a GPU the kernels run in Triton's interpreter, on CPU tensors; set before triton is imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from ggtriton.gguf import TYPE_TRAITS, GGMLType
+from ggtriton.gguf.quants import DEQUANTIZERS, dequantize
+from ggtriton.gguf.quantize import random_blocks
+from ggtriton.kernels import qmatmul
+from ggtriton.kernels._common import backend
+from ggtriton.kernels.qmatmul import _DISPATCH, PATHS, _choose_path, qmatmul_ref
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from ggtriton.gguf import TYPE_TRAITS, GGMLType  # noqa: E402
-from ggtriton.gguf.quants import DEQUANTIZERS, dequantize  # noqa: E402
-from ggtriton.gguf.quantize import random_blocks  # noqa: E402
-from ggtriton.kernels import qmatmul  # noqa: E402
-from ggtriton.kernels._common import backend  # noqa: E402
-from ggtriton.kernels.qmatmul import _DISPATCH, PATHS, _choose_path, qmatmul_ref  # noqa: E402
-
-DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 FLOAT_WEIGHTS = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
 N = 40  # not a multiple of any BLOCK_N
@@ -28,21 +21,22 @@ N = 40  # not a multiple of any BLOCK_N
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
-def weight(ggml_type: GGMLType, n: int, k: int, seed: int = 0) -> torch.Tensor:
+def weight(ggml_type: GGMLType, n: int, k: int, device: torch.device, seed: int = 0) -> torch.Tensor:
     """Raw bytes of an (n, k) weight of ordinary values: random valid blocks with scales of N(0, 2^-7)."""
     if ggml_type in FLOAT_WEIGHTS:
         w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).to(FLOAT_WEIGHTS[ggml_type])
-        return w.view(torch.uint8).reshape(-1).to(DEVICE)
+        return w.view(torch.uint8).reshape(-1).to(device)
     rng = np.random.default_rng(seed)
     blocks = random_blocks(ggml_type, n * k // TYPE_TRAITS[ggml_type].block_elements, rng)
     if ggml_type == GGMLType.MXFP4:  # E8M0 scales 2^-9..2^0 instead of up to 2^127, which overflow
         blocks[:, 0] = rng.integers(119, 129, len(blocks))
-    return torch.from_numpy(blocks.reshape(-1)).to(DEVICE)
+    return torch.from_numpy(blocks.reshape(-1)).to(device)
 
 
-def check(ggml_type: GGMLType, m: int, k: int, dtype: torch.dtype, path: str | None, **kwargs) -> None:
-    raw = weight(ggml_type, N, k, seed=m + k)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dtype).to(DEVICE)
+def check(device: torch.device, ggml_type: GGMLType, m: int, k: int, dtype: torch.dtype, path: str | None,
+          **kwargs) -> None:
+    raw = weight(ggml_type, N, k, device, seed=m + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(device, dtype)
     out = qmatmul(x, raw, ggml_type, (N, k), path=path, **kwargs)
     assert out.shape == (m, N) and out.dtype == dtype and out.device == x.device
     ref = x.double() @ dequantize(raw, ggml_type, (N, k)).double().t()
@@ -64,9 +58,9 @@ def split_kwargs(path: str) -> dict:
 @pytest.mark.parametrize(("dtype", "m"), [(torch.float32, 1), (torch.float16, 3), (torch.bfloat16, 17)], ids=str)
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("ggml_type", list(DEQUANTIZERS), ids=lambda t: t.name)
-def test_every_type_every_path(ggml_type: GGMLType, path: str, dtype: torch.dtype, m: int) -> None:
+def test_every_type_every_path(ggml_type: GGMLType, path: str, dtype: torch.dtype, m: int, device) -> None:
     qk = TYPE_TRAITS[ggml_type].block_elements
-    check(ggml_type, m, max(160, 2 * qk), dtype, path, **split_kwargs(path))
+    check(device, ggml_type, m, max(160, 2 * qk), dtype, path, **split_kwargs(path))
 
 
 # The awkward shapes on one type per block size: M around the skinny / tile limits, K of one block and many.
@@ -78,19 +72,19 @@ def test_every_type_every_path(ggml_type: GGMLType, path: str, dtype: torch.dtyp
 )
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("ggml_type", [GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.F16], ids=lambda t: t.name)
-def test_shapes(ggml_type: GGMLType, path: str, m: int, dtype: torch.dtype, k_blocks: str) -> None:
+def test_shapes(ggml_type: GGMLType, path: str, m: int, dtype: torch.dtype, k_blocks: str, device) -> None:
     k = TYPE_TRAITS[ggml_type].block_elements if k_blocks == "one" else many_blocks_k(ggml_type)
-    check(ggml_type, m, k, dtype, path, **split_kwargs(path))
+    check(device, ggml_type, m, k, dtype, path, **split_kwargs(path))
 
 
-def test_gemm_past_one_group() -> None:
+def test_gemm_past_one_group(device) -> None:
     # More M tiles than GROUP_M: the grouped program order wraps into a second, shorter group.
-    check(GGMLType.Q8_0, 300, 64, torch.float16, "gemm")
+    check(device, GGMLType.Q8_0, 300, 64, torch.float16, "gemm")
 
 
 @pytest.mark.parametrize("m", [1, 16, 17], ids=str)
-def test_default_path(m: int) -> None:
-    check(GGMLType.Q4_K, m, 512, torch.float16, None)
+def test_default_path(m: int, device) -> None:
+    check(device, GGMLType.Q4_K, m, 512, torch.float16, None)
 
 
 def test_choose_path() -> None:
@@ -106,27 +100,28 @@ def test_choose_path() -> None:
     assert _choose_path(GGMLType.BF16, th["float_dequant_min_m"], 4096, 4096, cpu) == "dequant"
 
 
-def test_split_k_is_deterministic() -> None:
-    raw = weight(GGMLType.Q6_K, N, 1024)
-    x = torch.randn(5, 1024).to(DEVICE)
+def test_split_k_is_deterministic(device) -> None:
+    raw = weight(GGMLType.Q6_K, N, 1024, device)
+    x = torch.randn(5, 1024, device=device)
     a = qmatmul(x, raw, GGMLType.Q6_K, (N, 1024), path="splitk", split_k=4)
     b = qmatmul(x, raw, GGMLType.Q6_K, (N, 1024), path="splitk", split_k=4)
     assert torch.equal(a, b)
 
 
-def test_reference() -> None:
-    raw = weight(GGMLType.Q5_K, N, 256)
-    x = torch.randn(3, 256).to(DEVICE)
+def test_reference(device) -> None:
+    raw = weight(GGMLType.Q5_K, N, 256, device)
+    x = torch.randn(3, 256, device=device)
     ref = x.double() @ dequantize(raw, GGMLType.Q5_K, (N, 256)).double().t()
     out = qmatmul_ref(x, raw, GGMLType.Q5_K, (N, 256))
     assert out.dtype == torch.float32 and ((out.double() - ref).norm() / ref.norm()).item() <= 1e-6
 
 
-def test_empty() -> None:
-    raw = weight(GGMLType.Q4_0, N, 32)
-    assert qmatmul(torch.randn(0, 32).to(DEVICE), raw, GGMLType.Q4_0, (N, 32)).shape == (0, N)
-    no_k = torch.zeros(0, dtype=torch.uint8, device=DEVICE)
-    assert torch.equal(qmatmul(torch.randn(2, 0).to(DEVICE), no_k, GGMLType.Q4_0, (N, 0)), torch.zeros(2, N))
+def test_empty(device) -> None:
+    raw = weight(GGMLType.Q4_0, N, 32, device)
+    assert qmatmul(torch.randn(0, 32, device=device), raw, GGMLType.Q4_0, (N, 32)).shape == (0, N)
+    no_k = torch.zeros(0, dtype=torch.uint8, device=device)
+    out = qmatmul(torch.randn(2, 0, device=device), no_k, GGMLType.Q4_0, (N, 0))
+    assert torch.equal(out, torch.zeros(2, N, device=device))
 
 
 @pytest.mark.parametrize(
@@ -141,20 +136,21 @@ def test_empty() -> None:
         ((2, 64), torch.float32, (N, 64), {"path": "splitk", "split_k": 0}, "split_k"),
     ],
 )
-def test_bad_input_raises(x_shape, dtype, shape, kwargs, match) -> None:
-    raw = weight(GGMLType.Q4_0, N, 64)
+def test_bad_input_raises(x_shape, dtype, shape, kwargs, match, device) -> None:
+    raw = weight(GGMLType.Q4_0, N, 64, device)
     with pytest.raises(ValueError, match=match):
-        qmatmul(torch.ones(x_shape, dtype=dtype, device=DEVICE), raw, GGMLType.Q4_0, shape, **kwargs)
+        qmatmul(torch.ones(x_shape, dtype=dtype, device=device), raw, GGMLType.Q4_0, shape, **kwargs)
 
 
-def test_bad_raw_raises() -> None:
-    x = torch.randn(2, 64).to(DEVICE)
+def test_bad_raw_raises(device) -> None:
+    x = torch.randn(2, 64, device=device)
+    raw = weight(GGMLType.Q4_0, N, 64, device)
     with pytest.raises(ValueError, match=r"Q4_0: a tensor of shape \(40, 64\) takes 1440 bytes, got 700"):
-        qmatmul(x, weight(GGMLType.Q4_0, N, 64)[:700], GGMLType.Q4_0, (N, 64))
+        qmatmul(x, raw[:700], GGMLType.Q4_0, (N, 64))
     with pytest.raises(ValueError, match="uint8"):
-        qmatmul(x, weight(GGMLType.Q4_0, N, 64).view(torch.int8), GGMLType.Q4_0, (N, 64))
-    misaligned = torch.zeros(1441, dtype=torch.uint8, device=DEVICE)[1:]
+        qmatmul(x, raw.view(torch.int8), GGMLType.Q4_0, (N, 64))
+    misaligned = torch.zeros(1441, dtype=torch.uint8, device=device)[1:]
     with pytest.raises(ValueError, match="2-byte aligned"):
         qmatmul(x, misaligned, GGMLType.Q4_0, (N, 64))
     with pytest.raises(ValueError, match="contiguous last dim"):
-        qmatmul(torch.randn(64, 2).to(DEVICE).t(), weight(GGMLType.Q4_0, N, 64), GGMLType.Q4_0, (N, 64))
+        qmatmul(torch.randn(64, 2, device=device).t(), raw, GGMLType.Q4_0, (N, 64))

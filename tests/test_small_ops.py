@@ -1,5 +1,6 @@
 """RMSNorm (+ residual), RoPE (both styles, partial rotary, scaled frequencies) and gated activations
-against naive float64 references, Triton launchers (interpreter without a GPU) and torch references alike."""
+against naive float64 references, Triton launchers and torch references alike, on `device` (the GPU, or the
+CPU with the kernels in the interpreter)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
-def randn(*shape, seed, dtype=torch.float32, scale=1.0):
-    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+def randn(*shape, seed, device, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(device, dtype)
 
 
 # ---------------------------------------------------------------- rmsnorm
@@ -35,12 +36,12 @@ def randn(*shape, seed, dtype=torch.float32, scale=1.0):
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("shape", [(1, 64), (7, 80), (3, 5, 96), (2, 1000), (4, 4096)])
 @pytest.mark.parametrize("fn", [rmsnorm, rmsnorm_ref])
-def test_rmsnorm(fn, shape, with_residual, dtype):
+def test_rmsnorm(fn, shape, with_residual, dtype, device):
     eps = 1e-6
     # x as a strided view: every other row of a larger tensor, scaled away from 1.
-    x = randn(shape[0] * 2, *shape[1:], seed=len(shape), dtype=dtype, scale=3.0)[::2]
-    w = randn(shape[-1], seed=1, scale=0.5) + 1.0
-    residual = randn(*shape, seed=2, dtype=dtype) if with_residual else None
+    x = randn(shape[0] * 2, *shape[1:], seed=len(shape), device=device, dtype=dtype, scale=3.0)[::2]
+    w = randn(shape[-1], seed=1, device=device, scale=0.5) + 1.0
+    residual = randn(*shape, seed=2, device=device, dtype=dtype) if with_residual else None
     out, h = fn(x, w, eps, residual)
     h64 = x.double() + (residual.double() if with_residual else 0.0)
     expect = h64 / torch.sqrt(h64.square().mean(-1, keepdim=True) + eps) * w.double()
@@ -80,14 +81,15 @@ def naive_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, neox:
 @pytest.mark.parametrize("head_dim,rot_dim,n_heads,n_kv_heads", [(64, 64, 4, 1), (80, 40, 3, 3), (128, 32, 8, 2)])
 @pytest.mark.parametrize("scaling", list(SCALINGS))
 @pytest.mark.parametrize("fn", [rope, rope_ref])
-def test_rope(fn, scaling, head_dim, rot_dim, n_heads, n_kv_heads, neox, dtype):
+def test_rope(fn, scaling, head_dim, rot_dim, n_heads, n_kv_heads, neox, dtype, device):
     n = 9
     inv_freq, attn_factor = rope_inv_freq(rot_dim, 10000.0, **SCALINGS[scaling])
+    inv_freq = inv_freq.to(device)
     # q and k as views into a fused QKV projection output, positions up to 300 in no order.
-    qkv = randn(n, (n_heads + 2 * n_kv_heads) * head_dim, seed=head_dim, dtype=dtype)
+    qkv = randn(n, (n_heads + 2 * n_kv_heads) * head_dim, seed=head_dim, device=device, dtype=dtype)
     q = qkv[:, : n_heads * head_dim].view(n, n_heads, head_dim)
     k = qkv[:, n_heads * head_dim : (n_heads + n_kv_heads) * head_dim].view(n, n_kv_heads, head_dim)
-    pos = torch.tensor([0, 1, 300, 17, 5, 255, 16, 2, 99], dtype=torch.int32 if neox else torch.int64)
+    pos = torch.tensor([0, 1, 300, 17, 5, 255, 16, 2, 99], dtype=torch.int32 if neox else torch.int64, device=device)
     q0, k0, v0 = q.clone(), k.clone(), qkv[:, (n_heads + n_kv_heads) * head_dim :].clone()
     fn(q, k, pos, inv_freq, neox=neox, attn_factor=attn_factor)
     for out, x0 in ((q, q0), (k, k0)):
@@ -161,32 +163,32 @@ ACTS = {"silu": (silu_mul, silu_mul_ref), "gelu": (gelu_mul, gelu_mul_ref)}
 @pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
 @pytest.mark.parametrize("act,which", [(a, w) for a in ACTS for w in (0, 1)],
                          ids=["silu", "silu_ref", "gelu", "gelu_ref"])
-def test_act_mul(act, which, fused, shape, dtype):
+def test_act_mul(act, which, fused, shape, dtype, device):
     d = shape[-1]
     # Gates up to +-30: exp over/underflows in float32 there, which the formulas must absorb.
-    gate_up = randn(*shape[:-1], 2 * d, seed=d, dtype=dtype, scale=8.0)
-    gate_up[..., :3] = torch.tensor([30.0, -30.0, 0.0], dtype=dtype)
+    gate_up = randn(*shape[:-1], 2 * d, seed=d, device=device, dtype=dtype, scale=8.0)
+    gate_up[..., :3] = torch.tensor([30.0, -30.0, 0.0], dtype=dtype, device=device)
     if fused:
         gate, up = gate_up[..., :d], gate_up[..., d:]
     else:
-        gate, up = gate_up[..., :d].contiguous(), randn(*shape, seed=5, dtype=dtype)
+        gate, up = gate_up[..., :d].contiguous(), randn(*shape, seed=5, device=device, dtype=dtype)
     out = ACTS[act][which](gate, up)
     assert out.dtype == dtype and out.shape == gate.shape and out.is_contiguous()
     assert rel_err(out, naive_act(act, gate.double(), up.double())) <= TOL[dtype]
 
 
-def test_bad_arguments():
-    x = torch.randn(4, 64)
+def test_bad_arguments(device):
+    x = torch.randn(4, 64, device=device)
     with pytest.raises(ValueError, match="weight"):
-        rmsnorm(x, torch.ones(32), 1e-6)
+        rmsnorm(x, torch.ones(32, device=device), 1e-6)
     with pytest.raises(ValueError, match="residual"):
-        rmsnorm(x, torch.ones(64), 1e-6, x.half())
+        rmsnorm(x, torch.ones(64, device=device), 1e-6, x.half())
     with pytest.raises(ValueError, match="gate and up"):
         silu_mul(x, x[:, :32])
     with pytest.raises(ValueError, match="contiguous last dim"):
         gelu_mul(x.T, x.T)
-    q = torch.randn(3, 2, 64)
+    q = torch.randn(3, 2, 64, device=device)
     with pytest.raises(ValueError, match="inv_freq"):
-        rope(q, q, torch.arange(3), torch.ones(40), neox=True)
+        rope(q, q, torch.arange(3, device=device), torch.ones(40, device=device), neox=True)
     with pytest.raises(ValueError, match="positions"):
-        rope(q, q, torch.arange(3.0), torch.ones(32), neox=True)
+        rope(q, q, torch.arange(3.0, device=device), torch.ones(32, device=device), neox=True)

@@ -32,14 +32,15 @@ def requantized(src, dst) -> None:
     write_gguf(dst, typed_metadata(f.metadata, f.value_types), tensors)
 
 
-def test_greedy_output_is_the_targets(smollm2_path, tmp_path):
+def test_greedy_output_is_the_targets(smollm2_path, tmp_path, device):
     draft = tmp_path / "draft-q4_0.gguf"
     requantized(smollm2_path, draft)
     words = "the lighthouse keeper wrote about ships and weather every evening by the sea".split()
     prompts = [" ".join(words[i % 7 : i % 7 + 2 + i % 9]).capitalize() for i in range(32)]
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    alone = LLM(smollm2_path, device="cpu").generate(prompts, params, use_tqdm=False)
-    spec = LLM(smollm2_path, device="cpu", draft_model=draft, num_speculative_tokens=4)
+    opts = dict(device=device, dtype=torch.float32, kv_cache_bytes=1 << 30, warm_up=False)
+    alone = LLM(smollm2_path, **opts).generate(prompts, params, use_tqdm=False)
+    spec = LLM(smollm2_path, **opts, draft_model=draft, num_speculative_tokens=4)
     outputs = spec.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in outputs] == [o.token_ids for o in alone]
     rates = [o.metrics["acceptance_rate"] for o in outputs]
@@ -99,15 +100,16 @@ def chi_square_p_value(observed: np.ndarray, expected: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8)])
-def test_sampled_tokens_follow_the_target(tiny_pair, temperature, top_k, top_p):
+def test_sampled_tokens_follow_the_target(tiny_pair, temperature, top_k, top_p, device):
     target_path, draft_path = tiny_pair
     prompt = [1, 2, 3]
-    target = LLM(target_path, device="cpu")
+    opts = dict(device=device, dtype=torch.float32, kv_cache_bytes=1 << 30, warm_up=False)
+    target = LLM(target_path, **opts)
     first = processed(target.logits(prompt)[-1].numpy(), temperature, top_k, top_p)
     joint = np.stack([first[a] * processed(target.logits(prompt + [a])[-1].numpy(), temperature, top_k, top_p)
                       for a in range(VOCAB)])
     n = 3000
-    spec = LLM(target_path, device="cpu", draft_model=draft_path, num_speculative_tokens=3)
+    spec = LLM(target_path, **opts, draft_model=draft_path, num_speculative_tokens=3)
     params = [SamplingParams(max_tokens=3, temperature=temperature, top_k=top_k, top_p=top_p, seed=s,
                              ignore_eos=True) for s in range(n)]
     outputs = spec.generate([prompt] * n, params, use_tqdm=False)

@@ -26,7 +26,6 @@ class ForwardBatch:
     context_lens: torch.Tensor  # int32 [B]
     cu_seqlens_q: torch.Tensor  # int32 [B + 1]
     max_seqlen_q: int
-    max_context_len: int
     is_decode: bool
 
     @classmethod
@@ -56,6 +55,5 @@ class ForwardBatch:
             context_lens=tensor(ctx, torch.int32),
             cu_seqlens_q=tensor(cu, torch.int32),
             max_seqlen_q=max(q_lens, default=0),
-            max_context_len=max(ctx, default=0),
             is_decode=bool(q_lens) and all(n == 1 for n in q_lens),
         )

@@ -1,14 +1,16 @@
 """Turns a step's chunks into device tensors, runs a model, returns the logits to sample from.
 
-The only place that builds device tensors for a step and owns a model's KV cache. With speculative
-decoding there are two runners, the target's and the draft's, over the same page ids (each page id
-indexes both caches).
+The only place that builds device tensors for a step and owns a model's KV cache (and the throwaway
+caches of warm-up and scoring). With speculative decoding there are two runners, the target's and the
+draft's, over the same page ids (each page id indexes both caches).
 
-On CUDA, decode-only steps (one token per sequence) replay a CUDA graph captured once per batch-size
-bucket: a decode step is hundreds of small kernel launches, and replaying them as one graph removes the
-launch overhead that otherwise dominates small batches. The batch is padded to its bucket with rows
-that write no K/V (slot -1) and attend to nothing (context length 0); attention is bounded by the
-model's maximum length, so the graph never depends on the step's actual lengths.
+On CUDA with the Triton kernels, decode-only steps (one token per sequence) replay a CUDA graph captured
+once per batch-size bucket: a decode step is hundreds of small kernel launches, and replaying them as one
+graph removes the launch overhead that otherwise dominates small batches. The batch is padded to its
+bucket with rows that write no K/V (slot -1) and attend to nothing (context length 0). The graph never
+depends on the step's lengths: block tables are sized for the longest sequence, and paged decode sizes
+its splits from each sequence's length on the device. (The torch reference ops read lengths back to the
+host to size their gathers, a sync that capture forbids: they run eagerly.)
 """
 
 from __future__ import annotations
@@ -20,32 +22,26 @@ import torch
 
 from ..config import ModelConfig
 from ..models.decoder import DecoderModel
+from ..sampling_params import SamplingParams
 from .batch import ForwardBatch
 from .kv_cache import KVCacheLayout
+from .sampler import Sampler, token_probs
 from .sequence import Sequence
 
-# KV cache of a CPU engine when none is given: plenty for the small models CPU inference is for.
-DEFAULT_CPU_KV_BYTES = 2 << 30
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-def kv_cache_budget(device: torch.device, gpu_memory_utilization: float, kv_cache_bytes: int | None,
-                    warm_up: Callable[[], object]) -> int:
-    """Bytes for the KV cache: as given, else on a GPU what is left of `gpu_memory_utilization` of its
-    memory after the weights and the activations of the largest step, measured by running `warm_up`."""
-    if kv_cache_bytes is not None:
-        return kv_cache_bytes
+def peak_bytes(device: torch.device, fn: Callable[[], object]) -> int:
+    """Device memory `fn` allocates at its peak beyond what was allocated before it (0 off CUDA)."""
     if device.type != "cuda":
-        return DEFAULT_CPU_KV_BYTES
+        fn()
+        return 0
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    warm_up()
+    fn()
     torch.cuda.synchronize(device)
-    activations = torch.cuda.max_memory_allocated(device) - before
-    torch.cuda.empty_cache()
-    free, total = torch.cuda.mem_get_info(device)
-    return max(0, int(free - (1 - gpu_memory_utilization) * total - activations))
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 @dataclass
@@ -66,17 +62,96 @@ class _Graph:
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderModel, config: ModelConfig, layout: KVCacheLayout, device: torch.device,
+    """Runs one model. Its KV cache is allocated by `allocate_kv`, once the memory left for it is known."""
+
+    def __init__(self, model: DecoderModel, config: ModelConfig, device: torch.device, block_size: int,
                  max_model_len: int, cuda_graphs: bool = True):
         self.model = model
         self.config = config
-        self.layout = layout
         self.device = device
+        self.block_size = block_size
         self.max_model_len = max_model_len
-        self.kv_caches = layout.allocate(device)
-        self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.cuda_graphs = cuda_graphs and device.type == "cuda" and model.ops.backend == "triton"
         self._graphs: dict[int, _Graph] = {}
         self._pool = None
+
+    def kv_layout(self, num_blocks: int) -> KVCacheLayout:
+        cfg = self.config
+        return KVCacheLayout(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks, self.block_size,
+                             self.model.ops.dtype)
+
+    def allocate_kv(self, num_blocks: int) -> None:
+        self.kv_caches = self.kv_layout(num_blocks).allocate(self.device)
+
+    def graph_sizes(self, max_num_seqs: int) -> list[int]:
+        """The batch-size buckets decode graphs are captured for (none without graphs)."""
+        if not self.cuda_graphs:
+            return []
+        cap = next((b for b in GRAPH_BATCH_SIZES if b >= max_num_seqs), GRAPH_BATCH_SIZES[-1])
+        return [b for b in GRAPH_BATCH_SIZES if b <= cap]
+
+    def graph_output_bytes(self, max_num_seqs: int) -> int:
+        """Bytes the captured graphs' logits hold for good: float32 [bucket, vocab] each."""
+        return sum(self.graph_sizes(max_num_seqs)) * self.config.vocab_size * 4
+
+    @torch.inference_mode()
+    def warm_up(self, token_counts: list[int], logit_rows: int, decode_sizes: list[int]) -> int:
+        """Run a one-sequence prefill step of each of `token_counts` tokens (logits for its last `logit_rows`
+        tokens at most) and an eager decode step of each of `decode_sizes` sequences, into a throwaway cache:
+        every kernel these steps launch compiles (and tunes) now. Returns the peak bytes the steps allocate
+        beyond that cache (CUDA; 0 elsewhere). The engine's own cache and state are not touched."""
+        blocks = max([-(-t // self.block_size) for t in token_counts] + decode_sizes + [1])
+        kv = self.kv_layout(blocks).allocate(self.device)
+
+        def steps() -> None:
+            for t in token_counts:
+                pages = list(range(-(-t // self.block_size)))
+                batch = ForwardBatch.build([[0] * t], [0], [pages], self.block_size, self.device)
+                self.model.logits(self.model.forward(batch, kv)[-min(t, logit_rows):])
+            for b in decode_sizes:
+                batch = ForwardBatch.build([[0]] * b, [0] * b, [[i] for i in range(b)], self.block_size, self.device)
+                self.model.logits(self.model.forward(batch, kv))
+
+        return peak_bytes(self.device, steps)
+
+    @torch.inference_mode()
+    def sampling_peak(self, rows: int) -> int:
+        """Peak bytes of sampling and of speculative verification over `rows` logit rows of this model,
+        every filter and penalty on (CUDA; 0 elsewhere)."""
+        vocab = self.config.vocab_size
+        params = [SamplingParams(temperature=0.8, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
+                                 presence_penalty=0.1, frequency_penalty=0.1, logprobs=5)] * rows
+        history = [list(range(min(vocab, 64)))] * rows
+
+        def sample() -> None:
+            logits = torch.randn(rows, vocab, device=self.device)
+            Sampler(0).sample(logits, params, history, history, [None] * rows)
+            token_probs(logits, params, history, history)
+
+        return peak_bytes(self.device, sample)
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int], chunk: int) -> torch.Tensor:
+        """Next-token logits at every position of one sequence, float32 [len, vocab] on CPU, fed in chunks
+        of `chunk` tokens that attend to the cached pages of the chunks before them (as chunked prefill
+        does), into a cache of its own."""
+        n_blocks = -(-len(token_ids) // self.block_size)
+        kv = self.kv_layout(n_blocks).allocate(self.device)
+        table = list(range(n_blocks))
+        out = torch.empty(len(token_ids), self.config.vocab_size)
+        for start in range(0, len(token_ids), chunk):
+            part = token_ids[start : start + chunk]
+            batch = ForwardBatch.build([part], [start], [table], self.block_size, self.device)
+            out[start : start + len(part)] = self.model.logits(self.model.forward(batch, kv)).cpu()
+        return out
+
+    def capture_graphs(self, max_num_seqs: int) -> int:
+        """Capture the decode graph of every bucket up to `max_num_seqs` now (after `allocate_kv`)."""
+        sizes = [b for b in self.graph_sizes(max_num_seqs) if b not in self._graphs]
+        for size in sizes:
+            self._capture(size)
+        return len(sizes)
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
@@ -85,7 +160,7 @@ class ModelRunner:
                 and all(len(c.tokens) == 1 and c.n_logits == 1 for c in chunks)):
             return self._replay(chunks)
         batch = ForwardBatch.build([c.tokens for c in chunks], [c.start for c in chunks],
-                                   [c.seq.block_table for c in chunks], self.layout.block_size, self.device)
+                                   [c.seq.block_table for c in chunks], self.block_size, self.device)
         hidden = self.model.forward(batch, self.kv_caches)
         rows, end = [], 0
         for c in chunks:
@@ -100,7 +175,7 @@ class ModelRunner:
         size = next(b for b in GRAPH_BATCH_SIZES if b >= n)
         g = self._graphs.get(size) or self._capture(size)
         host = ForwardBatch.build([c.tokens for c in chunks], [c.start for c in chunks],
-                                  [c.seq.block_table for c in chunks], self.layout.block_size, torch.device("cpu"))
+                                  [c.seq.block_table for c in chunks], self.block_size, torch.device("cpu"))
         s = g.batch
         s.input_ids[:n].copy_(host.input_ids, non_blocking=True)
         s.positions[:n].copy_(host.positions, non_blocking=True)
@@ -116,7 +191,7 @@ class ModelRunner:
 
     def _capture(self, size: int) -> _Graph:
         """Record a decode step of `size` sequences (after warm-up runs that compile and autotune)."""
-        pages = -(-self.max_model_len // self.layout.block_size)
+        pages = -(-self.max_model_len // self.block_size)
 
         def zeros(*shape, dtype):
             return torch.zeros(shape, dtype=dtype, device=self.device)
@@ -126,7 +201,7 @@ class ModelRunner:
             slot_mapping=torch.full((size,), -1, dtype=torch.int64, device=self.device),
             block_tables=zeros(size, pages, dtype=torch.int32), context_lens=zeros(size, dtype=torch.int32),
             cu_seqlens_q=torch.arange(size + 1, dtype=torch.int32, device=self.device),
-            max_seqlen_q=1, max_context_len=self.max_model_len, is_decode=True,
+            max_seqlen_q=1, is_decode=True,
         )
         replay, logits = self._record(lambda: self.model.logits(self.model.forward(batch, self.kv_caches)))
         self._graphs[size] = _Graph(replay, batch, logits)

@@ -30,11 +30,37 @@ class Proposal:
 
 
 class SpecDecoder:
-    def __init__(self, draft: ModelRunner, sampler: Sampler, *, p_min: float = 0.0, min_drafts: int = 1):
+    """Drafts with `draft` and verifies against the target's logits. A draft forward never takes more than
+    `max_batched_tokens` tokens (the step budget the engine's memory was sized for): the catch-up on
+    prompts that finished prefilling together is cut into forwards of at most that many."""
+
+    def __init__(self, draft: ModelRunner, sampler: Sampler, *, p_min: float = 0.0, min_drafts: int = 1,
+                 max_batched_tokens: int = 2048):
         self.draft = draft
         self.sampler = sampler
         self.p_min = p_min
         self.min_drafts = min_drafts
+        self.max_batched_tokens = max_batched_tokens
+
+    def _catch_up(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Feed the draft every token its cache lacks up to each sequence's last; logits at that last token
+        [len(seqs), V], in forwards of at most `max_batched_tokens` tokens."""
+        budget = self.max_batched_tokens
+        pieces = []
+        for seq in seqs:
+            start = seq.num_draft_computed_tokens
+            tokens = seq.token_ids[start:]
+            for i in range(0, len(tokens), budget):
+                pieces.append(Chunk(seq, start + i, tokens[i : i + budget], int(i + budget >= len(tokens))))
+        logits, run, size = [], [], 0
+        for piece in pieces:  # in order: a sequence's pieces reach the draft's cache before the next needs them
+            if run and size + len(piece.tokens) > budget:
+                logits.append(self.draft.run(run))
+                run, size = [], 0
+            run.append(piece)
+            size += len(piece.tokens)
+        logits.append(self.draft.run(run))
+        return torch.cat(logits)
 
     def propose(self, seqs: list[Sequence], lookahead: list[int],
                 generators: list[torch.Generator | None]) -> list[Proposal]:
@@ -44,16 +70,11 @@ class SpecDecoder:
         active = list(range(len(seqs)))
         step = 0
         while active:
-            chunks = []
-            for i in active:
-                seq = seqs[i]
-                if step == 0:  # everything the draft's cache lacks, up to the last (uncomputed) token
-                    start = seq.num_draft_computed_tokens
-                    tokens = seq.token_ids[start:]
-                else:
-                    start, tokens = seq.num_tokens + step - 1, drafts[i][-1:]
-                chunks.append(Chunk(seq, start, tokens, 1))
-            logits = self.draft.run(chunks)
+            if step == 0:  # everything the draft's cache lacks, up to the last (uncomputed) token
+                logits = self._catch_up(seqs)
+            else:
+                logits = self.draft.run([Chunk(seqs[i], seqs[i].num_tokens + step - 1, drafts[i][-1:], 1)
+                                         for i in active])
             for i in active:
                 seqs[i].num_draft_computed_tokens = seqs[i].num_tokens + step
             q = token_probs(logits, [seqs[i].params for i in active], [seqs[i].prompt_token_ids for i in active],

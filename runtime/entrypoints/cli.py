@@ -34,7 +34,8 @@ def _llm(args: argparse.Namespace):
 
     return LLM(_model_path(args.model), device=args.device, backend=args.backend, max_model_len=args.ctx_size,
                max_num_seqs=args.parallel, seed=args.seed, draft_model=args.draft_model,
-               num_speculative_tokens=args.draft_max, draft_min=args.draft_min, draft_p_min=args.draft_p_min)
+               num_speculative_tokens=args.draft_max, draft_min=args.draft_min, draft_p_min=args.draft_p_min,
+               cache_dir=args.cache_dir)
 
 
 def _params(args: argparse.Namespace):
@@ -123,6 +124,9 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["triton", "torch"], default=None,
                    help="kernels: triton (default on a GPU) or the torch reference ops (default on CPU)")
     p.add_argument("-s", "--seed", type=int, default=None, help="random seed")
+    p.add_argument("--cache-dir", default=None,
+                   help="compiled kernels and tuning results, per GPU model (default: $GGTRITON_CACHE_DIR or "
+                        "~/.cache/ggtriton)")
     p.add_argument("-md", "--draft-model", help="draft GGUF for speculative decoding (same vocabulary)")
     p.add_argument("--draft-max", type=int, default=4, help="draft tokens proposed per step at most")
     p.add_argument("--draft-min", type=int, default=1, help="fewer drafts than this are not verified")

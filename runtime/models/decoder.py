@@ -156,7 +156,7 @@ class DecoderModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits, float32 [T, vocab], of final hidden states."""
-        out = self.ops.linear(hidden, self.output).float()
+        out = self.ops.linear(hidden, self.output, out_dtype=torch.float32)
         cap = self.config.final_softcap
         if cap is not None:
             out = cap * torch.tanh(out / cap)

@@ -2,9 +2,10 @@
 
 Backend "triton" runs the kernels of `ggtriton.kernels` (on a GPU, or on CPU tensors under
 TRITON_INTERPRET=1); backend "torch" runs their torch references, and is the CPU path of the engine.
-Quantized linear layers: the torch backend dequantizes each weight once to float32 and keeps it (CPU
-only); the Triton backend multiplies with the fused dequantize-matmul kernel, which picks its own path
-(GEMV, split-K, tiled GEMM, or dequantize then cuBLAS) by the number of rows.
+Quantized linear layers: the torch backend dequantizes each weight once, at load, and keeps it dense in
+the activation dtype (a reference path: it trades memory for never dequantizing in a step); the Triton
+backend multiplies with the fused dequantize-matmul kernel, which picks its own path (GEMV, split-K,
+tiled GEMM, or dequantize then cuBLAS) by the number of rows.
 """
 
 from __future__ import annotations
@@ -55,32 +56,33 @@ class Ops:
         return dequantize_ref(raw, w.ggml_type, shape).to(dtype)
 
     def _dense(self, w: QuantWeight) -> torch.Tensor:
-        if self.backend == "torch" and w.raw.device.type == "cpu":
-            if w.dense is None:
-                w.dense = self.dequantize(w)
-            return w.dense
-        return self.dequantize(w)
+        """The torch backend's dense copy of `w`, made on first use."""
+        if w.dense is None:
+            w.dense = self.dequantize(w)
+        return w.dense
 
     def preload(self, weights: Iterable[QuantWeight]) -> None:
         """Dequantize every weight now where the backend keeps them dense, so no step pays for it."""
         if self.backend == "torch":
             for w in weights:
-                if w.raw.device.type == "cpu":
-                    self._dense(w)
+                self._dense(w)
 
-    def linear(self, x: torch.Tensor, w: QuantWeight, bias: QuantWeight | None = None) -> torch.Tensor:
-        """x [T, K] @ W[N, K]^T (+ bias) in x's dtype, W in its GGUF blocks."""
+    def linear(self, x: torch.Tensor, w: QuantWeight, bias: QuantWeight | None = None, *,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x [T, K] @ W[N, K]^T (+ bias), W in its GGUF blocks; float32 sums stored in `out_dtype` (default
+        x's dtype)."""
         if self.backend == "triton":
-            out = kernels.qmatmul(x.contiguous(), w.raw, w.ggml_type, w.shape)
+            out = kernels.qmatmul(x.contiguous(), w.raw, w.ggml_type, w.shape, out_dtype=out_dtype)
         else:
-            out = x @ self._dense(w).t()
+            dtype = out_dtype or x.dtype
+            out = x.to(dtype) @ self._dense(w).t().to(dtype)
         if bias is not None:
             out += self.vector(bias)
         return out
 
     def embedding(self, ids: torch.Tensor, w: QuantWeight) -> torch.Tensor:
         """Rows `ids` of an embedding table stored in GGUF blocks."""
-        if w.dense is not None or (self.backend == "torch" and w.raw.device.type == "cpu"):
+        if self.backend == "torch":
             return self._dense(w)[ids]
         rows = w.raw.view(w.rows, -1)[ids]
         return self.dequantize(w, rows, (len(ids), *w.shape[1:]))
@@ -111,9 +113,8 @@ class Ops:
                   soft_cap: float | None) -> torch.Tensor:
         """Attention of the batch's new queries over the paged cache (their own K/V already stored)."""
         if batch.is_decode:
-            kwargs = {"max_context_len": batch.max_context_len} if self.backend == "triton" else {}
             return self._decode(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale=scale,
-                                sliding_window=sliding_window, soft_cap=soft_cap, **kwargs)
+                                sliding_window=sliding_window, soft_cap=soft_cap)
         kwargs = {"max_seqlen_q": batch.max_seqlen_q} if self.backend == "triton" else {}
         return self._prefill(q, k_cache, v_cache, batch.block_tables, batch.cu_seqlens_q, batch.context_lens,
                              scale=scale, sliding_window=sliding_window, soft_cap=soft_cap, **kwargs)

@@ -14,8 +14,8 @@ from ggtriton.gguf import GGMLType, GGUFFile
 class QuantWeight:
     """One tensor's raw GGUF blocks (uint8, on the compute device), `shape` in PyTorch order.
 
-    `dense` caches the float32 dequantized tensor; the torch backend fills it on CPU only, where
-    memory is plentiful and dequantizing on every call would dominate.
+    `dense` caches the dequantized tensor: the torch backend keeps every weight so (in the activation dtype),
+    and small vectors (norms, biases) are kept in float32 by either backend.
     """
 
     name: str
