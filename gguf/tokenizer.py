@@ -419,6 +419,12 @@ class Tokenizer:
         variables = {"bos_token": bos, "eos_token": eos, "tools": None} | kwargs
         return render_chat_template(self.chat_template, messages, add_generation_prompt, **variables)
 
+    def encode_chat(self, rendered: str) -> list[int]:
+        """Token ids of a rendered chat template: its special-token texts parsed, no BOS/EOS added. The
+        template writes its own BOS (`{{ bos_token }}`), as llama.cpp and vLLM read it: adding one would
+        double it."""
+        return self.encode(rendered, add_special=False, parse_special=True)
+
 
 class IncrementalDetokenizer:
     """Streaming decode: `add(token_id)` returns the new text, never a broken UTF-8 sequence (incomplete
@@ -457,6 +463,84 @@ class IncrementalDetokenizer:
 
 
 # --- chat templates ------------------------------------------------------------------------------------
+
+# Built-in templates for files that carry none, each in its family's published format.
+CHAT_TEMPLATES: dict[str, str] = {
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    # Gemma has no system turn: the system message opens the first user turn.
+    "gemma": (
+        "{{ bos_token }}"
+        "{% if messages and messages[0]['role'] == 'system' %}"
+        "{% set system = messages[0]['content'] + '\\n\\n' %}{% set messages = messages[1:] %}"
+        "{% else %}{% set system = '' %}{% endif %}"
+        "{% for message in messages %}"
+        "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n'"
+        " + (system if loop.first else '') + message['content'] | trim + '<end_of_turn>\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+    ),
+    "llama2": (
+        "{% if messages and messages[0]['role'] == 'system' %}"
+        "{% set system = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
+        "{% set messages = messages[1:] %}"
+        "{% else %}{% set system = '' %}{% endif %}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}"
+        "{{ bos_token + '[INST] ' + ((system if loop.first else '') + message['content']) | trim + ' [/INST]' }}"
+        "{% else %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endif %}"
+        "{% endfor %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}"
+        "{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+        " + '<|eot_id|>' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    ),
+    "mistral": (
+        "{{ bos_token }}"
+        "{% if messages and messages[0]['role'] == 'system' %}"
+        "{% set system = messages[0]['content'] + '\\n\\n' %}{% set messages = messages[1:] %}"
+        "{% else %}{% set system = '' %}{% endif %}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}"
+        "{{ '[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}"
+        "{% else %}{{ message['content'] + eos_token }}{% endif %}"
+        "{% endfor %}"
+    ),
+    "phi3": (
+        "{% for message in messages %}"
+        "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+    ),
+}
+# A vocabulary's turn tokens tell its template family, whatever the architecture.
+_TURN_TOKENS = (("<start_of_turn>", "gemma"), ("<|start_header_id|>", "llama3"), ("<|assistant|>", "phi3"),
+                ("[INST]", "mistral"), ("<|im_start|>", "chatml"))
+
+
+def builtin_chat_template(metadata: Mapping[str, Any]) -> str:
+    """The name of the built-in template (`CHAT_TEMPLATES`) for a model whose file has none: by the turn
+    tokens of its vocabulary, else by its architecture; ChatML when neither tells."""
+    tokens = set(metadata.get("tokenizer.ggml.tokens") or ())
+    for token, name in _TURN_TOKENS:
+        if token in tokens:
+            return name
+    arch = metadata.get("general.architecture", "")
+    if arch.startswith("gemma"):
+        return "gemma"
+    if arch == "phi3":
+        return "phi3"
+    if arch == "llama" and metadata.get("tokenizer.ggml.model") == "llama":  # a SentencePiece vocabulary
+        return "mistral" if "mistral" in str(metadata.get("general.name", "")).lower() else "llama2"
+    return "chatml"
 
 
 @lru_cache(maxsize=1)

@@ -253,12 +253,14 @@ class LLM:
             engine.pop_finished()
             raise
         outputs: dict[str, RequestOutput] = {}
-        progress = _Progress(len(ids)) if use_tqdm else None
+        progress = Progress("generating", len(ids), "requests") if use_tqdm else None
+        tokens = 0
         while engine.has_unfinished():
             for out in engine.step():
                 outputs[out.request_id] = out
-                if progress:
-                    progress.update(out)
+                tokens += len(out.token_ids)
+            if progress:
+                progress.update(len(outputs), tokens)
         if progress:
             progress.close()
         engine.pop_finished()
@@ -270,7 +272,10 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
         prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, **template_kwargs)
                    for c in conversations]
-        return self.generate(prompts, params, use_tqdm=use_tqdm)
+        outputs = self.generate([self.tokenizer.encode_chat(p) for p in prompts], params, use_tqdm=use_tqdm)
+        for out, prompt in zip(outputs, prompts):
+            out.prompt = prompt
+        return outputs
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
         """Generate for one prompt, yielding text as it is produced; `last_output` holds the result."""
@@ -293,19 +298,47 @@ def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-class _Progress:
-    """A one-line progress report on stderr: requests done and output tokens per second."""
+class Progress:
+    """Progress of a long job on stderr: `done` of `total` units and output tokens per second.
 
-    def __init__(self, total: int):
-        self.total, self.done, self.tokens = total, 0, 0
-        self.start = time.perf_counter()
+    On a terminal, one line redrawn in place (`\r`) at most `tty_every` seconds apart; anywhere else (a
+    pipe, a log file) a plain line every `plain_every` seconds, so that no `\r` reaches a file. `close`
+    writes the final state on its own line.
+    """
 
-    def update(self, out: RequestOutput) -> None:
-        self.done += 1
-        self.tokens += len(out.token_ids)
-        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
-        print(f"\rgenerating: {self.done}/{self.total} requests, {rate:.1f} output tokens/s", end="",
-              file=sys.stderr, flush=True)
+    tty_every = 0.1
+    plain_every = 5.0
+    width = 30  # characters of the bar
+
+    def __init__(self, label: str, total: int, unit: str):
+        self.label, self.total, self.unit = label, total, unit
+        self.stream = sys.stderr
+        self.tty = self.stream.isatty()
+        self.start = self._shown = time.perf_counter()
+        self.done = self.tokens = 0
+
+    def update(self, done: int, tokens: int) -> None:
+        self.done, self.tokens = done, tokens
+        now = time.perf_counter()
+        if now - self._shown >= (self.tty_every if self.tty else self.plain_every):
+            self._shown = now
+            self._show()
 
     def close(self) -> None:
-        print(file=sys.stderr)
+        self._show()
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def _show(self) -> None:
+        elapsed = time.perf_counter() - self.start
+        share = self.done / self.total if self.total else 1.0
+        status = (f"{self.done}/{self.total} {self.unit}, {self.tokens / max(elapsed, 1e-9):.1f} output tokens/s, "
+                  f"{elapsed:.0f} s")
+        if self.tty:
+            filled = round(share * self.width)
+            bar = "#" * filled + "-" * (self.width - filled)
+            self.stream.write(f"\r{self.label} [{bar}] {share:4.0%} {status}\x1b[K")  # ESC[K: clear the rest
+        else:
+            self.stream.write(f"{self.label}: {share:.0%}, {status}\n")
+        self.stream.flush()

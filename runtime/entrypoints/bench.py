@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..llm import LLM
+from ..llm import LLM, Progress
 from ..sampling_params import SamplingParams
 
 
@@ -56,12 +56,15 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": float(p50), "p90": float(p90), "p99": float(p99)}
 
 
-def run_bench(llm: LLM, requests: list[BenchRequest], seed: int = 0) -> dict[str, Any]:
+def run_bench(llm: LLM, requests: list[BenchRequest], seed: int = 0, progress: bool = False) -> dict[str, Any]:
+    """Run every request at once and measure; `progress`: report output tokens on stderr as they come."""
     engine = llm.engine
     start = time.perf_counter()
     ids = [engine.add_request(r.prompt, SamplingParams(max_tokens=r.output_len, temperature=0.8, seed=seed + i,
                                                        ignore_eos=True))
            for i, r in enumerate(requests)]
+    # Requests of one length finish together, at the end: progress counts output tokens.
+    bar = Progress("bench", sum(r.output_len for r in requests), "output tokens") if progress else None
     done = {}
     while engine.has_unfinished():
         engine.step()
@@ -69,7 +72,12 @@ def run_bench(llm: LLM, requests: list[BenchRequest], seed: int = 0) -> dict[str
             req = engine.requests[rid]
             if req.finished and rid not in done:
                 done[rid] = req
+        if bar:
+            tokens = sum(engine.requests[rid].seq.num_output_tokens for rid in ids)
+            bar.update(tokens, tokens)
     elapsed = time.perf_counter() - start
+    if bar:
+        bar.close()
     engine.pop_finished()
     reqs = [done[rid] for rid in ids]
     prompt_tokens = sum(r.seq.num_prompt_tokens for r in reqs)

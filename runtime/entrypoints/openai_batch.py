@@ -2,10 +2,12 @@
 
 Each input line: {"custom_id": str, "method": "POST", "url": "/v1/chat/completions" | "/v1/completions",
 "body": {"messages": [...] | "prompt": str, "max_tokens", "temperature", "top_p", "top_k", "min_p",
-"seed", "stop", "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", ...}}.
+"seed", "stop", "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "n", ...}}.
 Each output line: {"id", "custom_id", "response": {"status_code": 200, "request_id", "body": <a chat
 completion or completion object>}, "error": null}, or with "response": null and "error": {"code",
-"message"} for a line that could not be run. All valid lines run together in one continuous batch.
+"message"} for a line that could not be run, the message beginning with its line number. All valid lines
+run together in one continuous batch; `n` > 1 runs n requests of the line, the i-th with `seed` + i when
+a seed is given, and answers with n choices.
 """
 
 from __future__ import annotations
@@ -14,63 +16,102 @@ import json
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..llm import LLM
 from ..sampling_params import RequestOutput, SamplingParams
 
 URLS = ("/v1/chat/completions", "/v1/completions")
-_PARAM_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-                 "frequency_penalty", "repetition_penalty")
+_INT_FIELDS = ("max_tokens", "max_completion_tokens", "top_k", "seed", "n", "logprobs", "top_logprobs")
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+
+
+def _number(body: dict[str, Any], key: str) -> int | float | None:
+    """body[key] if it is a number of the field's kind (None when absent); else a ValueError naming it."""
+    value = body.get(key)
+    kind = int if key in _INT_FIELDS else (int, float)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+        raise ValueError(f"body.{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return value
 
 
 def _params(body: dict[str, Any]) -> SamplingParams:
-    kwargs = {k: body[k] for k in _PARAM_FIELDS if body.get(k) is not None}
-    if "max_completion_tokens" in body:
-        kwargs["max_tokens"] = body["max_completion_tokens"]
+    kwargs = {k: v for k in _FLOAT_FIELDS + ("max_tokens", "top_k", "seed") if (v := _number(body, k)) is not None}
+    if (max_tokens := _number(body, "max_completion_tokens")) is not None:
+        kwargs["max_tokens"] = max_tokens
     stop = body.get("stop")
     if stop is not None:
-        kwargs["stop"] = [stop] if isinstance(stop, str) else list(stop)
-    logprobs = body.get("top_logprobs") if body.get("logprobs") is True else body.get("logprobs")
-    if logprobs not in (None, False):
-        kwargs["logprobs"] = int(logprobs)
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise ValueError(f"body.stop must be a string or a list of strings, got {body['stop']!r}")
+        kwargs["stop"] = stop
+    if body.get("logprobs") is True:  # chat: a flag, the count in top_logprobs
+        kwargs["logprobs"] = _number(body, "top_logprobs")
+    elif body.get("logprobs") is not False:  # completions: the count
+        kwargs["logprobs"] = _number(body, "logprobs")
     return SamplingParams(**kwargs)
 
 
-def _prompt(llm: LLM, url: str, body: dict[str, Any]) -> str:
+def _choices(body: dict[str, Any]) -> int:
+    n = _number(body, "n")
+    if n is not None and n < 1:
+        raise ValueError(f"body.n must be at least 1, got {n}")
+    return n or 1
+
+
+def _prompt(llm: LLM, url: str, body: dict[str, Any]) -> str | list[int]:
     if url == "/v1/chat/completions":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ValueError("body.messages must be a non-empty list")
-        return llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return llm.tokenizer.encode_chat(llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
         raise ValueError("body.prompt must be a string")
     return prompt
 
 
-def _body(url: str, model: str, out: RequestOutput) -> dict[str, Any]:
-    usage = {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": len(out.token_ids),
-             "total_tokens": len(out.prompt_token_ids) + len(out.token_ids)}
-    common = {"id": f"cmpl-{out.request_id}", "created": int(time.time()), "model": model, "usage": usage}
-    if url == "/v1/chat/completions":
-        choice = {"index": 0, "message": {"role": "assistant", "content": out.text},
-                  "finish_reason": out.finish_reason}
-        return common | {"object": "chat.completion", "choices": [choice]}
-    return common | {"object": "text_completion",
-                     "choices": [{"index": 0, "text": out.text, "finish_reason": out.finish_reason}]}
+@dataclass
+class _Job:
+    """One request line: where its response goes and the outputs of its `n` choices."""
+
+    index: int
+    custom_id: Any
+    url: str
+    outputs: list[RequestOutput | None] = field(default_factory=list)
+
+
+def _body(job: _Job, model: str) -> dict[str, Any]:
+    outs = job.outputs
+    completion = sum(len(o.token_ids) for o in outs)
+    usage = {"prompt_tokens": len(outs[0].prompt_token_ids), "completion_tokens": completion,
+             "total_tokens": len(outs[0].prompt_token_ids) + completion}
+    chat = job.url == "/v1/chat/completions"
+    common = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+              "model": model, "usage": usage}
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": o.text}, "finish_reason": o.finish_reason}
+                   for i, o in enumerate(outs)]
+        return common | {"object": "chat.completion", "choices": choices}
+    choices = [{"index": i, "text": o.text, "finish_reason": o.finish_reason} for i, o in enumerate(outs)]
+    return common | {"object": "text_completion", "choices": choices}
 
 
 def run_batch(llm: LLM, lines: Iterable[str], model_name: str) -> list[dict[str, Any]]:
     """Responses for the request lines, in input order."""
     results: list[dict[str, Any] | None] = []
-    jobs = []  # (result index, custom_id, url, prompt, params)
+    engine = llm.engine
+    running: dict[str, tuple[_Job, int]] = {}  # request id -> (its line's job, choice index)
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         custom_id = None
         try:
-            request = json.loads(line)
+            try:
+                request = json.loads(line)
+            except json.JSONDecodeError as e:  # its message has a line number of its own: keep the column
+                raise ValueError(f"invalid JSON: {e.msg} at column {e.colno}") from None
             if not isinstance(request, dict):
                 raise ValueError("a request line must be a JSON object")
             custom_id = request.get("custom_id")
@@ -79,24 +120,31 @@ def run_batch(llm: LLM, lines: Iterable[str], model_name: str) -> list[dict[str,
                 raise ValueError(f"url must be one of {', '.join(URLS)}, got {url!r}")
             if not isinstance(body, dict):
                 raise ValueError("body must be a JSON object")
-            jobs.append((len(results), custom_id, url, _prompt(llm, url, body), _params(body)))
+            prompt, params, choices = _prompt(llm, url, body), _params(body), _choices(body)
+            job = _Job(len(results), custom_id, url, [None] * choices)
+            added = []
+            try:
+                for i in range(choices):
+                    added.append(engine.add_request(
+                        prompt, params if params.seed is None else replace(params, seed=params.seed + i)))
+            except ValueError:
+                for rid in added:
+                    engine.abort(rid)
+                raise
+            running |= {rid: (job, i) for i, rid in enumerate(added)}
             results.append(None)
-        except (ValueError, TypeError) as e:
-            results.append(_error(custom_id, f"line {n}: {e}"))
-    engine = llm.engine
-    ids = {}
-    for index, custom_id, url, prompt, params in jobs:
-        try:
-            ids[engine.add_request(prompt, params)] = (index, custom_id, url)
         except ValueError as e:
-            results[index] = _error(custom_id, str(e))
+            results.append(_error(custom_id, f"line {n}: {e}"))
     while engine.has_unfinished():
         for out in engine.step():
-            index, custom_id, url = ids[out.request_id]
-            results[index] = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
-                              "response": {"status_code": 200, "request_id": out.request_id,
-                                           "body": _body(url, model_name, out)},
-                              "error": None}
+            job, i = running.pop(out.request_id)
+            job.outputs[i] = out
+            if all(job.outputs):
+                results[job.index] = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": job.custom_id,
+                                      "response": {"status_code": 200,
+                                                   "request_id": job.outputs[0].request_id,
+                                                   "body": _body(job, model_name)},
+                                      "error": None}
     engine.pop_finished()
     return results
 
