@@ -131,4 +131,6 @@ class ModelConfig:
             attn_softcap=md.get(f"{arch}.attn_logit_softcapping") if spec.softcaps else None,
             final_softcap=md.get(f"{arch}.final_logit_softcapping") if spec.softcaps else None,
             embed_scale=float(hidden) ** 0.5 if spec.scale_embeddings else 1.0,
+            attn_scale=(hidden // n_heads) ** -0.5
+            if n_layers == spec.hidden_scaled_layers and 0 < n_heads <= hidden else 0.0,
         )

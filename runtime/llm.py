@@ -58,7 +58,8 @@ class LLM:
     takes `kv_cache_bytes` (default: on a GPU what keeps its memory use under `gpu_memory_utilization`,
     see `_kv_cache_budget`; 2 GiB on CPU) in pages of `block_size` tokens, shared between prompts with
     common prefixes when `enable_prefix_caching`. `max_model_len`: longest sequence (default: the model's
-    context).
+    context); past a LongRoPE model's original context it selects the long RoPE factors, as llama.cpp's
+    context size does.
     Speculative decoding: `draft_model` (a GGUF with the same vocabulary) proposes up to
     `num_speculative_tokens` tokens per step, stopping early when its top probability is below
     `draft_p_min`; proposals shorter than `draft_min` are dropped. The output distribution is the
@@ -91,20 +92,18 @@ class LLM:
         self.config = ModelConfig.from_gguf(self.gguf)
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
         self.ops = Ops(backend, dtype)
-        self.model = self._load(self.gguf, self.config)
+        max_len = min(max_model_len or self.config.context_length, self.config.context_length)
+        self.model = self._load(self.gguf, self.config, max_len)
         self.draft: tuple[ModelConfig, DecoderModel] | None = None
         if draft_model is not None:
             draft = GGUFFile(draft_model)
             draft_config = ModelConfig.from_gguf(draft)
             if draft.metadata.get("tokenizer.ggml.tokens") != self.gguf.metadata.get("tokenizer.ggml.tokens"):
                 raise ValueError(f"draft model {draft_model} does not share the vocabulary of {self.path}")
-            self.draft = (draft_config, self._load(draft, draft_config))
+            self.draft = (draft_config, self._load(draft, draft_config, max_len))
         self.block_size = block_size
-        self.scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens,
-                                                min(max_model_len or self.config.context_length,
-                                                    self.config.context_length),
+        self.scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_len,
                                                 num_speculative_tokens if draft_model is not None else 0)
-        max_len = self.scheduler_config.max_model_len
         self.runner = ModelRunner(self.model, self.config, self.device, block_size, max_len, cuda_graphs)
         self.draft_runner = (ModelRunner(self.draft[1], self.draft[0], self.device, block_size, max_len, cuda_graphs)
                              if self.draft else None)
@@ -120,9 +119,9 @@ class LLM:
             n = sum(r.capture_graphs(max_num_seqs) for r in self._runners)
             _log(f"warm-up: captured {n} CUDA graphs of decode steps in {time.perf_counter() - start:.1f} s")
 
-    def _load(self, f: GGUFFile, config: ModelConfig) -> DecoderModel:
+    def _load(self, f: GGUFFile, config: ModelConfig, max_model_len: int) -> DecoderModel:
         weights = load_weights(f, self.device)
-        model = DecoderModel(config, weights, self.ops, self.device)
+        model = DecoderModel(config, weights, self.ops, self.device, max_model_len)
         self.ops.preload(weights.values())
         return model
 

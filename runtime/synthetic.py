@@ -126,7 +126,8 @@ def write_synthetic_model(path: str | os.PathLike, m: SyntheticModel) -> None:
     tokens, types = _vocabulary(m.vocab)
     md: dict[str, Any] = {
         "general.architecture": a,
-        "general.name": f"synthetic {a}",
+        # not the architecture's name: llama.cpp special-cases some vocabularies by model name
+        "general.name": "synthetic model",
         f"{a}.block_count": Typed(GGUFValueType.UINT32, m.n_layers),
         f"{a}.context_length": Typed(GGUFValueType.UINT32, m.context_length),
         f"{a}.embedding_length": Typed(GGUFValueType.UINT32, m.hidden),

@@ -22,6 +22,9 @@ class Architecture:
     softcaps: bool = False  # attention and final logit soft-capping from metadata
     swa_pattern: int = 0  # layer i uses the sliding window when i % pattern < pattern - 1 (0: none)
     rope_local_base: float = 0.0  # RoPE base of the sliding-window layers, when they have their own
+    # The model of this many layers (Gemma's 27B) scales attention by 1 / sqrt(hidden / n_heads), not by
+    # 1 / sqrt(head_dim): its checkpoint was trained so, and llama.cpp knows it only by its depth.
+    hidden_scaled_layers: int = 0
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -30,8 +33,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen2": Architecture(rope_neox=True, qkv_bias=True),
     "qwen3": Architecture(rope_neox=True, qk_norm=True),
     "gemma2": Architecture(rope_neox=True, activation="gelu", post_norms=True, scale_embeddings=True, softcaps=True,
-                           swa_pattern=2),
+                           swa_pattern=2, hidden_scaled_layers=46),
     "gemma3": Architecture(rope_neox=True, activation="gelu", post_norms=True, scale_embeddings=True, qk_norm=True,
-                           swa_pattern=6, rope_local_base=10000.0),
+                           swa_pattern=6, rope_local_base=10000.0, hidden_scaled_layers=62),
     "phi3": Architecture(rope_neox=True, fused_qkv=True, fused_gate_up=True),
 }

@@ -50,7 +50,9 @@ class _Layer:
 
 
 class DecoderModel:
-    def __init__(self, config: ModelConfig, weights: dict[str, QuantWeight], ops: Ops, device: torch.device):
+    def __init__(self, config: ModelConfig, weights: dict[str, QuantWeight], ops: Ops, device: torch.device,
+                 max_model_len: int):
+        """`max_model_len`: the longest sequence the engine runs, which picks LongRoPE's factors."""
         self.config = config
         self.ops = ops
         arch = config.architecture
@@ -94,6 +96,11 @@ class DecoderModel:
                 layer.post_ffn_norm = vec(p + "post_ffw_norm.weight")
             self.layers.append(layer)
         freq_factors = weights.get("rope_freqs.weight")
+        if freq_factors is None:
+            # LongRoPE (Phi-3 128k): one set of factors for the whole run, chosen as llama.cpp does, by the
+            # configured context (not the position): the long ones past the original training context.
+            long = max_model_len > (config.rope.original_context or config.context_length)
+            freq_factors = weights.get("rope_factors_long.weight" if long else "rope_factors_short.weight")
         factors = ops.vector(freq_factors).cpu() if freq_factors is not None else None
         self._rope = self._rope_table(config.rope, factors, device)
         self._rope_local = self._rope_table(config.rope_local, None, device) if config.rope_local else self._rope
