@@ -595,31 +595,41 @@ def end_to_end(rec: Recorder, ctx: Context) -> None:
 
 
 def llamacpp(rec: Recorder, ctx: Context) -> None:
-    """llama-bench on the same file, pp512 and tg128, beside our prefill and batch-1 decode."""
-    bundle = ctx.llamacpp
-    exe = bundle and next((p for p in (bundle / "llama-bench", bundle / "bin" / "llama-bench") if p.is_file()), None)
-    if not exe:
-        rec.add("llama-bench", "SKIP", why=f"skipped: no bundle (no llama-bench in {bundle})")
+    """llama-bench on the same file, pp512 and tg128, beside our prefill and batch-1 decode. On a GPU its
+    figures count only if it ran on CUDA (bench/llamacpp/llamacpp.py's check): a CPU fallback compares
+    nothing."""
+    sys.path.insert(0, str(Path(__file__).with_name("llamacpp")))
+    import llamacpp as bundle_runner
+
+    try:
+        bin_dir = bundle_runner.locate(ctx.llamacpp) if ctx.llamacpp else None
+    except FileNotFoundError:
+        bin_dir = None
+    if bin_dir is None:
+        rec.add("llama-bench", "SKIP", why=f"skipped: no bundle (no llama-bench in {ctx.llamacpp})")
         return
     target = ctx.model(model_name(ctx.sizes.target), ctx.sizes.target)
-    libs = [str(bundle), str(bundle / "lib"), os.environ.get("LD_LIBRARY_PATH", "")]
-    cmd = [str(exe), "-m", str(target), "-p", "512", "-n", "128", "-fa", "1", "-ngl", "99", "-r", "3", "-o", "json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"LD_LIBRARY_PATH": ":".join(libs)})
+    cmd = [str(bin_dir / "llama-bench"), "-m", str(target), "-p", "512", "-n", "128", "-fa", "1", "-ngl", "99",
+           "-r", "3", "-o", "json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=bundle_runner.environment(bin_dir))
     if out.returncode:
         rec.add("llama-bench", "FAIL", why=f"exited with status {out.returncode}: {out.stderr.strip()[-300:]}")
         return
+    records = bundle_runner.parse_llama_bench(out.stdout)
+    try:
+        bundle_runner.check_backend(records, allow_cpu=not torch.cuda.is_available())
+    except bundle_runner.BackendError as e:
+        rec.add("llama-bench", "FAIL", why=str(e))
+        return
     plan = ctx.sizes.plan
     ours = {"pp": ctx.value("e2e", f"prefill {plan.prefill_tokens} tokens"), "tg": ctx.value("e2e", "batch-1 decode")}
-    for r in json.loads(out.stdout[out.stdout.index("[") :]):  # the JSON, after any log lines
+    for r in records:
         kind = "pp" if r["n_prompt"] else "tg"
-        test = f"{kind}{r['n_prompt'] or r['n_gen']}"
         mine = ours[kind]
-        # llama.cpp skips a CUDA backend it cannot load and runs on the CPU: such figures compare nothing.
-        backends = r.get("backends", "")
-        off_gpu = torch.cuda.is_available() and backends and "CUDA" not in backends
-        rec.add(f"llama.cpp {test}", "FAIL" if off_gpu else "PASS", f"{r['avg_ts']:.1f} ± {r['stddev_ts']:.1f} tokens/s",
+        rec.add(f"llama.cpp {kind}{r['n_prompt'] or r['n_gen']}", "PASS",
+                f"{r['avg_ts']:.1f} ± {r['stddev_ts']:.1f} tokens/s",
                 f"ours {mine:.1f} tokens/s, {mine / r['avg_ts']:.2f}x" if mine else "ours: not measured",
-                f"ran on {backends}, not CUDA" if off_gpu else "", value=dict(llamacpp=r["avg_ts"], ours=mine))
+                value=dict(llamacpp=r["avg_ts"], ours=mine))
 
 
 STAGES: dict[str, Callable[[Recorder, Context], None]] = {
