@@ -36,6 +36,8 @@ from ggtriton.kernels.activations import gelu_mul_ref, silu_mul_ref
 from ggtriton.kernels.cache import use_cache_dir
 from ggtriton.kernels.flash_attention import flash_attention, flash_attention_ref
 from ggtriton.kernels.paged_decode import paged_decode, paged_decode_ref
+from ggtriton.kernels.planar import to_planar
+from ggtriton.kernels.qgemv import GEMV_TYPES
 from ggtriton.kernels.rmsnorm import rmsnorm_ref
 from ggtriton.kernels.rope import rope_ref
 from ggtriton.runtime import LLM, SamplingParams
@@ -83,7 +85,7 @@ class Sizes:
 
 GPU = Sizes(
     check_shapes=((4096, 4096), (14336, 4096), (4096, 14336)),
-    check_ms={"skinny": (1, 5), "splitk": (1, 5), "gemm": (100,), "dequant": (64,)},
+    check_ms={"gemv": (1,), "skinny": (1, 5), "splitk": (1, 5), "gemm": (100,), "dequant": (64,)},
     q_lens=(1, 15, 16, 17, 100, 700), prefixes=(0, 5, 16, 3, 37, 300),
     heads={64: (16, 4), 128: (32, 8), 256: (8, 2)},
     ops=(33, 4096, 14336),
@@ -107,7 +109,7 @@ _TINY = dict(n_layers=1, hidden=64, n_heads=2, n_kv_heads=1, head_dim=32, ffn=64
              weight_type=GGMLType.Q8_0)
 SMOKE = Sizes(
     check_shapes=((64, 512), (96, 256)),
-    check_ms={"skinny": (1, 5), "splitk": (1, 5), "gemm": (40,), "dequant": (8,)},
+    check_ms={"gemv": (1,), "skinny": (1, 5), "splitk": (1, 5), "gemm": (40,), "dequant": (8,)},
     q_lens=(1, 17, 40), prefixes=(0, 3, 16),
     heads={64: (4, 1), 128: (4, 2), 256: (2, 1)},
     ops=(5, 256, 256),
@@ -248,8 +250,11 @@ def env(rec: Recorder, ctx: Context) -> None:
 
 
 def qmatmul_check(t: GGMLType, paths: tuple[str, ...], sizes: Sizes) -> Callable[[Recorder], None]:
-    """qmatmul on `paths` with each of their configs forced in turn (compiled, never tuned: the speed stage
-    then finds every config in the cache), against float64 x @ W^T, W from the torch reference decoder."""
+    """qmatmul on `paths` (those that take type t) with each of their configs forced in turn (compiled, never
+    tuned: the speed stage then finds every config in the cache), against float64 x @ W^T, W from the torch
+    reference decoder."""
+    paths = tuple(p for p in paths if any(qbench.takes(p, t, m, k) for m in sizes.check_ms[p]
+                                          for _, k in sizes.check_shapes))
 
     def run(rec: Recorder) -> None:
         dev = device()
@@ -257,6 +262,9 @@ def qmatmul_check(t: GGMLType, paths: tuple[str, ...], sizes: Sizes) -> Callable
         for n, k in sizes.check_shapes:
             raw = qbench.random_weight(t, (n, k), dev)
             w = dequantize_ref(raw, t, (n, k)).double()
+            planar = qbench.planar(t, k)
+            if planar:  # as the engine keeps it
+                raw = to_planar(raw, t, (n, k))
             xs = {m: torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dev, torch.bfloat16)
                   for p in paths for m in sizes.check_ms[p]}
             refs = {m: x.double() @ w.t() for m, x in xs.items()}
@@ -265,7 +273,9 @@ def qmatmul_check(t: GGMLType, paths: tuple[str, ...], sizes: Sizes) -> Callable
                 for i, config in enumerate(qbench.configs(path, dev) or [None]):
                     with qbench.only_config(path, config, dev) if config else nullcontext(), poisoned():
                         for m in sizes.check_ms[path]:
-                            out = qmatmul(xs[m], raw, t, (n, k), path=path)
+                            if not qbench.takes(path, t, m, k):
+                                continue
+                            out = qmatmul(xs[m], raw, t, (n, k), path=path, planar=planar)
                             where = f" ({n}x{k}, M={m}" + (f", config {i})" if config else ")")
                             errs[path].append((rel_err(out, refs[m]), where))
         for path in paths:
@@ -436,7 +446,8 @@ def correctness(rec: Recorder, ctx: Context) -> None:
     ]
     for name in QTYPES:
         t = GGMLType[name]
-        jobs += [(f"qmatmul {name} skinny, splitk", 17, qmatmul_check(t, ("skinny", "splitk"), s)),
+        skinny = ("gemv", "skinny", "splitk") if t in GEMV_TYPES else ("skinny", "splitk")
+        jobs += [(f"qmatmul {name} {', '.join(skinny)}", 19, qmatmul_check(t, skinny, s)),
                  (f"qmatmul {name} gemm, dequant", 5, qmatmul_check(t, ("gemm", "dequant"), s))]
     for d in s.heads:
         jobs += [(f"flash attention d{d}", 2, attention_check("flash attention", d, s)),
@@ -489,7 +500,8 @@ def sweep_row(rec: Recorder, bench: qbench.Bench, name: str, n: int, k: int, ms:
     close the dispatched path comes to the fastest."""
     t = GGMLType[name]
     dev = device()
-    pts = {(p, m): bench.point(t, n, k, m, p) for m in ms for p in qbench.PATHS}
+    paths = {m: [p for p in qbench.PATHS if qbench.takes(p, t, m, k)] for m in ms}
+    pts = {(p, m): bench.point(t, n, k, m, p) for m in ms for p in paths[m]}
     check = f"dispatch {name} {n}x{k}"
     errs = [(p["err"], f" ({p['path']}, M={p['m']})") for p in pts.values()]
     th = qbench.thresholds(dev)
@@ -498,15 +510,16 @@ def sweep_row(rec: Recorder, bench: qbench.Bench, name: str, n: int, k: int, ms:
     if None in us.values():
         timed(rec, check, errs, False, "", "")
         return
-    fastest = [min(qbench.PATHS, key=lambda p: us[(p, m)]) for m in ms]
-    skinny = [m for m, f in zip(ms, fastest) if f in ("skinny", "splitk")]
+    fastest = [min(paths[m], key=lambda p: us[(p, m)]) for m in ms]
+    skinny = [m for m, f in zip(ms, fastest) if f in ("gemv", "skinny", "splitk")]
     dequant = [m for m, f in zip(ms, fastest) if f == "dequant"]
     dispatched = [us[(bench.point(t, n, k, m)["path"], m)] / us[(f, m)] for m, f in zip(ms, fastest)]
     split = us[("skinny", ms[0])] / us[("splitk", ms[0])]
+    gemv = f"; gemv {us[('splitk', 1)] / us[('gemv', 1)]:.2f}x split-K at M=1" if ("gemv", 1) in us else ""
     timed(rec, check, errs, True, f"fastest: {runs(list(ms), fastest)}",
           f"skinny up to M={max(skinny, default='-')} (skinny_max_m {th['skinny_max_m']}), dequant from "
           f"M={min(dequant, default='-')} ({dequant_th} {th[dequant_th]}); split-K {split:.2f}x skinny at "
-          f"M={ms[0]} (split_max_n {th['split_max_n']}); dispatch within 10 % of the fastest at "
+          f"M={ms[0]} (split_max_n {th['split_max_n']}){gemv}; dispatch within 10 % of the fastest at "
           f"{sum(r <= 1.1 for r in dispatched)}/{len(ms)} M",
           value={f"{p} M={m}": v for (p, m), v in us.items()})
 

@@ -1,6 +1,6 @@
 """Quantized matmul on the GPU: GB/s against the copy bandwidth, TFLOP/s against cuBLAS on the dequantized weight.
 
-    python bench/qmatmul.py [TYPE ...] [--m 1,2,4,8,16,64,256,2048] [--path skinny|splitk|gemm|dequant]
+    python bench/qmatmul.py [TYPE ...] [--m 1,2,4,8,16,64,256,2048] [--path gemv|skinny|splitk|gemm|dequant]
 
 Types: Q4_0 Q4_K Q5_K Q6_K Q8_0 IQ4_XS, then any named as arguments. Shapes (N x K): an 8B llama's linear
 layers, 4096x4096 (q, o), 1024x4096 (k, v), 14336x4096 (gate, up), 4096x14336 (down), 128256x4096 (lm head),
@@ -10,7 +10,9 @@ bf16) on a dense weight of the same shape. GB/s counts the raw weight bytes plus
 the bandwidth (read + written) of a 1 GiB copy; TFLOP/s = 2 M N K / time; vs cuBLAS: cuBLAS time / ours; err:
 ‖out − ref‖ / ‖ref‖ against float32 x @ W^T. Times are `triton.testing.do_bench` medians, after warm-up and
 autotuning, over weights rotated so that one round exceeds twice the L2 cache (each call reads its weight from
-memory). Prints a table and appends it to bench/RESULTS.md. `bench/gpu_check.py` runs the same measurements.
+memory). Weights of Q4_0, Q5_0, Q8_0 and Q6_K are in the planar layout the engine loads them in (the GEMV reads
+it; the other paths decode it in place). The gemv path takes M = 1 only. Prints a table and appends it to
+bench/RESULTS.md. `bench/gpu_check.py` runs the same measurements.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import torch
 from ggtriton.gguf import GGMLType
 from ggtriton.kernels import dequantize, qmatmul
 from ggtriton.kernels._common import backend
+from ggtriton.kernels.planar import PLANAR_TYPES, to_planar
+from ggtriton.kernels.qgemv import gemv_fits
 from ggtriton.kernels.qmatmul import PATHS, _choose_path
 from ggtriton.runtime.synthetic import random_tensor
 from gpu_timing import append_results, copy_gbps, device, heading, l2_bytes, median_ms, rel_err, require_gpu, rotated
@@ -36,6 +40,7 @@ M_VALUES = "1,2,4,8,16,64,256,2048"
 DTYPE = torch.bfloat16
 # The module (ggtriton.kernels exports the function of the same name): its config tables and thresholds.
 qmatmul_module = importlib.import_module("ggtriton.kernels.qmatmul")
+qgemv_module = importlib.import_module("ggtriton.kernels.qgemv")
 
 
 def random_weight(t: GGMLType, shape: Sequence[int], dev: torch.device, seed: int = 0) -> torch.Tensor:
@@ -44,12 +49,28 @@ def random_weight(t: GGMLType, shape: Sequence[int], dev: torch.device, seed: in
     return torch.from_numpy(np.ascontiguousarray(data).view(np.uint8).reshape(-1)).to(dev)
 
 
+def takes(path: str, t: GGMLType, m: int, k: int) -> bool:
+    """Whether `path` takes an [m, k] x of a weight of type t (the GEMV: one row, its types)."""
+    return path != "gemv" or (m == 1 and gemv_fits(t, k))
+
+
+def planar(t: GGMLType, k: int) -> bool:
+    """Whether the engine keeps a weight of type t and rows of k in the planar layout (see Ops.preload)."""
+    return t in PLANAR_TYPES and gemv_fits(t, k)
+
+
+def _tables(path: str) -> tuple[dict, object]:
+    """The config table of `path` and the module whose `_tuned` cache is built from it."""
+    if path == "gemv":
+        return qgemv_module._CONFIGS, qgemv_module
+    return (qmatmul_module._GEMM_CONFIGS if path == "gemm" else qmatmul_module._SKINNY_CONFIGS), qmatmul_module
+
+
 def configs(path: str, dev: torch.device) -> list[tuple]:
     """The autotune configs `qmatmul` tries on `path` ("dequant" has none)."""
     if path == "dequant":
         return []
-    table = qmatmul_module._GEMM_CONFIGS if path == "gemm" else qmatmul_module._SKINNY_CONFIGS
-    return list(table[backend(dev)])
+    return list(_tables(path)[0][backend(dev)])
 
 
 def thresholds(dev: torch.device) -> dict[str, int]:
@@ -60,16 +81,16 @@ def thresholds(dev: torch.device) -> dict[str, int]:
 @contextmanager
 def only_config(path: str, config: tuple, dev: torch.device) -> Iterator[None]:
     """Inside the block, `path` has the one config `config`: qmatmul compiles and runs it, without tuning."""
-    table = qmatmul_module._GEMM_CONFIGS if path == "gemm" else qmatmul_module._SKINNY_CONFIGS
+    table, module = _tables(path)
     be = backend(dev)
     saved = table[be]
     table[be] = [config]
-    qmatmul_module._tuned.cache_clear()  # the autotuned kernels are built from the lists once, then cached
+    module._tuned.cache_clear()  # the autotuned kernels are built from the lists once, then cached
     try:
         yield
     finally:
         table[be] = saved
-        qmatmul_module._tuned.cache_clear()
+        module._tuned.cache_clear()
 
 
 class Bench:
@@ -86,10 +107,13 @@ class Bench:
         self.xs: dict[tuple, torch.Tensor] = {}
 
     def _weight(self, t: GGMLType, n: int, k: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Rotated copies of a random weight, in the layout the engine keeps it in, and its float32 values."""
         if (t, n, k) not in self.weights:
             raw = random_weight(t, (n, k), self.dev)
-            self.weights[(t, n, k)] = (rotated(raw.clone, raw.numel(), self.l2),
-                                       dequantize(raw, t, (n, k), torch.float32))
+            w = dequantize(raw, t, (n, k), torch.float32)
+            if planar(t, k):
+                raw = to_planar(raw, t, (n, k))
+            self.weights[(t, n, k)] = (rotated(raw.clone, raw.numel(), self.l2), w)
         return self.weights[(t, n, k)]
 
     def _x(self, m: int, k: int) -> torch.Tensor:
@@ -113,8 +137,9 @@ class Bench:
         if key not in self.points:
             raws, w = self._weight(t, n, k)
             x = self._x(m, k)
-            err = rel_err(qmatmul(x, raws[0], t, (n, k), path=path), x.float() @ w.t())
-            ms = median_ms(lambda r: qmatmul(x, r, t, (n, k), path=path), raws, self.rep)
+            kw = dict(path=path, planar=planar(t, k))
+            err = rel_err(qmatmul(x, raws[0], t, (n, k), **kw), x.float() @ w.t())
+            ms = median_ms(lambda r: qmatmul(x, r, t, (n, k), **kw), raws, self.rep)
             p = dict(type=t.name, n=n, k=k, m=m, path=path, err=err, us=None, gbps=None, of_copy=None, tflops=None)
             if ms is not None:
                 gbps = (raws[0].numel() + (m * k + m * n) * DTYPE.itemsize) / ms / 1e6
@@ -139,6 +164,8 @@ def main() -> None:
         bench.weights.clear()
         for t in types:
             for m in ms_rows:
+                if args.path and not takes(args.path, t, m, k):
+                    continue
                 p = bench.point(t, n, k, m, args.path)
                 cublas = bench.cublas_ms(n, k, m)
                 rows.append(

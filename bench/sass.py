@@ -29,8 +29,13 @@ global_ ...) between a backward s_cbranch / s_branch and its label, loads by wid
 spilled VGPRs / SGPRs from the kernel metadata, wave instructions per byte. Inner-loop trip counts are not read
 there (inner loops count once, marked ~), and there is no issue model of a CDNA3 CU, so no ceiling.
 
---check (CUDA targets) exits 1 when any default decode type's best M=1 skinny config exceeds 0.25 warp instructions
-per weight byte or spills, naming each; those variants compile whatever --types, --paths and --m select.
+The "gemv" path is the decode step's own kernel (kernels/qgemv.py, M = 1, the types it decodes by words); a pass of
+its loop covers one block of each row (K-quants) or 8 blocks (32-element types), so weight bytes per pass are
+BLOCK_N x that x block bytes.
+
+--check (CUDA targets) exits 1 when any selected decode type's best M=1 decode loop (gemv where the type has it, else
+skinny) exceeds 0.25 warp instructions per weight byte or spills, naming each; those variants compile whatever
+--paths and --m select.
 The table is appended to bench/RESULTS.md unless --no-append.
 A loop that the compiler unrolled (ptxas may, for short bodies) covers several K tiles per pass: its ipb is then
 overstated by that factor; the loops column counts the backward branches of the kernel to help spot it.
@@ -57,6 +62,7 @@ from triton.compiler.compiler import make_backend
 from triton.runtime.jit import JITFunction
 
 from ggtriton.gguf import GGMLType
+from ggtriton.kernels.qgemv import GEMV_TYPES
 from gpu_timing import append_results
 
 ISSUE_PER_CLOCK = 4  # warp instructions an H200 SM issues per clock (4 schedulers)
@@ -67,7 +73,8 @@ BYTES_PER_SM_CLOCK = HBM_BYTES_PER_S / (SMS * CLOCK_HZ)  # ~18.4
 CHECK_IPB = 0.25  # DESIGN.md's bound on a decode loop
 
 DECODE_TYPES = ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "IQ4_XS")
-PATHS = ("skinny", "splitk", "gemm", "dequant")
+PATHS = ("gemv", "skinny", "splitk", "gemm", "dequant")
+GEMV_STEP_BLOCKS = 8  # qgemv's steps of the 32-element types: 8 blocks per row
 N = K = 4096
 GEMM_M = 256  # gemm's configs are pruned to BLOCK_M <= max(32, M): at 256 every one compiles
 WIDTHS = (8, 16, 32, 64, 128)
@@ -332,7 +339,7 @@ def compile_rows(target_text: str, jobs: list[Job], dtype: torch.dtype) -> list[
 
     def record(fn, *args, **kwargs):
         kernel = launch(fn, *args, **kwargs)
-        if fn.fn.__name__ in ("_qmatmul_kernel", "_dequant_kernel"):
+        if fn.fn.__name__ in ("_qmatmul_kernel", "_dequant_kernel", "_qgemv_kernel"):
             compiled.setdefault(kernel.hash, (kernel, kwargs))  # the autotuner's final launch repeats a config
         return kernel
 
@@ -345,6 +352,9 @@ def compile_rows(target_text: str, jobs: list[Job], dtype: torch.dtype) -> list[
         raw = cc.raw_weight(t, N, K)
         if job.path == "dequant":
             cc.dequant.dequantize(raw, t, (N, K), dtype)
+        elif job.path == "gemv":
+            cc.qgemv._tuned.cache_clear()
+            cc.qmatmul.qmatmul(torch.zeros(1, K, dtype=dtype), raw, t, (N, K), path="gemv")
         else:
             cc.qmatmul._tuned.cache_clear()  # a fresh autotuner per job: a tuned key would compile one config only
             cc.qmatmul.qmatmul(torch.zeros(job.m, K, dtype=dtype), raw, t, (N, K), path=job.path)
@@ -358,6 +368,10 @@ def read(job: Job, kernel, kw: dict, backend: str) -> Row:
     meta = kernel.metadata
     if job.path == "dequant":
         config, weight_bytes = f"TILE{kw['TILE']} w{meta.num_warps}", kw["TILE"] * kw["BLOCK_BYTES"]
+    elif job.path == "gemv":
+        # a pass covers one block of each row (K-quants) or a step of 8 blocks (32-element types)
+        blocks = 1 if GGMLType[job.type].name.endswith("_K") else GEMV_STEP_BLOCKS
+        config, weight_bytes = f"N{kw['BLOCK_N']} w{meta.num_warps}", kw["BLOCK_N"] * blocks * kw["BLOCK_BYTES"]
     else:
         tile = f"M{kw['BLOCK_M']} " if job.path == "gemm" else ""
         config = f"{tile}N{kw['BLOCK_N']} K{kw['BLOCK_K']} w{meta.num_warps} s{meta.num_stages}"
@@ -395,16 +409,22 @@ def table(rows: list[Row], cuda: bool) -> list[str]:
     return lines
 
 
-def check(rows: list[Row]) -> list[str]:
-    """Each default decode type whose best M=1 skinny config exceeds CHECK_IPB or spills."""
+def decode_path(t: str) -> str:
+    """The path a decode step (M = 1) takes for type t: the GEMV where it has a word decoder, else skinny."""
+    return "gemv" if GGMLType[t] in GEMV_TYPES else "skinny"
+
+
+def check(rows: list[Row], types: tuple[str, ...] = DECODE_TYPES) -> list[str]:
+    """Each of `types` whose best M=1 decode loop (`decode_path`) exceeds CHECK_IPB or spills."""
     failures = []
-    for t in DECODE_TYPES:
-        best = min((r for r in rows if r.job == Job(t, "skinny", 1)), key=lambda r: r.ipb)
+    for t in types:
+        path = decode_path(t)
+        best = min((r for r in rows if r.job == Job(t, path, 1)), key=lambda r: r.ipb)
         if best.ipb > CHECK_IPB:
-            failures.append(f"{t}: best M=1 skinny loop ({best.config}) takes {best.ipb:.2f} warp instructions "
+            failures.append(f"{t}: best M=1 {path} loop ({best.config}) takes {best.ipb:.2f} warp instructions "
                             f"per weight byte, over {CHECK_IPB}")
         if best.spills:
-            failures.append(f"{t}: best M=1 skinny loop ({best.config}) spills: ptxas {best.spill[0]}/"
+            failures.append(f"{t}: best M=1 {path} loop ({best.config}) spills: ptxas {best.spill[0]}/"
                             f"{best.spill[1]} bytes stored/loaded, {best.profile.local} LDL/STL")
     return failures
 
@@ -417,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--m", default="1", help="comma-separated rows of x for skinny and splitk, e.g. 1,16")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--check", action="store_true",
-                        help=f"exit 1 if a decode type's best M=1 skinny loop is over {CHECK_IPB} ipb or spills")
+                        help=f"exit 1 if a selected decode type's best M=1 decode loop is over {CHECK_IPB} ipb or "
+                             "spills")
     parser.add_argument("--no-append", action="store_true", help="print only, do not append to bench/RESULTS.md")
     args = parser.parse_args(argv)
     if knobs.runtime.interpret:  # triton was imported interpreting: nothing would compile
@@ -429,10 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.check and not cuda:
         parser.error("--check reads the SASS of a CUDA target")
     ms = [int(m) for m in args.m.split(",")]
-    jobs = [Job(t, p, None if p == "dequant" else GEMM_M if p == "gemm" else m)
-            for t in types for p in paths for m in (ms if p in ("skinny", "splitk") else ms[:1])]
-    if args.check:
-        jobs += [job for job in (Job(t, "skinny", 1) for t in DECODE_TYPES) if job not in jobs]
+    jobs = [Job(t, p, None if p == "dequant" else GEMM_M if p == "gemm" else 1 if p == "gemv" else m)
+            for t in types for p in paths for m in (ms if p in ("skinny", "splitk") else ms[:1])
+            if p != "gemv" or GGMLType[t] in GEMV_TYPES]
+    checked = tuple(t for t in types if t in DECODE_TYPES) if args.check else ()
+    jobs += [job for job in (Job(t, decode_path(t), 1) for t in checked) if job not in jobs]
     rows = compile_rows(args.target, jobs, getattr(torch, args.dtype))
 
     rate = (f"Ceiling = min(1, ({ISSUE_PER_CLOCK} / ipb) / {BYTES_PER_SM_CLOCK:.1f}): an H200 SM issues "
@@ -453,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         append_results(text)
     if args.check:
-        failures = check(rows)
+        failures = check(rows, checked)
         for failure in failures:
             print("CHECK FAILED", failure)
         return 1 if failures else 0

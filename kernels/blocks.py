@@ -121,8 +121,14 @@ def _bit(bits_ptr, j):
 
 @triton.jit
 def decode_q4_0(blk_ptr, j):
-    """Q4_0, 32 elements in 18 bytes: d f16 @0 | qs[16] @2.  x = d * (q - 8)."""
-    return _f16(blk_ptr) * _f(_nibble(blk_ptr + 2, j) - 8)
+    """Q4_0, 32 elements in 18 bytes: d f16 @0 | qs[16] @2."""
+    return _q4_0(blk_ptr, blk_ptr + 2, j)
+
+
+@triton.jit
+def _q4_0(d_ptr, qs_ptr, j):
+    """Q4_0 from its fields (d f16, qs[16]): x = d * (q - 8)."""
+    return _f16(d_ptr) * _f(_nibble(qs_ptr, j) - 8)
 
 
 @triton.jit
@@ -133,9 +139,15 @@ def decode_q4_1(blk_ptr, j):
 
 @triton.jit
 def decode_q5_0(blk_ptr, j):
-    """Q5_0, 32 elements in 22 bytes: d f16 @0 | qh u32 @2 (bit j: fifth bit) | qs[16] @6.  x = d * (q - 16)."""
-    q = _nibble(blk_ptr + 6, j) | _bit(blk_ptr + 2, j) << 4
-    return _f16(blk_ptr) * _f(q - 16)
+    """Q5_0, 32 elements in 22 bytes: d f16 @0 | qh u32 @2 | qs[16] @6."""
+    return _q5_0(blk_ptr, blk_ptr + 2, blk_ptr + 6, j)
+
+
+@triton.jit
+def _q5_0(d_ptr, qh_ptr, qs_ptr, j):
+    """Q5_0 from its fields (d f16, qh u32: bit j is the fifth bit, qs[16]): x = d * (q - 16)."""
+    q = _nibble(qs_ptr, j) | _bit(qh_ptr, j) << 4
+    return _f16(d_ptr) * _f(q - 16)
 
 
 @triton.jit
@@ -147,8 +159,14 @@ def decode_q5_1(blk_ptr, j):
 
 @triton.jit
 def decode_q8_0(blk_ptr, j):
-    """Q8_0, 32 elements in 34 bytes: d f16 @0 | qs[32] int8 @2.  x = q * d."""
-    return _f(_i8(blk_ptr + 2 + j)) * _f16(blk_ptr)
+    """Q8_0, 32 elements in 34 bytes: d f16 @0 | qs[32] int8 @2."""
+    return _q8_0(blk_ptr, blk_ptr + 2, j)
+
+
+@triton.jit
+def _q8_0(d_ptr, qs_ptr, j):
+    """Q8_0 from its fields (d f16, qs[32] int8): x = q * d."""
+    return _f(_i8(qs_ptr + j)) * _f16(d_ptr)
 
 
 # K-quants: 256-element super-blocks of 16 or 8 sub-blocks with their own scales.
@@ -238,14 +256,18 @@ def decode_q5_k(blk_ptr, j):
 
 @triton.jit
 def decode_q6_k(blk_ptr, j):
-    """Q6_K, 256 elements in 210 bytes: ql[128] @0 | qh[64] @128 | scales[16] int8 @192 | d f16 @208.
+    """Q6_K, 256 elements in 210 bytes: ql[128] @0 | qh[64] @128 | scales[16] int8 @192 | d f16 @208."""
+    return _q6_k(blk_ptr, blk_ptr + 128, blk_ptr + 192, blk_ptr + 208, j)
 
-    Low 4 bits: nibble (j % 128) // 64 of ql[j // 128 * 64 + j % 64]; high 2 bits: the 2-bit field of j in qh
-    (`_crumb`). x = (d * scales[j // 16]) * (q - 32).
+
+@triton.jit
+def _q6_k(ql_ptr, qh_ptr, sc_ptr, d_ptr, j):
+    """Q6_K from its fields. Low 4 bits: nibble (j % 128) // 64 of ql[j // 128 * 64 + j % 64]; high 2 bits: the
+    2-bit field of j in qh (`_crumb`). x = (d * scales[j // 16]) * (q - 32).
     """
-    lo = (_u8(blk_ptr + j // 128 * 64 + j % 64) >> (j % 128 // 64 * 4)) & 15
-    q = lo | _crumb(blk_ptr + 128, j) << 4
-    dl = _f16(blk_ptr + 208) * _f(_i8(blk_ptr + 192 + j // 16))
+    lo = (_u8(ql_ptr + j // 128 * 64 + j % 64) >> (j % 128 // 64 * 4)) & 15
+    q = lo | _crumb(qh_ptr, j) << 4
+    dl = _f16(d_ptr) * _f(_i8(sc_ptr + j // 16))
     return dl * _f(q - 32)
 
 
@@ -435,6 +457,23 @@ def decode_iq1_m(blk_ptr, j, table_ptr):
     delta = tl.where((h & 8) != 0, -_IQ1_DELTA, _IQ1_DELTA)
     g = _u8(blk_ptr + k) | (h & 7) << 8
     return dl * (_f(_i8(table_ptr + g * 8 + j % 8)) + delta)
+
+
+@triton.jit
+def decode_planar(row_ptr, blk, j, nb, TYPE: tl.constexpr):
+    """Element j of block blk of the row at row_ptr (nb blocks) in the planar layout of kernels/planar.py (Q4_0,
+    Q5_0, Q8_0, Q6_K): the same decoders as `decode_block`, reading each field from its plane."""
+    if TYPE == "Q4_0":
+        v = _q4_0(row_ptr + nb * 16 + 2 * blk, row_ptr + 16 * blk, j)
+    elif TYPE == "Q5_0":
+        v = _q5_0(row_ptr + nb * 20 + 2 * blk, row_ptr + nb * 16 + 4 * blk, row_ptr + 16 * blk, j)
+    elif TYPE == "Q8_0":
+        v = _q8_0(row_ptr + nb * 32 + 2 * blk, row_ptr + 32 * blk, j)
+    else:
+        tl.static_assert(TYPE == "Q6_K", "no planar layout for this GGUF block type")
+        v = _q6_k(row_ptr + 128 * blk, row_ptr + nb * 128 + 64 * blk, row_ptr + nb * 192 + 16 * blk,
+                  row_ptr + nb * 208 + 2 * blk, j)
+    return v
 
 
 @triton.jit

@@ -18,7 +18,8 @@ from ..gguf.quants import check_size
 from ..gguf.quants import dequantize as _gguf_dequantize
 from ..gguf.types import TYPE_TRAITS, GGMLType
 from ._common import FLOAT_DTYPES
-from .blocks import decode_block, decode_table_tensor
+from .blocks import decode_block, decode_planar, decode_table_tensor
+from .planar import check_planar, from_planar
 
 # Elements each program decodes: TILE = this // block elements.
 _TILE_ELEMENTS = 4096
@@ -34,15 +35,20 @@ def _to_bf16(v):
 
 
 @triton.jit
-def _dequant_kernel(raw_ptr, out_ptr, table_ptr, n_blocks, TYPE: tl.constexpr, QK: tl.constexpr,
-                    BLOCK_BYTES: tl.constexpr, TILE: tl.constexpr):
-    """Decode blocks [pid * TILE, pid * TILE + TILE) of raw (n_blocks blocks of BLOCK_BYTES bytes) into out."""
+def _dequant_kernel(raw_ptr, out_ptr, table_ptr, n_blocks, row_blocks, TYPE: tl.constexpr, QK: tl.constexpr,
+                    BLOCK_BYTES: tl.constexpr, TILE: tl.constexpr, PLANAR: tl.constexpr):
+    """Decode blocks [pid * TILE, pid * TILE + TILE) of raw (n_blocks blocks of BLOCK_BYTES bytes, rows of
+    row_blocks; PLANAR: in the planar layout) into out."""
     pid = tl.program_id(0).to(tl.int64)
     blk = pid * TILE + tl.arange(0, TILE)
     # Clamped so that decoding only reads valid blocks; the store is masked instead.
     src = tl.minimum(blk, n_blocks - 1)
     j = tl.arange(0, QK)
-    v = decode_block(raw_ptr + src[:, None] * BLOCK_BYTES, j[None, :], table_ptr, TYPE)
+    if PLANAR:
+        row_ptr = raw_ptr + (src // row_blocks * row_blocks * BLOCK_BYTES)[:, None]
+        v = decode_planar(row_ptr, (src % row_blocks)[:, None], j[None, :], row_blocks, TYPE)
+    else:
+        v = decode_block(raw_ptr + src[:, None] * BLOCK_BYTES, j[None, :], table_ptr, TYPE)
     if out_ptr.dtype.element_ty == tl.bfloat16:
         v = _to_bf16(v)
     else:
@@ -57,15 +63,19 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
     *,
     out: torch.Tensor | None = None,
+    planar: bool = False,
 ) -> torch.Tensor:
     """Decode the raw bytes of a tensor of `ggml_type` into values of `shape` (PyTorch order) and `dtype`.
 
     `raw`: contiguous uint8 tensor on the device the kernel runs on (CPU under TRITON_INTERPRET=1), 2-byte
-    aligned (4 for F32). `out`: optional contiguous tensor of `shape` and `dtype` to write into.
+    aligned (4 for F32); `planar`: in the layout of `planar.to_planar` (its types only). `out`: optional
+    contiguous tensor of `shape` and `dtype` to write into.
     """
     if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8 or not raw.is_contiguous():
         raise ValueError("raw must be a contiguous uint8 torch tensor")
     t = check_size(raw.numel(), ggml_type, shape)
+    if planar:
+        check_planar(t)
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"{t.name}: output dtype must be float32, float16 or bfloat16, got {dtype}")
     align = 4 if t == GGMLType.F32 else 2
@@ -86,15 +96,18 @@ def dequantize(
     table = decode_table_tensor(t, raw.device)
     tile = max(1, _TILE_ELEMENTS // qk)
     _dequant_kernel[(triton.cdiv(n_blocks, tile),)](
-        raw, out, raw if table is None else table, n_blocks,
-        TYPE=t.name, QK=qk, BLOCK_BYTES=block_bytes, TILE=tile,
+        raw, out, raw if table is None else table, n_blocks, max(1, shape[-1] // qk),
+        TYPE=t.name, QK=qk, BLOCK_BYTES=block_bytes, TILE=tile, PLANAR=planar,
         enable_fp_fusion=False,  # keep d * q + m unfused: bit-exact with the reference
     )
     return out
 
 
 def dequantize_ref(
-    raw: torch.Tensor, ggml_type: int, shape: Sequence[int], dtype: torch.dtype = torch.float32
+    raw: torch.Tensor, ggml_type: int, shape: Sequence[int], dtype: torch.dtype = torch.float32, *,
+    planar: bool = False,
 ) -> torch.Tensor:
     """Torch reference of `dequantize`: the GGUF reference dequantization, rounded to `dtype`."""
+    if planar:
+        raw = from_planar(raw, ggml_type, shape)
     return _gguf_dequantize(raw, ggml_type, shape).to(dtype)

@@ -7,7 +7,10 @@ whole blocks of BLOCK_BYTES bytes (row n starts at byte n * K / QK * BLOCK_BYTES
 `blocks.decode_block`, the decoder the dequant kernel uses too (block layouts are documented there). Sums are
 float32; out is [M, N] in x's dtype, or in `out_dtype` (float32 logits from bfloat16 activations).
 
-Four paths, picked by `_choose_path` from per-backend thresholds (or forced with `path=`):
+Five paths, picked by `_choose_path` from per-backend thresholds (or forced with `path=`):
+- "gemv" (M = 1, the types of `qgemv.GEMV_TYPES`): the decode step's matrix-vector product, a kernel of its own
+  (qgemv.py) that decodes 32-bit words of whole blocks and streams the weight at the bandwidth limit; K is split
+  into ranges when N alone makes too few programs, their partial sums added as on the split-K path.
 - "skinny" (small M: decode, small batches, speculative verification). A program owns BLOCK_N rows of W over
   the whole K range and all M rows of x (padded to 16 rows for tl.dot; M = 1 multiplies and sums in float32
   instead, a GEMV, as no tensor-core tile is that thin), so each weight byte is read and decoded once per call
@@ -20,7 +23,10 @@ Four paths, picked by `_choose_path` from per-backend thresholds (or forced with
   tl.dot.
 - "dequant": the dequant kernel, then torch.mm on the dense weight (cuBLAS / hipBLASLt): for large M, where
   decoding W once per M tile costs more than writing it dense once.
-All three kernel paths are one kernel, `_qmatmul_kernel`, with different tiles and grids.
+"skinny", "splitk" and "gemm" are one kernel, `_qmatmul_kernel`, with different tiles and grids.
+
+Weights of the types in `planar.PLANAR_TYPES` may come in the planar layout (`planar=True`), which the GEMV reads
+with 16-byte loads; the other paths read the file's layout and get a relaid copy.
 """
 
 from __future__ import annotations
@@ -36,10 +42,12 @@ from ..gguf.quants import check_size
 from ..gguf.quants import dequantize as _gguf_dequantize
 from ..gguf.types import TYPE_TRAITS, GGMLType
 from ._common import FLOAT_DTYPES, backend, check_float, check_last_dim_contiguous, dot, f32_dot, sm_count
-from .blocks import decode_block, decode_table_tensor
+from .blocks import decode_block, decode_planar, decode_table_tensor
 from .dequant import dequantize
+from .planar import PLANAR_TYPES, check_planar, from_planar, to_planar
+from .qgemv import GEMV_TYPES, gemv_fits, gemv_splits, qgemv
 
-PATHS = ("skinny", "splitk", "gemm", "dequant")
+PATHS = ("gemv", "skinny", "splitk", "gemm", "dequant")
 _FLOAT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 
 # Dispatch thresholds per backend. CUDA: initial values, to be measured with bench/qmatmul.py (`--path`
@@ -79,7 +87,7 @@ _GROUP_M = 8
 def _qmatmul_kernel(
     x_ptr, raw_ptr, table_ptr, out_ptr, M, N, K, m_bucket, x_row_stride, w_row_stride, out_row_stride,
     out_split_stride, split_len,
-    TYPE: tl.constexpr, QK: tl.constexpr, BLOCK_BYTES: tl.constexpr, F32: tl.constexpr,
+    TYPE: tl.constexpr, QK: tl.constexpr, BLOCK_BYTES: tl.constexpr, F32: tl.constexpr, PLANAR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[split] tile (pid_m, pid_n) = sum of x[m, k] W[n, k] over k in [split * split_len, + split_len).
@@ -109,8 +117,11 @@ def _qmatmul_kernel(
         x = tl.load(x_row_ptr[:, None] + k[None, :], mask=m_in[:, None] & k_in[None, :], other=0.0)
         kc = tl.minimum(k, K - 1)
         # [BLOCK_N, BLOCK_K], K fastest: neighbouring threads read neighbouring bytes of a row.
-        w = decode_block(w_row_ptr[:, None] + (kc // QK * BLOCK_BYTES)[None, :], (kc % QK)[None, :], table_ptr,
-                         TYPE)
+        if PLANAR:
+            w = decode_planar(w_row_ptr[:, None], (kc // QK)[None, :], (kc % QK)[None, :], K // QK, TYPE)
+        else:
+            w = decode_block(w_row_ptr[:, None] + (kc // QK * BLOCK_BYTES)[None, :], (kc % QK)[None, :],
+                             table_ptr, TYPE)
         w = tl.where(k_in[None, :], w, 0.0)  # a clamped column may decode to inf, and 0 * inf is NaN
         if BLOCK_M == 1:
             acc += tl.sum(w * x.to(tl.float32), axis=1)[None, :]
@@ -155,6 +166,8 @@ def _choose_path(ggml_type: GGMLType, M: int, N: int, K: int, device: torch.devi
     """The path for an [M, K] x (N, K) product on `device`: the one place that reads the dispatch thresholds."""
     th = _DISPATCH[backend(device)]
     dequant_min_m = th["float_dequant_min_m"] if ggml_type in _FLOAT_TYPES else th["dequant_min_m"]
+    if M == 1 and gemv_fits(ggml_type, K):
+        return "gemv"
     if M >= dequant_min_m:
         return "dequant"
     if M > th["skinny_max_m"]:
@@ -182,23 +195,32 @@ def qmatmul(
     path: str | None = None,
     split_k: int | None = None,
     out_dtype: torch.dtype | None = None,
+    planar: bool = False,
 ) -> torch.Tensor:
     """x [M, K] @ W^T for the weight W of `shape` (N, K) stored as `raw` GGUF blocks of `ggml_type`: [M, N].
 
     x: float32, float16 or bfloat16, last dim contiguous. raw: contiguous uint8 on x's device (CPU under
     TRITON_INTERPRET=1), 2-byte aligned (4 for F32). path: one of PATHS, default `_choose_path`'s choice.
-    split_k: K ranges of the "splitk" path (default from N, K and the SM count); only with path="splitk".
+    split_k: K ranges of the "splitk" and "gemv" paths (default from N, K and the SM count).
     The result is accumulated in float32 and stored in `out_dtype` (default x's dtype).
+    planar: raw is in `planar.to_planar`'s layout (only for the types of `planar.PLANAR_TYPES`).
     """
     t = _check(x, raw, ggml_type, shape)
+    if planar:
+        check_planar(t)
     M, K = x.shape
     N = shape[0]
     if path is None:
         path = _choose_path(t, M, N, K, x.device)
     elif path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    if split_k is not None and (path != "splitk" or split_k < 1):
-        raise ValueError(f"split_k must be >= 1 and only goes with path='splitk', got {split_k} with {path!r}")
+    if split_k is not None and (path not in ("splitk", "gemv") or split_k < 1):
+        raise ValueError(f"split_k must be >= 1 and only goes with path='splitk' or 'gemv', got {split_k} with "
+                         f"{path!r}")
+    if path == "gemv" and (M != 1 or not gemv_fits(t, K)):
+        raise ValueError(f"{t.name}: path 'gemv' takes one row of x and a weight of "
+                         f"{', '.join(g.name for g in sorted(GEMV_TYPES))} whose rows are a multiple of 4 bytes, "
+                         f"got {M} rows of {K}")
     out_dtype = out_dtype or x.dtype
     if out_dtype not in FLOAT_DTYPES:
         raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
@@ -207,9 +229,20 @@ def qmatmul(
         return out
     if K == 0:
         return out.zero_()
+    if path == "gemv":
+        if t in PLANAR_TYPES and not planar:
+            raw = to_planar(raw, t, shape)
+        elif raw.data_ptr() % 16:
+            raw = raw.clone()  # the word loads need at least 4-byte alignment; a fresh tensor has 256
+        split_blocks = gemv_splits(t, N, K, sm_count(x.device), split_k)
+        splits = triton.cdiv(K // TYPE_TRAITS[t].block_elements, split_blocks)
+        if splits == 1:
+            return qgemv(x, raw, t, (N, K), out, split_blocks)
+        part = qgemv(x, raw, t, (N, K), torch.empty((splits, N), dtype=torch.float32, device=x.device), split_blocks)
+        return _add_splits(part, out)
     if path == "dequant":
         # torch.mm writes its operands' dtype: another output dtype multiplies in that dtype instead.
-        return torch.mm(x.to(out_dtype), dequantize(raw, t, (N, K), out_dtype).t(), out=out)
+        return torch.mm(x.to(out_dtype), dequantize(raw, t, (N, K), out_dtype, planar=planar).t(), out=out)
 
     gemm = path == "gemm"
     split_len = K
@@ -226,19 +259,27 @@ def qmatmul(
         x, raw, raw if table is None else table, part,
         M, N, K, min(triton.next_power_of_2(M), _M_BUCKET_CAP),
         x.stride(0), K // traits.block_elements * traits.block_bytes, N, M * N, split_len,
-        TYPE=t.name, QK=traits.block_elements, BLOCK_BYTES=traits.block_bytes, F32=f32_dot(x), GROUP_M=_GROUP_M,
+        TYPE=t.name, QK=traits.block_elements, BLOCK_BYTES=traits.block_bytes, F32=f32_dot(x), PLANAR=planar,
+        GROUP_M=_GROUP_M,
         # tl.dot takes at least 16 rows: 2..16 rows pad to 16; a single row takes the GEMV branch.
         **({} if gemm else {"BLOCK_M": 1 if M == 1 else 16}),
     )
-    if splits > 1:
-        block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](part, out, M * N, splits, BLOCK=block)
+    return _add_splits(part, out) if splits > 1 else out
+
+
+def _add_splits(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = the sum of part's [splits, ...] float32 partial sums, in split order."""
+    block = 1024
+    _splitk_reduce_kernel[(triton.cdiv(out.numel(), block),)](part, out, out.numel(), part.shape[0], BLOCK=block)
     return out
 
 
-def qmatmul_ref(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, shape: Sequence[int]) -> torch.Tensor:
+def qmatmul_ref(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, shape: Sequence[int], *,
+                planar: bool = False) -> torch.Tensor:
     """Torch reference of `qmatmul`: x @ dequantize(W)^T in float32 (the GGUF reference decoder), cast to x's dtype."""
-    _check(x, raw, ggml_type, shape)
+    t = _check(x, raw, ggml_type, shape)
+    if planar:
+        raw = from_planar(raw, t, shape)
     return (x.float() @ _gguf_dequantize(raw, ggml_type, shape).t()).to(x.dtype)
 
 

@@ -122,7 +122,11 @@ class LLM:
     def _load(self, f: GGUFFile, config: ModelConfig, max_model_len: int) -> DecoderModel:
         weights = load_weights(f, self.device)
         model = DecoderModel(config, weights, self.ops, self.device, max_model_len)
-        self.ops.preload(weights.values())
+        start = time.perf_counter()
+        relaid = self.ops.preload(weights.values())
+        if relaid and self.device.type != "cpu":
+            _log(f"load: {relaid / 2**20:.0f} MiB of Q4_0/Q5_0/Q8_0/Q6_K weights relaid planar "
+                 f"in {time.perf_counter() - start:.2f} s (same size)")
         return model
 
     @property

@@ -32,13 +32,15 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 from ggtriton.gguf import TYPE_TRAITS, GGMLType  # noqa: E402
 from ggtriton.gguf.quants import DEQUANTIZERS  # noqa: E402
 from ggtriton.kernels import gelu_mul, silu_mul  # noqa: E402
+from ggtriton.kernels.planar import PLANAR_TYPES  # noqa: E402
 
 # the modules, not the functions of the same names that ggtriton.kernels exports
-_common, dequant, flash_attention, kv_store, paged_decode, qmatmul, rmsnorm, rope = (
+_common, dequant, flash_attention, kv_store, paged_decode, qgemv, qmatmul, rmsnorm, rope = (
     importlib.import_module(f"ggtriton.kernels.{name}")
-    for name in ("_common", "dequant", "flash_attention", "kv_store", "paged_decode", "qmatmul", "rmsnorm", "rope"))
+    for name in ("_common", "dequant", "flash_attention", "kv_store", "paged_decode", "qgemv", "qmatmul", "rmsnorm",
+                 "rope"))
 KERNEL_MODULES = (_common, importlib.import_module("ggtriton.kernels.activations"), dequant, flash_attention,
-                  kv_store, paged_decode, qmatmul, rmsnorm, rope)
+                  kv_store, paged_decode, qgemv, qmatmul, rmsnorm, rope)
 
 # Shared memory one block may use (the opt-in maximum): H100/H200, A100, L4/4090, MI300.
 SHARED_LIMIT = {("cuda", 90): 232448, ("cuda", 80): 166912, ("cuda", 89): 101376, ("hip", "gfx942"): 65536}
@@ -128,6 +130,16 @@ def launches(quick: bool):
             for m, path in [(1, "skinny"), (16, "skinny"), (1, "splitk"), (64, "gemm")]:
                 yield f"qmatmul {t.name} {dtype} M={m} {path}", lambda t=t, k=k, d=dtype, m=m, p=path: \
                     qmatmul.qmatmul(torch.zeros(m, 4 * k, dtype=d), raw_weight(t, 64, 4 * k), t, (64, 4 * k), path=p)
+            planar = t in PLANAR_TYPES
+            if qgemv.gemv_fits(t, 4 * k):
+                yield f"qmatmul {t.name} {dtype} M=1 gemv", lambda t=t, k=k, d=dtype, p=planar: qmatmul.qmatmul(
+                    torch.zeros(1, 4 * k, dtype=d), raw_weight(t, 64, 4 * k), t, (64, 4 * k), path="gemv", planar=p)
+            if planar:
+                yield f"qmatmul {t.name} {dtype} M=16 skinny planar", lambda t=t, k=k, d=dtype: qmatmul.qmatmul(
+                    torch.zeros(16, 4 * k, dtype=d), raw_weight(t, 64, 4 * k), t, (64, 4 * k), path="skinny",
+                    planar=True)
+                yield f"dequantize {t.name} {dtype} planar", lambda t=t, k=k, d=dtype: dequant.dequantize(
+                    raw_weight(t, 4, k), t, (4, k), d, planar=True)
     page = 16
     for head_dim in (64, 128, 256) if quick else (64, 80, 96, 128, 256):
         for dtype in dtypes:

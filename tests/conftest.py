@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import torch
 if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+
+sys.path.insert(0, str(Path(__file__).parent))  # the tests' helper modules (quant_weights)
 
 from ggtriton.gguf import bundled
 from ggtriton.runtime.engine.scheduler import Scheduler

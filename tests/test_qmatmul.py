@@ -9,34 +9,26 @@ import torch
 
 from ggtriton.gguf import TYPE_TRAITS, GGMLType
 from ggtriton.gguf.quants import DEQUANTIZERS, dequantize
-from ggtriton.gguf.quantize import random_blocks
 from ggtriton.kernels import qmatmul
 from ggtriton.kernels._common import backend
+from ggtriton.kernels.qgemv import gemv_fits
 from ggtriton.kernels.qmatmul import _DISPATCH, PATHS, _choose_path, qmatmul_ref
+from quant_weights import weight
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-FLOAT_WEIGHTS = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
 N = 40  # not a multiple of any BLOCK_N
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
-
-
-def weight(ggml_type: GGMLType, n: int, k: int, device: torch.device, seed: int = 0) -> torch.Tensor:
-    """Raw bytes of an (n, k) weight of ordinary values: random valid blocks with scales of N(0, 2^-7)."""
-    if ggml_type in FLOAT_WEIGHTS:
-        w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).to(FLOAT_WEIGHTS[ggml_type])
-        return w.view(torch.uint8).reshape(-1).to(device)
-    rng = np.random.default_rng(seed)
-    blocks = random_blocks(ggml_type, n * k // TYPE_TRAITS[ggml_type].block_elements, rng)
-    if ggml_type == GGMLType.MXFP4:  # E8M0 scales 2^-9..2^0 instead of up to 2^127, which overflow
-        blocks[:, 0] = rng.integers(119, 129, len(blocks))
-    return torch.from_numpy(blocks.reshape(-1)).to(device)
 
 
 def check(device: torch.device, ggml_type: GGMLType, m: int, k: int, dtype: torch.dtype, path: str | None,
           **kwargs) -> None:
     raw = weight(ggml_type, N, k, device, seed=m + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(device, dtype)
+    if path == "gemv" and not (m == 1 and gemv_fits(ggml_type, k)):
+        with pytest.raises(ValueError, match=f"{ggml_type.name}: path 'gemv' takes one row of x"):
+            qmatmul(x, raw, ggml_type, (N, k), path=path, **kwargs)
+        return
     out = qmatmul(x, raw, ggml_type, (N, k), path=path, **kwargs)
     assert out.shape == (m, N) and out.dtype == dtype and out.device == x.device
     ref = x.double() @ dequantize(raw, ggml_type, (N, k)).double().t()
@@ -51,7 +43,7 @@ def many_blocks_k(ggml_type: GGMLType) -> int:
 
 
 def split_kwargs(path: str) -> dict:
-    return {"split_k": 3} if path == "splitk" else {}
+    return {"split_k": 3} if path in ("splitk", "gemv") else {}
 
 
 # Every type on every path, each dtype with its own M: 1 (the GEMV branch), 3 (padded tl.dot), 17 (two M tiles).
@@ -91,7 +83,9 @@ def test_choose_path() -> None:
     cpu = torch.device("cpu")
     th = _DISPATCH[backend(cpu)]
     skinny_m, gemm_m = th["skinny_max_m"], th["dequant_min_m"] - 1
-    assert _choose_path(GGMLType.Q4_K, 1, 40, 512, cpu) == "splitk"  # one row tile: K splits fill the "SMs"
+    assert _choose_path(GGMLType.Q4_K, 1, 40, 512, cpu) == "gemv"
+    assert _choose_path(GGMLType.Q8_0, 1, 40, 32 * 3, cpu) == "skinny"  # rows of 102 bytes: no word loads
+    assert _choose_path(GGMLType.Q4_1, 1, 40, 512, cpu) == "splitk"  # one row tile: K splits fill the "SMs"
     assert _choose_path(GGMLType.Q4_K, skinny_m, 40, 64, cpu) == "skinny"  # one K tile: nothing to split
     assert _choose_path(GGMLType.Q4_K, skinny_m, th["split_max_n"] + 1, 4096, cpu) == "skinny"
     assert _choose_path(GGMLType.Q4_K, skinny_m + 1, 4096, 4096, cpu) == "gemm"
@@ -131,7 +125,8 @@ def test_empty(device) -> None:
         ((64,), torch.float32, (N, 64), {}, r"x must be \[M, 64\]"),
         ((2, 64), torch.int32, (N, 64), {}, "x must be float32, float16 or bfloat16"),
         ((2, 64), torch.float32, (2, N, 32), {}, "must be 2-D"),
-        ((2, 64), torch.float32, (N, 64), {"path": "gemv"}, "path must be one of"),
+        ((2, 64), torch.float32, (N, 64), {"path": "gemm2"}, "path must be one of"),
+        ((2, 64), torch.float32, (N, 64), {"path": "gemv"}, "path 'gemv' takes one row of x"),
         ((2, 64), torch.float32, (N, 64), {"path": "skinny", "split_k": 2}, "split_k"),
         ((2, 64), torch.float32, (N, 64), {"path": "splitk", "split_k": 0}, "split_k"),
     ],
@@ -154,3 +149,9 @@ def test_bad_raw_raises(device) -> None:
         qmatmul(x, misaligned, GGMLType.Q4_0, (N, 64))
     with pytest.raises(ValueError, match="contiguous last dim"):
         qmatmul(torch.randn(64, 2, device=device).t(), raw, GGMLType.Q4_0, (N, 64))
+
+
+def test_planar_needs_a_planar_type(device) -> None:
+    raw = weight(GGMLType.Q4_1, N, 64, device)
+    with pytest.raises(ValueError, match="Q4_1 has no planar layout"):
+        qmatmul(torch.randn(1, 64, device=device), raw, GGMLType.Q4_1, (N, 64), planar=True)

@@ -266,7 +266,8 @@ def test_amdgcn_loop_loads_and_registers():
 
 
 def skinny_row(t: str, instructions: int, spill: tuple[int, int] = (0, 0)) -> sass.Row:
-    return sass.Row(sass.Job(t, "skinny", 1), "N32 K256 w4 s3", 4, sass.Profile(instructions, Counter(), True, 1, 0),
+    """A row of type t's decode path (gemv or skinny) with a skinny config's numbers."""
+    return sass.Row(sass.Job(t, sass.decode_path(t), 1), "N32 K256 w4 s3", 4, sass.Profile(instructions, Counter(), True, 1, 0),
                     96, spill, 1024, 32 * 256 * 34 / 32)
 
 
@@ -281,7 +282,7 @@ def test_rate_ceiling_and_check():
              skinny_row("Q6_K", 1253)]
     failures = sass.check(rows)
     assert len(failures) == 2 and failures[0].startswith("Q4_K") and "spills" in failures[0]
-    assert failures[1].startswith("Q8_0: best M=1 skinny loop (N32 K256 w4 s3) takes 0.58 ")
+    assert failures[1].startswith("Q8_0: best M=1 gemv loop (N32 K256 w4 s3) takes 0.58 ")
 
 
 def test_real_q8_0_skinny_for_sm90():
@@ -304,3 +305,15 @@ def test_real_q8_0_skinny_for_sm90():
         assert int(weight) == block_n * block_k * 34 // 32  # Q8_0: 34 bytes per 32 elements
         assert float(ipb.strip("~ *")) == pytest.approx(instrs * warps / int(weight), abs=1e-3)
         assert 0 < float(ceiling.rstrip("%")) <= 100
+
+
+def test_decode_loops_meet_the_target_on_sm90():
+    """The decode GEMV of every type it covers, compiled for sm_90 with the installed Triton: at most 0.25 warp
+    instructions per weight byte in its best config, with no spills (`sass.py --check`)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    types = ",".join(t for t in sass.DECODE_TYPES if sass.decode_path(t) == "gemv")
+    proc = subprocess.run([sys.executable, str(BENCH / "sass.py"), "--types", types, "--paths", "gemv", "--check",
+                           "--no-append"], env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and " gemv " in line]
+    assert {line.split("|")[1].strip() for line in rows} == set(types.split(","))

@@ -5,7 +5,9 @@ TRITON_INTERPRET=1); backend "torch" runs their torch references, and is the CPU
 Quantized linear layers: the torch backend dequantizes each weight once, at load, and keeps it dense in
 the activation dtype (a reference path: it trades memory for never dequantizing in a step); the Triton
 backend multiplies with the fused dequantize-matmul kernel, which picks its own path (GEMV, split-K,
-tiled GEMM, or dequantize then cuBLAS) by the number of rows.
+tiled GEMM, or dequantize then cuBLAS) by the number of rows. At load the Triton backend relays the
+weights of the 2-byte aligned formats (Q4_0, Q5_0, Q8_0, Q6_K) into the planar layout its GEMV reads
+with 16-byte loads: the same bytes, moved within each row.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from ggtriton.gguf.quants import dequantize as dequantize_ref
 from ggtriton.kernels.activations import gelu_mul_ref, silu_mul_ref
 from ggtriton.kernels.flash_attention import flash_attention_ref
 from ggtriton.kernels.kv_store import kv_store_ref
+from ggtriton.kernels.planar import PLANAR_TYPES, to_planar
+from ggtriton.kernels.qgemv import gemv_fits
 from ggtriton.kernels.paged_decode import paged_decode_ref
 from ggtriton.kernels.rmsnorm import rmsnorm_ref
 from ggtriton.kernels.rope import rope_ref
@@ -52,7 +56,7 @@ class Ops:
         shape = w.shape if shape is None else shape
         dtype = dtype or self.dtype
         if self.backend == "triton":
-            return kernels.dequantize(raw.contiguous(), w.ggml_type, shape, dtype)
+            return kernels.dequantize(raw.contiguous(), w.ggml_type, shape, dtype, planar=w.planar)
         return dequantize_ref(raw, w.ggml_type, shape).to(dtype)
 
     def _dense(self, w: QuantWeight) -> torch.Tensor:
@@ -61,18 +65,26 @@ class Ops:
             w.dense = self.dequantize(w)
         return w.dense
 
-    def preload(self, weights: Iterable[QuantWeight]) -> None:
-        """Dequantize every weight now where the backend keeps them dense, so no step pays for it."""
-        if self.backend == "torch":
-            for w in weights:
+    def preload(self, weights: Iterable[QuantWeight]) -> int:
+        """Prepare every weight now, so no step pays for it: dense copies (torch backend), or the planar layout
+        of the matrices the GEMV reads in it (Triton backend). Returns the bytes relaid."""
+        relaid = 0
+        for w in weights:
+            if self.backend == "torch":
                 self._dense(w)
+            elif not w.planar and w.ggml_type in PLANAR_TYPES and len(w.shape) == 2 and \
+                    gemv_fits(w.ggml_type, w.shape[1]):
+                w.raw = to_planar(w.raw, w.ggml_type, w.shape)
+                w.planar = True
+                relaid += w.raw.numel()
+        return relaid
 
     def linear(self, x: torch.Tensor, w: QuantWeight, bias: QuantWeight | None = None, *,
                out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """x [T, K] @ W[N, K]^T (+ bias), W in its GGUF blocks; float32 sums stored in `out_dtype` (default
         x's dtype)."""
         if self.backend == "triton":
-            out = kernels.qmatmul(x.contiguous(), w.raw, w.ggml_type, w.shape, out_dtype=out_dtype)
+            out = kernels.qmatmul(x.contiguous(), w.raw, w.ggml_type, w.shape, out_dtype=out_dtype, planar=w.planar)
         else:
             dtype = out_dtype or x.dtype
             out = x.to(dtype) @ self._dense(w).t().to(dtype)

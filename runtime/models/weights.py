@@ -14,8 +14,10 @@ from ggtriton.gguf import GGMLType, GGUFFile
 class QuantWeight:
     """One tensor's raw GGUF blocks (uint8, on the compute device), `shape` in PyTorch order.
 
-    `dense` caches the dequantized tensor: the torch backend keeps every weight so (in the activation dtype),
-    and small vectors (norms, biases) are kept in float32 by either backend.
+    `planar`: raw holds the blocks in the planar layout of `ggtriton.kernels.planar` (the Triton backend relays
+    the 2-byte aligned formats so, see `Ops.preload`). `dense` caches the dequantized tensor: the torch backend
+    keeps every weight so (in the activation dtype), and small vectors (norms, biases) are kept in float32 by
+    either backend.
     """
 
     name: str
@@ -23,6 +25,7 @@ class QuantWeight:
     ggml_type: GGMLType
     shape: tuple[int, ...]
     dense: torch.Tensor | None = field(default=None, repr=False)
+    planar: bool = False
 
     @property
     def rows(self) -> int:

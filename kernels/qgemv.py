@@ -1,0 +1,364 @@
+"""Matrix-vector product with a weight kept in GGUF blocks: the decode step's matmul, at the bandwidth limit.
+
+    out[n] = sum_k x[k] * W[n, k]        (x: one row of K values; W: (N, K) in blocks of QK elements)
+
+Decoding reads every weight byte once per token, so this loop must issue few instructions per weight byte: an
+H200 SM issues 4 warp instructions per clock and must take in ~18 bytes per clock to stream HBM, so above ~0.22
+warp instructions per byte the loop, not memory, sets the speed (bench/sass.py reads the count from the SASS).
+What keeps it low:
+- Each thread owns whole runs of a block's quants in each of its rows (R rows per thread share one set of x
+  values): 16-byte loads of words, neighbouring threads on neighbouring bytes of a row. Block headers (d, dmin,
+  packed scales) are loaded and decoded once per (row, block) piece a thread owns, and sums are scaled once
+  per sub-block, not per element.
+- A b-bit field at bit P (P + b <= 23) of a word w is turned into a float by one AND: (w & mask) read as a
+  float32 is the denormal q * 2^(P - 149), exact. x is pre-scaled per field position by 2^(149 - S - P), so
+  every product x' * f is x * q * 2^-S; one FFMA per weight accumulates it and 2^S goes into the block scale.
+  S = 80 keeps x' finite for |x| < 2^59 and the products normal for |x| >= 2^-46. A backend that flushes
+  denormals (DENORMAL=False, HIP) adds the field to a float's mantissa with an exponent instead, and subtracts
+  that float's base, exact too, at one FADD more per weight.
+- Offsets (q - 8, q - 32, q + 128 for int8) and K-quant mins use the per-sub-block sums of x, computed once per
+  thread and shared by its rows.
+
+Types: Q4_K and Q5_K (16-byte aligned blocks) read the file's layout; Q4_0, Q5_0, Q8_0 and Q6_K read the planar
+layout of `planar.py` (their file blocks are 2-byte aligned). Split-K: program (pid, s) covers blocks
+[s * split_blocks, (s + 1) * split_blocks) of its rows and writes float32 partial sums the caller adds.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..gguf.types import TYPE_TRAITS, GGMLType
+from ._common import backend
+
+GEMV_TYPES = frozenset({GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q4_0,
+                        GGMLType.Q5_0})
+
+_S = tl.constexpr(80)
+
+# Autotune configs (BLOCK_N, num_warps) per backend: 4-8 rows per thread (each thread holds R rows of a 16-32-byte
+# run in registers; more rows share more x loads). Unmeasured on a GPU; none spills on sm_90. The interpreter's
+# is small so tests cross row tiles.
+_CONFIGS = {
+    "cuda": [(64, 2), (128, 4), (256, 4)],
+    "hip": [(64, 2), (128, 4)],  # unmeasured
+    "interpreter": [(16, 1)],
+}
+_SPLIT_ROWS = 128  # rows per program assumed when sizing split-K
+_STEP = 8  # 32-element types: blocks a program decodes per row per step
+_BLOCKS_PER_STEP = tl.constexpr(_STEP)
+
+
+@triton.jit
+def _f16(bits):
+    """The float32 value of the fp16 in the low 16 bits of an int32."""
+    return (bits & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _field(w, P: tl.constexpr, BITS: tl.constexpr, DENORMAL: tl.constexpr):
+    """The BITS-bit unsigned field at bit P of w (P + BITS <= 23) as q * 2^(P - 149) (DENORMAL) or q."""
+    bits = w & (((1 << BITS) - 1) << P)
+    if DENORMAL:
+        return bits.to(tl.float32, bitcast=True)
+    return (bits | ((150 - P) << 23)).to(tl.float32, bitcast=True) - 2.0 ** (23 - P)
+
+
+@triton.jit
+def _x(x_ptr, mask, P: tl.constexpr, DENORMAL: tl.constexpr):
+    """(x, x') at x_ptr (mask None: all in range): x' * _field(.., P, ..) = x * q * 2^-S."""
+    if mask is None:
+        x = tl.load(x_ptr).to(tl.float32)
+    else:
+        x = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+    if DENORMAL:
+        return x, x * 2.0 ** (149 - _S - P)
+    return x, x * 2.0 ** (-_S)
+
+
+@triton.jit
+def _acc(s, sx, w, x_ptr, mask, P: tl.constexpr, BITS: tl.constexpr, DENORMAL: tl.constexpr):
+    """s += field(w, P) * x', sx += x: one weight field per element of w."""
+    x, xs = _x(x_ptr, mask, P, DENORMAL)
+    return s + _field(w, P, BITS, DENORMAL) * xs[None], sx + x
+
+
+# K-quants with 6-bit scales (Q4_K, Q5_K): a thread owns run r (elements 64r..64r+63: the low nibbles of 32 qs bytes,
+# sub-block 2r, and their high nibbles, sub-block 2r+1) of one block of a row.
+
+
+@triton.jit
+def _k4_scales(blk, n_in, r):
+    """d * scale and dmin * min of sub-blocks 2r and 2r+1 of the Q4_K / Q5_K block at int32 pointer blk [BN, 1]."""
+    h = tl.load(blk, mask=n_in, other=0)
+    s0 = tl.load(blk + 1, mask=n_in, other=0)
+    s1 = tl.load(blk + 2, mask=n_in, other=0)
+    s2 = tl.load(blk + 3, mask=n_in, other=0)
+    low = r < 2  # sub-blocks 0..3: 6 bits of bytes 0..3 (scales) and 4..7 (mins); 4..7 spread over all 12 bytes
+    sc = tl.where(low, s0 & 0x3F3F3F3F, (s2 & 0x0F0F0F0F) | ((s0 >> 2) & 0x30303030))
+    mn = tl.where(low, s1 & 0x3F3F3F3F, ((s2 >> 4) & 0x0F0F0F0F) | ((s1 >> 2) & 0x30303030))
+    shift = (r % 2) * 16
+    d = _f16(h)
+    dmin = _f16(h >> 16)
+    return (d * ((sc >> shift) & 63).to(tl.float32), d * ((sc >> (shift + 8)) & 63).to(tl.float32),
+            dmin * ((mn >> shift) & 63).to(tl.float32), dmin * ((mn >> (shift + 8)) & 63).to(tl.float32))
+
+
+@triton.jit
+def _k4_quarter(s0, s1, sx0, sx1, q, qh, hs, x_ptr, e, km, DENORMAL: tl.constexpr, FIFTH: tl.constexpr):
+    """Sums over 4 words q [BN, 4, 4] of qs (run r, bytes 4g + t): low nibbles (elements e + t) into s0, high
+    nibbles (e + 32 + t) into s1. FIFTH: qh [BN, 4, 4] holds the fifth bits (Q5_K), bit hs of the byte for lows
+    and hs + 1 for highs, moved next to each nibble."""
+    if FIFTH:
+        # bit 2r (2r + 1) of each qh byte to bit 4 (bit 8) of it: the fifth bit of the low (high) nibble
+        lo5 = tl.where(hs <= 4, qh << tl.maximum(4 - hs, 0), qh >> tl.maximum(hs - 4, 0))
+        hi5 = tl.where(hs <= 3, qh << tl.maximum(3 - hs, 0), qh >> tl.maximum(hs - 3, 0))
+        lo = (q & 0x0F0F0F0F) | (lo5 & 0x10101010)
+        hi = ((q >> 4) & 0x0F0F0F0F) | (hi5 & 0x10101010)
+        for t in tl.static_range(3):
+            s0, sx0 = _acc(s0, sx0, lo, x_ptr + e + t, km, 8 * t, 5, DENORMAL)
+            s1, sx1 = _acc(s1, sx1, hi, x_ptr + e + 32 + t, km, 8 * t, 5, DENORMAL)
+        s0, sx0 = _acc(s0, sx0, lo >> 16, x_ptr + e + 3, km, 8, 5, DENORMAL)
+        s1, sx1 = _acc(s1, sx1, hi >> 16, x_ptr + e + 35, km, 8, 5, DENORMAL)
+    else:
+        u = q >> 12  # nibbles at bits 20, 24, 28 to 8, 12, 16: a field must end below the exponent (bit 23)
+        s0, sx0 = _acc(s0, sx0, q, x_ptr + e, km, 0, 4, DENORMAL)
+        s1, sx1 = _acc(s1, sx1, q, x_ptr + e + 32, km, 4, 4, DENORMAL)
+        s0, sx0 = _acc(s0, sx0, q, x_ptr + e + 1, km, 8, 4, DENORMAL)
+        s1, sx1 = _acc(s1, sx1, q, x_ptr + e + 33, km, 12, 4, DENORMAL)
+        s0, sx0 = _acc(s0, sx0, q, x_ptr + e + 2, km, 16, 4, DENORMAL)
+        s1, sx1 = _acc(s1, sx1, u, x_ptr + e + 34, km, 8, 4, DENORMAL)
+        s0, sx0 = _acc(s0, sx0, u, x_ptr + e + 3, km, 12, 4, DENORMAL)
+        s1, sx1 = _acc(s1, sx1, u, x_ptr + e + 35, km, 16, 4, DENORMAL)
+    return s0, s1, sx0, sx1
+
+
+@triton.jit
+def _k4_block(w_ptr, row, n_in, b, x_ptr, BLOCK_BYTES: tl.constexpr, DENORMAL: tl.constexpr, FIFTH: tl.constexpr):
+    """Q4_K (144-byte blocks) or Q5_K (176, FIFTH) block b of rows `row` (byte offsets [BN]) dotted with x: [BN, 4]."""
+    r = tl.arange(0, 4)
+    g = tl.arange(0, 4)
+    blk = (w_ptr + row[:, None] + b * BLOCK_BYTES).to(tl.pointer_type(tl.int32))  # [BN, 1], 16-byte aligned
+    qs_at = 4 + 8 * FIFTH  # word offset of qs: after d, dmin, scales (and qh)
+    # Tiles are loaded 2-D, [BN, 16] with 4 contiguous words per thread, so that every Triton orders rows last,
+    # then split: word 4r + g of `run_word` is word g of run r (+ 4: words 4..7 of the run).
+    i = tl.arange(0, 16)
+    run_word = (i // 4 * 8 + i % 4)[None, :]
+    BN: tl.constexpr = row.shape[0]
+    m2 = n_in[:, None]
+    q0 = tl.reshape(tl.load(blk + qs_at + run_word, mask=m2, other=0), [BN, 4, 4])
+    q1 = tl.reshape(tl.load(blk + qs_at + 4 + run_word, mask=m2, other=0), [BN, 4, 4])
+    h0 = q0
+    h1 = q1
+    if FIFTH:
+        qh_word = (i % 4)[None, :]  # qh words 0..3 (bytes 0..15), the same for every run; 4..7 at + 4
+        h0 = tl.reshape(tl.load(blk + 4 + qh_word, mask=m2, other=0), [BN, 4, 4])
+        h1 = tl.reshape(tl.load(blk + 8 + qh_word, mask=m2, other=0), [BN, 4, 4])
+    e = (r[:, None] * 64 + g[None, :] * 4)  # [4, 4]: element of the low nibble of byte 0 of each word
+    xb = x_ptr + b * 256
+    hs = (2 * r)[None, :, None]
+    zero = tl.zeros([BN, 4, 4], tl.float32)
+    zx = tl.zeros([4, 4], tl.float32)
+    s0, s1, sx0, sx1 = _k4_quarter(zero, zero, zx, zx, q0, h0, hs, xb, e, None, DENORMAL, FIFTH)
+    s0, s1, sx0, sx1 = _k4_quarter(s0, s1, sx0, sx1, q1, h1, hs, xb, e + 16, None, DENORMAL, FIFTH)
+    dl0, dl1, ml0, ml1 = _k4_scales(blk, n_in[:, None], r[None, :])
+    scale = 2.0 ** _S
+    return (scale * (dl0 * tl.sum(s0, axis=2) + dl1 * tl.sum(s1, axis=2))
+            - ml0 * tl.sum(sx0, axis=1)[None, :] - ml1 * tl.sum(sx1, axis=1)[None, :])
+
+
+# Q6_K, planar: a thread owns 16 ql bytes (half h of the block, bytes 16a..16a+15 of it: the low nibbles of
+# elements 128h + 16a + i, sub-block 8h + a, and the high nibbles of 128h + 64 + 16a + i, sub-block 8h + 4 + a)
+# and the 16 qh bytes holding their top 2 bits (crumb a // 2, and 2 + a // 2, of qh byte 32h + 16 (a % 2) + i).
+
+
+@triton.jit
+def _q6_k_block(w_ptr, row, n_in, b, nb, x_ptr, DENORMAL: tl.constexpr):
+    """Q6_K block b of rows `row` (byte offsets [BN]) dotted with x: [BN, 8] (threads h, a)."""
+    c = tl.arange(0, 8)
+    half = c // 4
+    a = c % 4
+    g = tl.arange(0, 4)
+    base = w_ptr + row[:, None]  # [BN, 1] uint8
+    m2 = n_in[:, None]
+    # 2-D tiles of 4 contiguous words per thread (see _k4_block), split into [BN, 8 threads, 4 words]
+    BN: tl.constexpr = row.shape[0]
+    i = tl.arange(0, 32)
+    ql_ptr = (base + b * 128).to(tl.pointer_type(tl.int32))
+    qh_ptr = (base + nb * 128 + b * 64).to(tl.pointer_type(tl.int32))
+    ql = tl.reshape(tl.load(ql_ptr + i[None, :], mask=m2, other=0), [BN, 8, 4])
+    qh_word = (i // 16 * 8 + i // 4 % 2 * 4 + i % 4)[None, :]  # thread (h, a): words 8h + 4 (a % 2) + g
+    qh = tl.reshape(tl.load(qh_ptr + qh_word, mask=m2, other=0), [BN, 8, 4])
+    crumb = (2 * (a // 2))[None, :, None]  # bit of each qh byte holding the low elements' top 2 bits
+    e = (128 * half + 16 * a)[:, None] + 4 * g[None, :]  # [8, 4]: element of the low nibble of byte 0 of a word
+    xb = x_ptr + b * 256
+    km = None
+    s0 = tl.zeros(ql.shape, tl.float32)
+    s1 = tl.zeros(ql.shape, tl.float32)
+    sx0 = tl.zeros([8, 4], tl.float32)
+    sx1 = tl.zeros([8, 4], tl.float32)
+    # 6-bit values in bytes: the low elements' top bits (at `crumb`) moved to bits 4..5, the high ones' (crumb + 4)
+    lo = (ql & 0x0F0F0F0F) | ((qh << (4 - crumb)) & 0x30303030)
+    hi = ((ql >> 4) & 0x0F0F0F0F) | ((qh >> crumb) & 0x30303030)
+    for t in tl.static_range(3):
+        s0, sx0 = _acc(s0, sx0, lo, xb + e + t, km, 8 * t, 6, DENORMAL)
+        s1, sx1 = _acc(s1, sx1, hi, xb + e + 64 + t, km, 8 * t, 6, DENORMAL)
+    s0, sx0 = _acc(s0, sx0, lo >> 16, xb + e + 3, km, 8, 6, DENORMAL)
+    s1, sx1 = _acc(s1, sx1, hi >> 16, xb + e + 67, km, 8, 6, DENORMAL)
+    sc_ptr = base + nb * 192 + b * 16 + (8 * half + a)[None, :]
+    sc0 = tl.load(sc_ptr.to(tl.pointer_type(tl.int8)), mask=m2, other=0).to(tl.float32)
+    sc1 = tl.load((sc_ptr + 4).to(tl.pointer_type(tl.int8)), mask=m2, other=0).to(tl.float32)
+    d_ptr = (base + nb * 208 + b * 2).to(tl.pointer_type(tl.float16))
+    d = tl.load(d_ptr, mask=m2, other=0.0).to(tl.float32)
+    scale = 2.0 ** _S
+    return d * (sc0 * (scale * tl.sum(s0, axis=2) - 32.0 * tl.sum(sx0, axis=1)[None, :])
+                + sc1 * (scale * tl.sum(s1, axis=2) - 32.0 * tl.sum(sx1, axis=1)[None, :]))
+
+
+# 32-element types, planar: a thread owns 16 quant bytes of a row (Q4_0, Q5_0: one block; Q8_0: half a block), and
+# a step covers U such units. Neighbouring units are neighbouring 16 bytes of the plane: one contiguous row tile.
+
+
+@triton.jit
+def _q32_block(w_ptr, row, n_in, b, b_end, nb, x_ptr, TYPE: tl.constexpr, U: tl.constexpr, DENORMAL: tl.constexpr):
+    """The U units from block b of Q4_0 / Q5_0 / Q8_0 rows `row` (byte offsets [BN], nb blocks each), blocks from
+    b_end on left out, dotted with x: [BN, U]."""
+    PER_BLOCK: tl.constexpr = 2 if TYPE == "Q8_0" else 1  # units per block
+    u = tl.arange(0, U)
+    g = tl.arange(0, 4)
+    blk = b + u // PER_BLOCK
+    b_in = blk < b_end
+    base = w_ptr + row[:, None]
+    m2 = n_in[:, None] & b_in[None, :]
+    words = tl.arange(0, 4 * U)
+    qs_ptr = (base + b * (16 * PER_BLOCK)).to(tl.pointer_type(tl.int32))
+    q = tl.load(qs_ptr + words[None, :], mask=n_in[:, None] & (b + words // (4 * PER_BLOCK) < b_end)[None, :],
+                other=0)
+    q = tl.reshape(q, [row.shape[0], U, 4])
+    e = (b * 32 + 16 * u)[:, None] + 4 * g[None, :]  # [U, 4]: element of byte 0 of word g (Q8_0)
+    km = b_in[:, None]
+    s = tl.zeros([row.shape[0], U, 4], tl.float32)
+    sx = tl.zeros([U, 4], tl.float32)
+    if TYPE == "Q8_0":
+        q = q ^ -0x7F7F7F80  # 0x80808080: int8 q to q + 128, unsigned
+        v = q >> 16
+        s, sx = _acc(s, sx, q, x_ptr + e, km, 0, 8, DENORMAL)
+        s, sx = _acc(s, sx, q, x_ptr + e + 1, km, 8, 8, DENORMAL)
+        s, sx = _acc(s, sx, v, x_ptr + e + 2, km, 0, 8, DENORMAL)
+        s, sx = _acc(s, sx, v, x_ptr + e + 3, km, 8, 8, DENORMAL)
+        offset = 128.0
+        d_at = nb * 32
+    else:
+        e = (blk * 32)[:, None] + 4 * g[None, :]  # byte 4g + t holds elements 4g + t and 16 + 4g + t
+        if TYPE == "Q5_0":
+            qh_ptr = (base + nb * 16 + blk[None, :] * 4).to(tl.pointer_type(tl.int32))
+            qh = tl.load(qh_ptr, mask=m2, other=0)[:, :, None]
+            # bits 4g..4g+3 (16 + 4g..) of qh, the fifth bits of word g's low (high) nibbles, spread to bit 8t + 4
+            # of byte t by a multiply: bit t lands on t + 4 + 7k for k = 0..3, and k = t is the one the mask keeps
+            lo5 = (((qh >> (4 * g)[None, None, :]) & 15) * 0x2040810) & 0x10101010
+            hi5 = (((qh >> (16 + 4 * g)[None, None, :]) & 15) * 0x2040810) & 0x10101010
+            lo = (q & 0x0F0F0F0F) | lo5
+            hi = ((q >> 4) & 0x0F0F0F0F) | hi5
+            for t in tl.static_range(3):
+                s, sx = _acc(s, sx, lo, x_ptr + e + t, km, 8 * t, 5, DENORMAL)
+                s, sx = _acc(s, sx, hi, x_ptr + e + 16 + t, km, 8 * t, 5, DENORMAL)
+            s, sx = _acc(s, sx, lo >> 16, x_ptr + e + 3, km, 8, 5, DENORMAL)
+            s, sx = _acc(s, sx, hi >> 16, x_ptr + e + 19, km, 8, 5, DENORMAL)
+            offset = 16.0
+            d_at = nb * 20
+        else:
+            v = q >> 12  # nibbles at bits 20, 24, 28 to 8, 12, 16: a field must end below the exponent (bit 23)
+            s, sx = _acc(s, sx, q, x_ptr + e, km, 0, 4, DENORMAL)
+            s, sx = _acc(s, sx, q, x_ptr + e + 16, km, 4, 4, DENORMAL)
+            s, sx = _acc(s, sx, q, x_ptr + e + 1, km, 8, 4, DENORMAL)
+            s, sx = _acc(s, sx, q, x_ptr + e + 17, km, 12, 4, DENORMAL)
+            s, sx = _acc(s, sx, q, x_ptr + e + 2, km, 16, 4, DENORMAL)
+            s, sx = _acc(s, sx, v, x_ptr + e + 18, km, 8, 4, DENORMAL)
+            s, sx = _acc(s, sx, v, x_ptr + e + 3, km, 12, 4, DENORMAL)
+            s, sx = _acc(s, sx, v, x_ptr + e + 19, km, 16, 4, DENORMAL)
+            offset = 8.0
+            d_at = nb * 16
+    d = tl.load((base + d_at + 2 * blk[None, :]).to(tl.pointer_type(tl.float16)), mask=m2, other=0.0)
+    return d.to(tl.float32) * (2.0 ** _S * tl.sum(s, axis=2) - offset * tl.sum(sx, axis=1)[None, :])
+
+
+@triton.jit(do_not_specialize=["split_blocks"])
+def _qgemv_kernel(x_ptr, w_ptr, out_ptr, N, nb, row_bytes, split_blocks,
+                  TYPE: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_N: tl.constexpr, DENORMAL: tl.constexpr):
+    """out[s, n] = x . row n of W over blocks [s * split_blocks, + split_blocks) of the nb in a row (float32)."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_in = n < N
+    row = n.to(tl.int64) * row_bytes
+    b0 = split * split_blocks
+    b1 = tl.minimum(b0 + split_blocks, nb)
+    if TYPE == "Q4_K" or TYPE == "Q5_K":
+        acc = tl.zeros([BLOCK_N, 4], tl.float32)
+        for b in range(b0, b1):
+            acc += _k4_block(w_ptr, row, n_in, b, x_ptr, BLOCK_BYTES, DENORMAL, TYPE == "Q5_K")
+    elif TYPE == "Q6_K":
+        acc = tl.zeros([BLOCK_N, 8], tl.float32)
+        for b in range(b0, b1):
+            acc += _q6_k_block(w_ptr, row, n_in, b, nb, x_ptr, DENORMAL)
+    else:
+        units: tl.constexpr = 2 * _BLOCKS_PER_STEP if TYPE == "Q8_0" else _BLOCKS_PER_STEP
+        acc = tl.zeros([BLOCK_N, units], tl.float32)
+        for b in range(b0, b1, units // (2 if TYPE == "Q8_0" else 1)):
+            acc += _q32_block(w_ptr, row, n_in, b, b1, nb, x_ptr, TYPE, units, DENORMAL)
+    tl.store(out_ptr + split.to(tl.int64) * N + n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=n_in)
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Only the K-quants of 6-bit scales take 256 rows without spilling (sm_90: bench/sass.py)."""
+    if kwargs["TYPE"] in ("Q4_K", "Q5_K"):
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_N"] <= 128] or configs[:1]
+
+
+@functools.cache
+def _tuned(be: str):
+    configs = [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in _CONFIGS[be]]
+    # cache_results: the timings persist in Triton's cache folder (see cache.py): a second start skips tuning.
+    return triton.autotune(configs, key=["N", "nb", "TYPE"], prune_configs_by={"early_config_prune": _prune},
+                           cache_results=True)(_qgemv_kernel)
+
+
+def gemv_fits(ggml_type: GGMLType, K: int) -> bool:
+    """Whether the GEMV takes a weight of this type and row length: its rows (and planes) must start 4-byte aligned
+    for the word loads, which the planar types' rows do when they hold an even number of blocks."""
+    traits = TYPE_TRAITS[ggml_type]
+    return ggml_type in GEMV_TYPES and K // traits.block_elements * traits.block_bytes % 4 == 0
+
+
+def gemv_splits(ggml_type: GGMLType, N: int, K: int, sms: int, splits: int | None = None) -> int:
+    """Blocks per K range of a split GEMV: enough ranges for two programs per SM (or `splits` ranges), at most 16,
+    the 32-element types' ranges whole steps of _BLOCKS_PER_STEP blocks."""
+    nb = K // TYPE_TRAITS[ggml_type].block_elements
+    if splits is None:
+        splits = max(1, min(16, triton.cdiv(2 * sms, triton.cdiv(N, _SPLIT_ROWS))))
+    step = 1 if TYPE_TRAITS[ggml_type].block_elements == 256 else _STEP
+    return triton.cdiv(triton.cdiv(nb, min(splits, nb)), step) * step
+
+
+def qgemv(x: torch.Tensor, raw: torch.Tensor, ggml_type: GGMLType, shape: tuple[int, int], out: torch.Tensor,
+          split_blocks: int, *, denormal: bool | None = None) -> torch.Tensor:
+    """out[s] = partial sums of x [K] . W[n] over blocks [s * split_blocks, + split_blocks) of each row.
+
+    W (N, K) = `shape`, of a type in GEMV_TYPES, as `raw` bytes: the planar layout (`planar.to_planar`) for the
+    types it covers, else the file's; 16-byte aligned. out: [ranges, N], any float dtype. denormal: the field
+    decoding (default: the backend's, see the module docstring). Arguments are checked by `qmatmul`.
+    """
+    N, K = shape
+    traits = TYPE_TRAITS[ggml_type]
+    nb = K // traits.block_elements
+    be = backend(x.device)
+    _tuned(be)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), out.shape[0])](
+        x, raw, out, N, nb, nb * traits.block_bytes, split_blocks,
+        TYPE=ggml_type.name, BLOCK_BYTES=traits.block_bytes, DENORMAL=be != "hip" if denormal is None else denormal,
+    )
+    return out

@@ -1,0 +1,130 @@
+"""The decode GEMV (kernels/qgemv.py) and the planar layout it reads (kernels/planar.py), against float64 references
+and the PyPI-independent GGUF reference decoder, at the edges of their tiles, on `device`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ggtriton.gguf import TYPE_TRAITS, GGMLType
+from ggtriton.gguf.quants import dequantize as dequantize_reference
+from ggtriton.kernels import dequantize, qmatmul
+from ggtriton.kernels.planar import PLANAR_TYPES, from_planar, to_planar
+from ggtriton.kernels.qgemv import _STEP, GEMV_TYPES, gemv_fits, gemv_splits, qgemv
+from quant_weights import weight
+
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
+GEMV = sorted(GEMV_TYPES)
+PLANAR = sorted(PLANAR_TYPES)
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def blocks_k(ggml_type: GGMLType, blocks: int) -> int:
+    return blocks * TYPE_TRAITS[ggml_type].block_elements
+
+
+def layout(raw: torch.Tensor, ggml_type: GGMLType, shape: tuple[int, int]) -> torch.Tensor:
+    """The bytes the GEMV reads: planar for the types it relays, else the file's."""
+    return to_planar(raw, ggml_type, shape) if ggml_type in PLANAR_TYPES else raw
+
+
+def gemv_error(ggml_type: GGMLType, n: int, k: int, x: torch.Tensor, splits: int, denormal: bool | None,
+               device: torch.device) -> float:
+    raw = weight(ggml_type, n, k, device, seed=n + k)
+    blocks = gemv_splits(ggml_type, n, k, 1, splits)
+    ranges = -(-(k // TYPE_TRAITS[ggml_type].block_elements) // blocks)
+    out = torch.empty((ranges, n), dtype=torch.float32, device=device)
+    part = qgemv(x, layout(raw, ggml_type, (n, k)), ggml_type, (n, k), out, blocks, denormal=denormal)
+    ref = dequantize_reference(raw, ggml_type, (n, k)).double() @ x.double().cpu()
+    return ((part.double().sum(0).cpu() - ref).norm() / ref.norm()).item()
+
+
+# Rows: one, fewer than a row tile, not a multiple of it. Blocks: one, a K range crossing the 32-element types'
+# steps of 8 blocks (and ending inside one), several K ranges of uneven length. Both ways of decoding fields.
+@pytest.mark.parametrize("denormal", [True, False], ids=["denormal", "exponent"])
+@pytest.mark.parametrize(("n", "blocks", "splits"), [(1, 1, 1), (13, 2, 1), (37, 11, 1), (37, 10, 3)], ids=str)
+@pytest.mark.parametrize("ggml_type", GEMV, ids=lambda t: t.name)
+def test_gemv_tile_edges(ggml_type: GGMLType, n: int, blocks: int, splits: int, denormal: bool, device) -> None:
+    k = blocks_k(ggml_type, blocks)
+    if not gemv_fits(ggml_type, k):
+        blocks += 1
+        k = blocks_k(ggml_type, blocks)
+    x = torch.randn(k, generator=torch.Generator().manual_seed(blocks)).to(device)
+    assert gemv_error(ggml_type, n, k, x, splits, denormal, device) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("ggml_type", GEMV, ids=lambda t: t.name)
+def test_gemv_dtypes_through_qmatmul(ggml_type: GGMLType, dtype: torch.dtype, device) -> None:
+    n, k = 45, blocks_k(ggml_type, 4 if TYPE_TRAITS[ggml_type].block_elements == 256 else 2 * _STEP + 2)
+    raw = weight(ggml_type, n, k, device)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    ref = x.double() @ dequantize_reference(raw, ggml_type, (n, k)).double().t().to(device)
+    for planar in ([False, True] if ggml_type in PLANAR_TYPES else [False]):
+        w = to_planar(raw, ggml_type, (n, k)) if planar else raw
+        out = qmatmul(x, w, ggml_type, (n, k), path="gemv", planar=planar)
+        assert out.dtype == dtype
+        assert ((out.double() - ref).norm() / ref.norm()).item() <= TOL[dtype]
+
+
+@pytest.mark.parametrize("scale", [2.0**40, 2.0**-40], ids=["huge", "tiny"])
+@pytest.mark.parametrize("ggml_type", [GGMLType.Q4_K, GGMLType.Q8_0], ids=lambda t: t.name)
+def test_gemv_far_from_unit_activations(ggml_type: GGMLType, scale: float, device) -> None:
+    # x is pre-scaled by up to 2^69 and products land near 2^-80 x q: still exact to float32 at both ends
+    k = blocks_k(ggml_type, 2 if ggml_type == GGMLType.Q4_K else 8)
+    x = torch.randn(k, generator=torch.Generator().manual_seed(5)).to(device) * scale
+    assert gemv_error(ggml_type, 9, k, x, 1, None, device) <= TOL[torch.float32]
+
+
+def test_gemv_rows_of_odd_blocks_are_not_taken(device) -> None:
+    # 2-byte aligned blocks: an odd count leaves rows 2 bytes off a word, which the word loads cannot take
+    assert not gemv_fits(GGMLType.Q8_0, 32 * 3) and gemv_fits(GGMLType.Q8_0, 32 * 4)
+    assert gemv_fits(GGMLType.Q4_K, 256) and not gemv_fits(GGMLType.Q4_1, 256)
+    raw = weight(GGMLType.Q8_0, 5, 96, device)
+    x = torch.randn(1, 96, device=device)
+    out = qmatmul(x, raw, GGMLType.Q8_0, (5, 96))  # another path
+    ref = x.double() @ dequantize_reference(raw, GGMLType.Q8_0, (5, 96)).double().t().to(device)
+    assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("ggml_type", PLANAR, ids=lambda t: t.name)
+def test_planar_keeps_every_byte(ggml_type: GGMLType, device) -> None:
+    shape = (6, blocks_k(ggml_type, 3))
+    raw = weight(ggml_type, *shape, device)
+    planar = to_planar(raw, ggml_type, shape)
+    assert planar.shape == raw.shape and not torch.equal(planar, raw)
+    assert torch.equal(torch.sort(planar.view(6, -1), dim=1).values, torch.sort(raw.view(6, -1), dim=1).values)
+    assert torch.equal(from_planar(planar, ggml_type, shape), raw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("ggml_type", PLANAR, ids=lambda t: t.name)
+def test_planar_dequantize_and_row_slices(ggml_type: GGMLType, dtype: torch.dtype, device) -> None:
+    shape = (7, blocks_k(ggml_type, 3))
+    raw = weight(ggml_type, *shape, device)
+    planar = to_planar(raw, ggml_type, shape)
+    ref = dequantize_reference(raw, ggml_type, shape).to(dtype).to(device)
+    assert torch.equal(dequantize(planar, ggml_type, shape, dtype, planar=True), ref)
+    rows = planar.view(7, -1)[[5, 0, 5]].reshape(-1)  # whole rows stay whole rows: an embedding lookup
+    assert torch.equal(dequantize(rows, ggml_type, (3, shape[1]), dtype, planar=True), ref[[5, 0, 5]])
+
+
+@pytest.mark.parametrize("path", ["skinny", "splitk", "gemm", "dequant"])
+@pytest.mark.parametrize("ggml_type", PLANAR, ids=lambda t: t.name)
+def test_planar_on_every_other_path(ggml_type: GGMLType, path: str, device) -> None:
+    shape = (20, blocks_k(ggml_type, 4))
+    raw = weight(ggml_type, *shape, device)
+    x = torch.randn(5, shape[1], generator=torch.Generator().manual_seed(2)).to(device)
+    out = qmatmul(x, to_planar(raw, ggml_type, shape), ggml_type, shape, path=path, planar=True)
+    ref = x.double() @ dequantize_reference(raw, ggml_type, shape).double().t().to(device)
+    assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+def test_planar_bad_input(device) -> None:
+    raw = weight(GGMLType.Q4_K, 2, 256, device)
+    with pytest.raises(ValueError, match="Q4_K has no planar layout"):
+        to_planar(raw, GGMLType.Q4_K, (2, 256))
+    with pytest.raises(ValueError, match="Q4_K has no planar layout"):
+        dequantize(raw, GGMLType.Q4_K, (2, 256), planar=True)
+    with pytest.raises(ValueError, match=r"Q8_0: a tensor of shape \(2, 64\) takes 136 bytes, got 100"):
+        to_planar(raw[:100], GGMLType.Q8_0, (2, 64))
