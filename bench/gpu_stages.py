@@ -85,7 +85,7 @@ class Sizes:
 
 GPU = Sizes(
     check_shapes=((4096, 4096), (14336, 4096), (4096, 14336)),
-    check_ms={"gemv": (1,), "skinny": (1, 5), "splitk": (1, 5), "gemm": (100,), "dequant": (64,)},
+    check_ms={"gemv": (1, 5), "skinny": (1, 5), "splitk": (1, 5), "gemm": (100,), "dequant": (64,)},
     q_lens=(1, 15, 16, 17, 100, 700), prefixes=(0, 5, 16, 3, 37, 300),
     heads={64: (16, 4), 128: (32, 8), 256: (8, 2)},
     ops=(33, 4096, 14336),
@@ -109,7 +109,7 @@ _TINY = dict(n_layers=1, hidden=64, n_heads=2, n_kv_heads=1, head_dim=32, ffn=64
              weight_type=GGMLType.Q8_0)
 SMOKE = Sizes(
     check_shapes=((64, 512), (96, 256)),
-    check_ms={"gemv": (1,), "skinny": (1, 5), "splitk": (1, 5), "gemm": (40,), "dequant": (8,)},
+    check_ms={"gemv": (1, 5), "skinny": (1, 5), "splitk": (1, 5), "gemm": (40,), "dequant": (8,)},
     q_lens=(1, 17, 40), prefixes=(0, 3, 16),
     heads={64: (4, 1), 128: (4, 2), 256: (2, 1)},
     ops=(5, 256, 256),

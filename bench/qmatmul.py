@@ -11,7 +11,7 @@ the bandwidth (read + written) of a 1 GiB copy; TFLOP/s = 2 M N K / time; vs cuB
 ‖out − ref‖ / ‖ref‖ against float32 x @ W^T. Times are `triton.testing.do_bench` medians, after warm-up and
 autotuning, over weights rotated so that one round exceeds twice the L2 cache (each call reads its weight from
 memory). Weights of Q4_0, Q5_0, Q8_0 and Q6_K are in the planar layout the engine loads them in (the GEMV reads
-it; the other paths decode it in place). The gemv path takes M = 1 only. Prints a table and appends it to
+it; the other paths decode it in place). The gemv path takes M <= 16 only. Prints a table and appends it to
 bench/RESULTS.md. `bench/gpu_check.py` runs the same measurements.
 """
 
@@ -50,8 +50,8 @@ def random_weight(t: GGMLType, shape: Sequence[int], dev: torch.device, seed: in
 
 
 def takes(path: str, t: GGMLType, m: int, k: int) -> bool:
-    """Whether `path` takes an [m, k] x of a weight of type t (the GEMV: one row, its types)."""
-    return path != "gemv" or (m == 1 and gemv_fits(t, k))
+    """Whether `path` takes an [m, k] x of a weight of type t (gemv: up to 16 rows, its types)."""
+    return path != "gemv" or (m <= 16 and gemv_fits(t, k))
 
 
 def planar(t: GGMLType, k: int) -> bool:

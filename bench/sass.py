@@ -29,9 +29,10 @@ global_ ...) between a backward s_cbranch / s_branch and its label, loads by wid
 spilled VGPRs / SGPRs from the kernel metadata, wave instructions per byte. Inner-loop trip counts are not read
 there (inner loops count once, marked ~), and there is no issue model of a CDNA3 CU, so no ceiling.
 
-The "gemv" path is the decode step's own kernel (kernels/qgemv.py, M = 1, the types it decodes by words); a pass of
-its loop covers one block of each row (K-quants) or 8 blocks (32-element types), so weight bytes per pass are
-BLOCK_N x that x block bytes.
+The "gemv" path is the decode step's own kernel (kernels/qgemv.py, M <= 16, the types it decodes by words); a pass
+of its loop covers one block of each row (K-quants) or 8 blocks (32-element types), so weight bytes per pass are
+BLOCK_N x that x block bytes. With --check, the ratio of its best M = 16 loop to its best M = 1 loop per byte is
+printed for each type where both compiled (at most 1.3 is the aim: M rows should not multiply the decoding).
 
 --check (CUDA targets) exits 1 when any selected decode type's best M=1 decode loop (gemv where the type has it, else
 skinny) exceeds 0.25 warp instructions per weight byte or spills, naming each; those variants compile whatever
@@ -47,6 +48,7 @@ import argparse
 import contextlib
 import datetime
 import io
+import math
 import re
 import subprocess
 import sys
@@ -354,7 +356,7 @@ def compile_rows(target_text: str, jobs: list[Job], dtype: torch.dtype) -> list[
             cc.dequant.dequantize(raw, t, (N, K), dtype)
         elif job.path == "gemv":
             cc.qgemv._tuned.cache_clear()
-            cc.qmatmul.qmatmul(torch.zeros(1, K, dtype=dtype), raw, t, (N, K), path="gemv")
+            cc.qmatmul.qmatmul(torch.zeros(job.m, K, dtype=dtype), raw, t, (N, K), path="gemv")
         else:
             cc.qmatmul._tuned.cache_clear()  # a fresh autotuner per job: a tuned key would compile one config only
             cc.qmatmul.qmatmul(torch.zeros(job.m, K, dtype=dtype), raw, t, (N, K), path=job.path)
@@ -414,6 +416,17 @@ def decode_path(t: str) -> str:
     return "gemv" if GGMLType[t] in GEMV_TYPES else "skinny"
 
 
+def m_ratios(rows: list[Row]) -> list[str]:
+    """Per type: the best M = 16 gemv loop's instructions per byte over the best M = 1 loop's."""
+    best: dict[tuple[str, int], float] = {}
+    for r in rows:
+        if r.job.path == "gemv" and not r.spills:
+            key = (r.job.type, r.job.m)
+            best[key] = min(best.get(key, math.inf), r.ipb)
+    return [f"{t}: gemv M=16 / M=1 = {best[(t, 16)]:.3f} / {best[(t, 1)]:.3f} = {best[(t, 16)] / best[(t, 1)]:.2f}"
+            for t in dict.fromkeys(t for t, _ in best) if (t, 1) in best and (t, 16) in best]
+
+
 def check(rows: list[Row], types: tuple[str, ...] = DECODE_TYPES) -> list[str]:
     """Each of `types` whose best M=1 decode loop (`decode_path`) exceeds CHECK_IPB or spills."""
     failures = []
@@ -450,9 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.check and not cuda:
         parser.error("--check reads the SASS of a CUDA target")
     ms = [int(m) for m in args.m.split(",")]
-    jobs = [Job(t, p, None if p == "dequant" else GEMM_M if p == "gemm" else 1 if p == "gemv" else m)
-            for t in types for p in paths for m in (ms if p in ("skinny", "splitk") else ms[:1])
-            if p != "gemv" or GGMLType[t] in GEMV_TYPES]
+    jobs = [Job(t, p, None if p == "dequant" else GEMM_M if p == "gemm" else m)
+            for t in types for p in paths for m in (ms if p in ("gemv", "skinny", "splitk") else ms[:1])
+            if p != "gemv" or (GGMLType[t] in GEMV_TYPES and m <= 16)]
     checked = tuple(t for t in types if t in DECODE_TYPES) if args.check else ()
     jobs += [job for job in (Job(t, decode_path(t), 1) for t in checked) if job not in jobs]
     rows = compile_rows(args.target, jobs, getattr(torch, args.dtype))
@@ -475,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         append_results(text)
     if args.check:
+        for line in m_ratios(rows):
+            print(line)
         failures = check(rows, checked)
         for failure in failures:
             print("CHECK FAILED", failure)

@@ -1,6 +1,7 @@
-"""Matrix-vector product with a weight kept in GGUF blocks: the decode step's matmul, at the bandwidth limit.
+"""Products of 1 to 16 rows of activations with a weight kept in GGUF blocks: the decode step's matmul, at the
+bandwidth limit.
 
-    out[n] = sum_k x[k] * W[n, k]        (x: one row of K values; W: (N, K) in blocks of QK elements)
+    out[m, n] = sum_k x[m, k] * W[n, k]        (x: M <= 16 rows of K values; W: (N, K) in blocks of QK elements)
 
 Decoding reads every weight byte once per token, so this loop must issue few instructions per weight byte: an
 H200 SM issues 4 warp instructions per clock and must take in ~18 bytes per clock to stream HBM, so above ~0.22
@@ -8,16 +9,20 @@ warp instructions per byte the loop, not memory, sets the speed (bench/sass.py r
 What keeps it low:
 - Each thread owns whole runs of a block's quants in each of its rows (R rows per thread share one set of x
   values): 16-byte loads of words, neighbouring threads on neighbouring bytes of a row. Block headers (d, dmin,
-  packed scales) are loaded and decoded once per (row, block) piece a thread owns, and sums are scaled once
-  per sub-block, not per element.
+  packed scales) are loaded and decoded once per (row, block) piece a thread owns.
 - A b-bit field at bit P (P + b <= 23) of a word w is turned into a float by one AND: (w & mask) read as a
-  float32 is the denormal q * 2^(P - 149), exact. x is pre-scaled per field position by 2^(149 - S - P), so
-  every product x' * f is x * q * 2^-S; one FFMA per weight accumulates it and 2^S goes into the block scale.
-  S = 80 keeps x' finite for |x| < 2^59 and the products normal for |x| >= 2^-46. A backend that flushes
-  denormals (DENORMAL=False, HIP) adds the field to a float's mantissa with an exponent instead, and subtracts
-  that float's base, exact too, at one FADD more per weight.
-- Offsets (q - 8, q - 32, q + 128 for int8) and K-quant mins use the per-sub-block sums of x, computed once per
+  float32 is the denormal q * 2^(P - 149), exact. A backend that flushes denormals (DENORMAL=False, HIP) adds
+  the field to a float's mantissa with an exponent instead, and subtracts that float's base, exact too, at one
+  FADD more per weight.
+- One row of x (BLOCK_M = 1, a GEMV): x is pre-scaled per field position by 2^(149 - S - P), so every product
+  x' * f is x * q * 2^-S; one FFMA per weight accumulates it, and the block scale (times 2^S) multiplies the
+  sums once per sub-block. S = 80 keeps x' finite for |x| < 2^59 and the products normal for |x| >= 2^-46.
+  Offsets (q - 8, q - 32, q + 128 for int8) and K-quant mins use the per-sub-block sums of x, computed once per
   thread and shared by its rows.
+- 2 to 16 rows (BLOCK_M = 16, batched decode, speculative verification): one FFMA per weight scales the field
+  (by dl * 2^(149 - P), and 2^-T) and adds the offset or min, the tile is rounded to x's dtype and multiplied on
+  the tensor cores, one tl.dot per field position (K = 16 to 64 elements), so each weight is decoded once
+  whatever M is.
 
 Types: Q4_K and Q5_K (16-byte aligned blocks) read the file's layout; Q4_0, Q5_0, Q8_0 and Q6_K read the planar
 layout of `planar.py` (their file blocks are 2-byte aligned). Split-K: program (pid, s) covers blocks
@@ -33,19 +38,29 @@ import triton
 import triton.language as tl
 
 from ..gguf.types import TYPE_TRAITS, GGMLType
-from ._common import backend
+from ._common import backend, dot, f32_dot
 
 GEMV_TYPES = frozenset({GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q4_0,
                         GGMLType.Q5_0})
+MAX_M = 16  # rows of x the kernel takes: one tensor-core tile
 
 _S = tl.constexpr(80)
+# 2..16 rows: the decoded weights are q * dl + bias times 2^-T, the products scaled back once at the end. The
+# factor dl * 2^(149 - T - P) then stays finite for any fp16-derived dl, and the weights stay within bfloat16's
+# normal range (not float16's: float16 activations decode with DENORMAL off).
+_T = tl.constexpr(64)
 
-# Autotune configs (BLOCK_N, num_warps) per backend: 4-8 rows per thread (each thread holds R rows of a 16-32-byte
-# run in registers; more rows share more x loads). Unmeasured on a GPU; none spills on sm_90. The interpreter's
-# is small so tests cross row tiles.
+# Autotune configs (BLOCK_N, num_warps) per backend, for one row of x and for 2..16: 4-8 rows of W per thread
+# (each thread holds R rows of a 16-32-byte run in registers; more rows share more x loads). Unmeasured on a GPU;
+# none spills on sm_90 (bench/sass.py). The interpreter's are small so tests cross row tiles.
 _CONFIGS = {
     "cuda": [(64, 2), (128, 4), (256, 4)],
     "hip": [(64, 2), (128, 4)],  # unmeasured
+    "interpreter": [(16, 1)],
+}
+_DOT_CONFIGS = {
+    "cuda": [(64, 4), (128, 4), (256, 8)],
+    "hip": [(64, 4), (128, 4)],  # unmeasured
     "interpreter": [(16, 1)],
 }
 _SPLIT_ROWS = 128  # rows per program assumed when sizing split-K
@@ -81,10 +96,35 @@ def _x(x_ptr, mask, P: tl.constexpr, DENORMAL: tl.constexpr):
 
 
 @triton.jit
-def _acc(s, sx, w, x_ptr, mask, P: tl.constexpr, BITS: tl.constexpr, DENORMAL: tl.constexpr):
-    """s += field(w, P) * x', sx += x: one weight field per element of w."""
-    x, xs = _x(x_ptr, mask, P, DENORMAL)
-    return s + _field(w, P, BITS, DENORMAL) * xs[None], sx + x
+def _take(s, sx, acc, w, P: tl.constexpr, BITS: tl.constexpr, x_ptr, e, mask, dl, bias, xm, x_stride,
+          DENORMAL: tl.constexpr, BLOCK_M: tl.constexpr, F32: tl.constexpr):
+    """The weights of field position P of the words w [BN, A, B], elements e [A, B] of the block at x_ptr.
+
+    BLOCK_M = 1: s += field * x', sx += x. Else acc [BLOCK_M, BN] += x[xm, e] @ (field * dl + bias)^T, with dl and
+    bias (broadcast against w) the block's scale and offset, the weights rounded to x's dtype for tl.dot.
+    """
+    f = _field(w, P, BITS, DENORMAL)
+    if BLOCK_M == 1:
+        x, xs = _x(x_ptr + e, mask, P, DENORMAL)
+        s += f * xs[None]
+        sx += x
+    else:
+        if DENORMAL:  # weights times 2^-T (see _T)
+            v = f * (dl * 2.0 ** (149 - _T - P)) + bias * 2.0 ** (-_T)
+        else:
+            v = f * dl + bias
+        BN: tl.constexpr = v.shape[0]
+        EL: tl.constexpr = v.shape[1] * v.shape[2]
+        ptr = x_ptr + xm[:, None] * x_stride + tl.reshape(e, [EL])[None, :]
+        if mask is None:
+            xt = tl.load(ptr)
+        else:
+            xt = tl.load(ptr, mask=tl.reshape(tl.broadcast_to(mask, e.shape), [EL])[None, :], other=0.0)
+        v = tl.reshape(v, [BN, EL])
+        if not F32:
+            v = v.to(xt.dtype)
+        acc += dot(xt, tl.trans(v), F32)
+    return s, sx, acc
 
 
 # K-quants with 6-bit scales (Q4_K, Q5_K): a thread owns run r (elements 64r..64r+63: the low nibbles of 32 qs bytes,
@@ -109,10 +149,11 @@ def _k4_scales(blk, n_in, r):
 
 
 @triton.jit
-def _k4_quarter(s0, s1, sx0, sx1, q, qh, hs, x_ptr, e, km, DENORMAL: tl.constexpr, FIFTH: tl.constexpr):
-    """Sums over 4 words q [BN, 4, 4] of qs (run r, bytes 4g + t): low nibbles (elements e + t) into s0, high
-    nibbles (e + 32 + t) into s1. FIFTH: qh [BN, 4, 4] holds the fifth bits (Q5_K), bit hs of the byte for lows
-    and hs + 1 for highs, moved next to each nibble."""
+def _k4_quarter(s0, s1, sx0, sx1, acc, q, qh, hs, x_ptr, e, dl0, b0, dl1, b1, xm, x_stride,
+                DENORMAL: tl.constexpr, FIFTH: tl.constexpr, BLOCK_M: tl.constexpr, F32: tl.constexpr):
+    """4 words q [BN, 4, 4] of qs (run r, bytes 4g + t): low nibbles (elements e + t; sums s0, sx0; scale dl0,
+    bias b0) and high nibbles (e + 32 + t; s1, sx1, dl1, b1). FIFTH: qh [BN, 4, 4] holds the fifth bits (Q5_K), bit
+    hs of the byte for lows and hs + 1 for highs, moved next to each nibble."""
     if FIFTH:
         # bit 2r (2r + 1) of each qh byte to bit 4 (bit 8) of it: the fifth bit of the low (high) nibble
         lo5 = tl.where(hs <= 4, qh << tl.maximum(4 - hs, 0), qh >> tl.maximum(hs - 4, 0))
@@ -120,26 +161,39 @@ def _k4_quarter(s0, s1, sx0, sx1, q, qh, hs, x_ptr, e, km, DENORMAL: tl.constexp
         lo = (q & 0x0F0F0F0F) | (lo5 & 0x10101010)
         hi = ((q >> 4) & 0x0F0F0F0F) | (hi5 & 0x10101010)
         for t in tl.static_range(3):
-            s0, sx0 = _acc(s0, sx0, lo, x_ptr + e + t, km, 8 * t, 5, DENORMAL)
-            s1, sx1 = _acc(s1, sx1, hi, x_ptr + e + 32 + t, km, 8 * t, 5, DENORMAL)
-        s0, sx0 = _acc(s0, sx0, lo >> 16, x_ptr + e + 3, km, 8, 5, DENORMAL)
-        s1, sx1 = _acc(s1, sx1, hi >> 16, x_ptr + e + 35, km, 8, 5, DENORMAL)
+            s0, sx0, acc = _take(s0, sx0, acc, lo, 8 * t, 5, x_ptr, e + t, None, dl0, b0, xm, x_stride,
+                                 DENORMAL, BLOCK_M, F32)
+            s1, sx1, acc = _take(s1, sx1, acc, hi, 8 * t, 5, x_ptr, e + 32 + t, None, dl1, b1, xm, x_stride,
+                                 DENORMAL, BLOCK_M, F32)
+        s0, sx0, acc = _take(s0, sx0, acc, lo >> 16, 8, 5, x_ptr, e + 3, None, dl0, b0, xm, x_stride,
+                             DENORMAL, BLOCK_M, F32)
+        s1, sx1, acc = _take(s1, sx1, acc, hi >> 16, 8, 5, x_ptr, e + 35, None, dl1, b1, xm, x_stride,
+                             DENORMAL, BLOCK_M, F32)
     else:
         u = q >> 12  # nibbles at bits 20, 24, 28 to 8, 12, 16: a field must end below the exponent (bit 23)
-        s0, sx0 = _acc(s0, sx0, q, x_ptr + e, km, 0, 4, DENORMAL)
-        s1, sx1 = _acc(s1, sx1, q, x_ptr + e + 32, km, 4, 4, DENORMAL)
-        s0, sx0 = _acc(s0, sx0, q, x_ptr + e + 1, km, 8, 4, DENORMAL)
-        s1, sx1 = _acc(s1, sx1, q, x_ptr + e + 33, km, 12, 4, DENORMAL)
-        s0, sx0 = _acc(s0, sx0, q, x_ptr + e + 2, km, 16, 4, DENORMAL)
-        s1, sx1 = _acc(s1, sx1, u, x_ptr + e + 34, km, 8, 4, DENORMAL)
-        s0, sx0 = _acc(s0, sx0, u, x_ptr + e + 3, km, 12, 4, DENORMAL)
-        s1, sx1 = _acc(s1, sx1, u, x_ptr + e + 35, km, 16, 4, DENORMAL)
-    return s0, s1, sx0, sx1
+        s0, sx0, acc = _take(s0, sx0, acc, q, 0, 4, x_ptr, e, None, dl0, b0, xm, x_stride, DENORMAL, BLOCK_M, F32)
+        s1, sx1, acc = _take(s1, sx1, acc, q, 4, 4, x_ptr, e + 32, None, dl1, b1, xm, x_stride, DENORMAL, BLOCK_M,
+                             F32)
+        s0, sx0, acc = _take(s0, sx0, acc, q, 8, 4, x_ptr, e + 1, None, dl0, b0, xm, x_stride, DENORMAL, BLOCK_M,
+                             F32)
+        s1, sx1, acc = _take(s1, sx1, acc, q, 12, 4, x_ptr, e + 33, None, dl1, b1, xm, x_stride, DENORMAL, BLOCK_M,
+                             F32)
+        s0, sx0, acc = _take(s0, sx0, acc, q, 16, 4, x_ptr, e + 2, None, dl0, b0, xm, x_stride, DENORMAL, BLOCK_M,
+                             F32)
+        s1, sx1, acc = _take(s1, sx1, acc, u, 8, 4, x_ptr, e + 34, None, dl1, b1, xm, x_stride, DENORMAL, BLOCK_M,
+                             F32)
+        s0, sx0, acc = _take(s0, sx0, acc, u, 12, 4, x_ptr, e + 3, None, dl0, b0, xm, x_stride, DENORMAL, BLOCK_M,
+                             F32)
+        s1, sx1, acc = _take(s1, sx1, acc, u, 16, 4, x_ptr, e + 35, None, dl1, b1, xm, x_stride, DENORMAL, BLOCK_M,
+                             F32)
+    return s0, s1, sx0, sx1, acc
 
 
 @triton.jit
-def _k4_block(w_ptr, row, n_in, b, x_ptr, BLOCK_BYTES: tl.constexpr, DENORMAL: tl.constexpr, FIFTH: tl.constexpr):
-    """Q4_K (144-byte blocks) or Q5_K (176, FIFTH) block b of rows `row` (byte offsets [BN]) dotted with x: [BN, 4]."""
+def _k4_block(acc, w_ptr, row, n_in, b, x_ptr, xm, x_stride, BLOCK_BYTES: tl.constexpr, DENORMAL: tl.constexpr,
+              FIFTH: tl.constexpr, BLOCK_M: tl.constexpr, F32: tl.constexpr):
+    """acc plus Q4_K (144-byte blocks) or Q5_K (176, FIFTH) block b of rows `row` (byte offsets [BN]) times x:
+    [BN, 4] sums (BLOCK_M = 1), or [BLOCK_M, BN] products."""
     r = tl.arange(0, 4)
     g = tl.arange(0, 4)
     blk = (w_ptr + row[:, None] + b * BLOCK_BYTES).to(tl.pointer_type(tl.int32))  # [BN, 1], 16-byte aligned
@@ -161,14 +215,21 @@ def _k4_block(w_ptr, row, n_in, b, x_ptr, BLOCK_BYTES: tl.constexpr, DENORMAL: t
     e = (r[:, None] * 64 + g[None, :] * 4)  # [4, 4]: element of the low nibble of byte 0 of each word
     xb = x_ptr + b * 256
     hs = (2 * r)[None, :, None]
+    dl0, dl1, ml0, ml1 = _k4_scales(blk, m2, r[None, :])
+    d0 = dl0[:, :, None]
+    d1 = dl1[:, :, None]
+    b0 = -ml0[:, :, None]
+    b1 = -ml1[:, :, None]
     zero = tl.zeros([BN, 4, 4], tl.float32)
     zx = tl.zeros([4, 4], tl.float32)
-    s0, s1, sx0, sx1 = _k4_quarter(zero, zero, zx, zx, q0, h0, hs, xb, e, None, DENORMAL, FIFTH)
-    s0, s1, sx0, sx1 = _k4_quarter(s0, s1, sx0, sx1, q1, h1, hs, xb, e + 16, None, DENORMAL, FIFTH)
-    dl0, dl1, ml0, ml1 = _k4_scales(blk, n_in[:, None], r[None, :])
-    scale = 2.0 ** _S
-    return (scale * (dl0 * tl.sum(s0, axis=2) + dl1 * tl.sum(s1, axis=2))
-            - ml0 * tl.sum(sx0, axis=1)[None, :] - ml1 * tl.sum(sx1, axis=1)[None, :])
+    s0, s1, sx0, sx1, acc = _k4_quarter(zero, zero, zx, zx, acc, q0, h0, hs, xb, e, d0, b0, d1, b1, xm, x_stride,
+                                        DENORMAL, FIFTH, BLOCK_M, F32)
+    s0, s1, sx0, sx1, acc = _k4_quarter(s0, s1, sx0, sx1, acc, q1, h1, hs, xb, e + 16, d0, b0, d1, b1, xm,
+                                        x_stride, DENORMAL, FIFTH, BLOCK_M, F32)
+    if BLOCK_M == 1:
+        acc += ((2.0 ** _S) * (dl0 * tl.sum(s0, axis=2) + dl1 * tl.sum(s1, axis=2))
+                - ml0 * tl.sum(sx0, axis=1)[None, :] - ml1 * tl.sum(sx1, axis=1)[None, :])
+    return acc
 
 
 # Q6_K, planar: a thread owns 16 ql bytes (half h of the block, bytes 16a..16a+15 of it: the low nibbles of
@@ -177,8 +238,10 @@ def _k4_block(w_ptr, row, n_in, b, x_ptr, BLOCK_BYTES: tl.constexpr, DENORMAL: t
 
 
 @triton.jit
-def _q6_k_block(w_ptr, row, n_in, b, nb, x_ptr, DENORMAL: tl.constexpr):
-    """Q6_K block b of rows `row` (byte offsets [BN]) dotted with x: [BN, 8] (threads h, a)."""
+def _q6_k_block(acc, w_ptr, row, n_in, b, nb, x_ptr, xm, x_stride, DENORMAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                F32: tl.constexpr):
+    """acc plus Q6_K block b of rows `row` (byte offsets [BN]) times x: [BN, 8] sums (threads h, a; BLOCK_M = 1),
+    or [BLOCK_M, BN] products."""
     c = tl.arange(0, 8)
     half = c // 4
     a = c % 4
@@ -196,7 +259,12 @@ def _q6_k_block(w_ptr, row, n_in, b, nb, x_ptr, DENORMAL: tl.constexpr):
     crumb = (2 * (a // 2))[None, :, None]  # bit of each qh byte holding the low elements' top 2 bits
     e = (128 * half + 16 * a)[:, None] + 4 * g[None, :]  # [8, 4]: element of the low nibble of byte 0 of a word
     xb = x_ptr + b * 256
-    km = None
+    sc_ptr = base + nb * 192 + b * 16 + (8 * half + a)[None, :]
+    sc0 = tl.load(sc_ptr.to(tl.pointer_type(tl.int8)), mask=m2, other=0).to(tl.float32)
+    sc1 = tl.load((sc_ptr + 4).to(tl.pointer_type(tl.int8)), mask=m2, other=0).to(tl.float32)
+    d = tl.load((base + nb * 208 + b * 2).to(tl.pointer_type(tl.float16)), mask=m2, other=0.0).to(tl.float32)
+    dl0 = (d * sc0)[:, :, None]
+    dl1 = (d * sc1)[:, :, None]
     s0 = tl.zeros(ql.shape, tl.float32)
     s1 = tl.zeros(ql.shape, tl.float32)
     sx0 = tl.zeros([8, 4], tl.float32)
@@ -205,18 +273,19 @@ def _q6_k_block(w_ptr, row, n_in, b, nb, x_ptr, DENORMAL: tl.constexpr):
     lo = (ql & 0x0F0F0F0F) | ((qh << (4 - crumb)) & 0x30303030)
     hi = ((ql >> 4) & 0x0F0F0F0F) | ((qh >> crumb) & 0x30303030)
     for t in tl.static_range(3):
-        s0, sx0 = _acc(s0, sx0, lo, xb + e + t, km, 8 * t, 6, DENORMAL)
-        s1, sx1 = _acc(s1, sx1, hi, xb + e + 64 + t, km, 8 * t, 6, DENORMAL)
-    s0, sx0 = _acc(s0, sx0, lo >> 16, xb + e + 3, km, 8, 6, DENORMAL)
-    s1, sx1 = _acc(s1, sx1, hi >> 16, xb + e + 67, km, 8, 6, DENORMAL)
-    sc_ptr = base + nb * 192 + b * 16 + (8 * half + a)[None, :]
-    sc0 = tl.load(sc_ptr.to(tl.pointer_type(tl.int8)), mask=m2, other=0).to(tl.float32)
-    sc1 = tl.load((sc_ptr + 4).to(tl.pointer_type(tl.int8)), mask=m2, other=0).to(tl.float32)
-    d_ptr = (base + nb * 208 + b * 2).to(tl.pointer_type(tl.float16))
-    d = tl.load(d_ptr, mask=m2, other=0.0).to(tl.float32)
-    scale = 2.0 ** _S
-    return d * (sc0 * (scale * tl.sum(s0, axis=2) - 32.0 * tl.sum(sx0, axis=1)[None, :])
-                + sc1 * (scale * tl.sum(s1, axis=2) - 32.0 * tl.sum(sx1, axis=1)[None, :]))
+        s0, sx0, acc = _take(s0, sx0, acc, lo, 8 * t, 6, xb, e + t, None, dl0, -32.0 * dl0, xm, x_stride,
+                             DENORMAL, BLOCK_M, F32)
+        s1, sx1, acc = _take(s1, sx1, acc, hi, 8 * t, 6, xb, e + 64 + t, None, dl1, -32.0 * dl1, xm, x_stride,
+                             DENORMAL, BLOCK_M, F32)
+    s0, sx0, acc = _take(s0, sx0, acc, lo >> 16, 8, 6, xb, e + 3, None, dl0, -32.0 * dl0, xm, x_stride,
+                         DENORMAL, BLOCK_M, F32)
+    s1, sx1, acc = _take(s1, sx1, acc, hi >> 16, 8, 6, xb, e + 67, None, dl1, -32.0 * dl1, xm, x_stride,
+                         DENORMAL, BLOCK_M, F32)
+    if BLOCK_M == 1:
+        scale = 2.0 ** _S
+        acc += d * (sc0 * (scale * tl.sum(s0, axis=2) - 32.0 * tl.sum(sx0, axis=1)[None, :])
+                    + sc1 * (scale * tl.sum(s1, axis=2) - 32.0 * tl.sum(sx1, axis=1)[None, :]))
+    return acc
 
 
 # 32-element types, planar: a thread owns 16 quant bytes of a row (Q4_0, Q5_0: one block; Q8_0: half a block), and
@@ -224,9 +293,10 @@ def _q6_k_block(w_ptr, row, n_in, b, nb, x_ptr, DENORMAL: tl.constexpr):
 
 
 @triton.jit
-def _q32_block(w_ptr, row, n_in, b, b_end, nb, x_ptr, TYPE: tl.constexpr, U: tl.constexpr, DENORMAL: tl.constexpr):
-    """The U units from block b of Q4_0 / Q5_0 / Q8_0 rows `row` (byte offsets [BN], nb blocks each), blocks from
-    b_end on left out, dotted with x: [BN, U]."""
+def _q32_block(acc, w_ptr, row, n_in, b, b_end, nb, x_ptr, xm, x_stride, TYPE: tl.constexpr, U: tl.constexpr,
+               DENORMAL: tl.constexpr, BLOCK_M: tl.constexpr, F32: tl.constexpr):
+    """acc plus the U units from block b of Q4_0 / Q5_0 / Q8_0 rows `row` (byte offsets [BN], nb blocks each),
+    blocks from b_end on left out, times x: [BN, U] sums (BLOCK_M = 1), or [BLOCK_M, BN] products."""
     PER_BLOCK: tl.constexpr = 2 if TYPE == "Q8_0" else 1  # units per block
     u = tl.arange(0, U)
     g = tl.arange(0, 4)
@@ -239,19 +309,29 @@ def _q32_block(w_ptr, row, n_in, b, b_end, nb, x_ptr, TYPE: tl.constexpr, U: tl.
     q = tl.load(qs_ptr + words[None, :], mask=n_in[:, None] & (b + words // (4 * PER_BLOCK) < b_end)[None, :],
                 other=0)
     q = tl.reshape(q, [row.shape[0], U, 4])
-    e = (b * 32 + 16 * u)[:, None] + 4 * g[None, :]  # [U, 4]: element of byte 0 of word g (Q8_0)
     km = b_in[:, None]
     s = tl.zeros([row.shape[0], U, 4], tl.float32)
     sx = tl.zeros([U, 4], tl.float32)
     if TYPE == "Q8_0":
-        q = q ^ -0x7F7F7F80  # 0x80808080: int8 q to q + 128, unsigned
-        v = q >> 16
-        s, sx = _acc(s, sx, q, x_ptr + e, km, 0, 8, DENORMAL)
-        s, sx = _acc(s, sx, q, x_ptr + e + 1, km, 8, 8, DENORMAL)
-        s, sx = _acc(s, sx, v, x_ptr + e + 2, km, 0, 8, DENORMAL)
-        s, sx = _acc(s, sx, v, x_ptr + e + 3, km, 8, 8, DENORMAL)
         offset = 128.0
         d_at = nb * 32
+    elif TYPE == "Q5_0":
+        offset = 16.0
+        d_at = nb * 20
+    else:
+        offset = 8.0
+        d_at = nb * 16
+    d = tl.load((base + d_at + 2 * blk[None, :]).to(tl.pointer_type(tl.float16)), mask=m2, other=0.0).to(tl.float32)
+    dl = d[:, :, None]
+    bias = -offset * dl
+    if TYPE == "Q8_0":
+        e = (b * 32 + 16 * u)[:, None] + 4 * g[None, :]  # [U, 4]: element of byte 0 of word g
+        q = q ^ -0x7F7F7F80  # 0x80808080: int8 q to q + 128, unsigned
+        v = q >> 16
+        s, sx, acc = _take(s, sx, acc, q, 0, 8, x_ptr, e, km, dl, bias, xm, x_stride, DENORMAL, BLOCK_M, F32)
+        s, sx, acc = _take(s, sx, acc, q, 8, 8, x_ptr, e + 1, km, dl, bias, xm, x_stride, DENORMAL, BLOCK_M, F32)
+        s, sx, acc = _take(s, sx, acc, v, 0, 8, x_ptr, e + 2, km, dl, bias, xm, x_stride, DENORMAL, BLOCK_M, F32)
+        s, sx, acc = _take(s, sx, acc, v, 8, 8, x_ptr, e + 3, km, dl, bias, xm, x_stride, DENORMAL, BLOCK_M, F32)
     else:
         e = (blk * 32)[:, None] + 4 * g[None, :]  # byte 4g + t holds elements 4g + t and 16 + 4g + t
         if TYPE == "Q5_0":
@@ -264,80 +344,102 @@ def _q32_block(w_ptr, row, n_in, b, b_end, nb, x_ptr, TYPE: tl.constexpr, U: tl.
             lo = (q & 0x0F0F0F0F) | lo5
             hi = ((q >> 4) & 0x0F0F0F0F) | hi5
             for t in tl.static_range(3):
-                s, sx = _acc(s, sx, lo, x_ptr + e + t, km, 8 * t, 5, DENORMAL)
-                s, sx = _acc(s, sx, hi, x_ptr + e + 16 + t, km, 8 * t, 5, DENORMAL)
-            s, sx = _acc(s, sx, lo >> 16, x_ptr + e + 3, km, 8, 5, DENORMAL)
-            s, sx = _acc(s, sx, hi >> 16, x_ptr + e + 19, km, 8, 5, DENORMAL)
-            offset = 16.0
-            d_at = nb * 20
+                s, sx, acc = _take(s, sx, acc, lo, 8 * t, 5, x_ptr, e + t, km, dl, bias, xm, x_stride, DENORMAL,
+                                   BLOCK_M, F32)
+                s, sx, acc = _take(s, sx, acc, hi, 8 * t, 5, x_ptr, e + 16 + t, km, dl, bias, xm, x_stride,
+                                   DENORMAL, BLOCK_M, F32)
+            s, sx, acc = _take(s, sx, acc, lo >> 16, 8, 5, x_ptr, e + 3, km, dl, bias, xm, x_stride, DENORMAL,
+                               BLOCK_M, F32)
+            s, sx, acc = _take(s, sx, acc, hi >> 16, 8, 5, x_ptr, e + 19, km, dl, bias, xm, x_stride, DENORMAL,
+                               BLOCK_M, F32)
         else:
             v = q >> 12  # nibbles at bits 20, 24, 28 to 8, 12, 16: a field must end below the exponent (bit 23)
-            s, sx = _acc(s, sx, q, x_ptr + e, km, 0, 4, DENORMAL)
-            s, sx = _acc(s, sx, q, x_ptr + e + 16, km, 4, 4, DENORMAL)
-            s, sx = _acc(s, sx, q, x_ptr + e + 1, km, 8, 4, DENORMAL)
-            s, sx = _acc(s, sx, q, x_ptr + e + 17, km, 12, 4, DENORMAL)
-            s, sx = _acc(s, sx, q, x_ptr + e + 2, km, 16, 4, DENORMAL)
-            s, sx = _acc(s, sx, v, x_ptr + e + 18, km, 8, 4, DENORMAL)
-            s, sx = _acc(s, sx, v, x_ptr + e + 3, km, 12, 4, DENORMAL)
-            s, sx = _acc(s, sx, v, x_ptr + e + 19, km, 16, 4, DENORMAL)
-            offset = 8.0
-            d_at = nb * 16
-    d = tl.load((base + d_at + 2 * blk[None, :]).to(tl.pointer_type(tl.float16)), mask=m2, other=0.0)
-    return d.to(tl.float32) * (2.0 ** _S * tl.sum(s, axis=2) - offset * tl.sum(sx, axis=1)[None, :])
+            for t in tl.static_range(3):  # low nibbles of bytes 0..2 at bits 8t, high ones of bytes 0..1 at 8t + 4
+                s, sx, acc = _take(s, sx, acc, q, 8 * t, 4, x_ptr, e + t, km, dl, bias, xm, x_stride, DENORMAL,
+                                   BLOCK_M, F32)
+            for t in tl.static_range(2):
+                s, sx, acc = _take(s, sx, acc, q, 8 * t + 4, 4, x_ptr, e + 16 + t, km, dl, bias, xm, x_stride,
+                                   DENORMAL, BLOCK_M, F32)
+            s, sx, acc = _take(s, sx, acc, v, 8, 4, x_ptr, e + 18, km, dl, bias, xm, x_stride, DENORMAL, BLOCK_M,
+                               F32)
+            s, sx, acc = _take(s, sx, acc, v, 12, 4, x_ptr, e + 3, km, dl, bias, xm, x_stride, DENORMAL, BLOCK_M,
+                               F32)
+            s, sx, acc = _take(s, sx, acc, v, 16, 4, x_ptr, e + 19, km, dl, bias, xm, x_stride, DENORMAL, BLOCK_M,
+                               F32)
+    if BLOCK_M == 1:
+        acc += d * (2.0 ** _S * tl.sum(s, axis=2) - offset * tl.sum(sx, axis=1)[None, :])
+    return acc
 
 
-@triton.jit(do_not_specialize=["split_blocks"])
-def _qgemv_kernel(x_ptr, w_ptr, out_ptr, N, nb, row_bytes, split_blocks,
-                  TYPE: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_N: tl.constexpr, DENORMAL: tl.constexpr):
-    """out[s, n] = x . row n of W over blocks [s * split_blocks, + split_blocks) of the nb in a row (float32)."""
+@triton.jit(do_not_specialize=["M", "split_blocks"])
+def _qgemv_kernel(x_ptr, w_ptr, out_ptr, M, N, nb, x_row_stride, row_bytes, split_blocks,
+                  TYPE: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DENORMAL: tl.constexpr, F32: tl.constexpr):
+    """out[s, m, n] = x[m] . row n of W over blocks [s * split_blocks, + split_blocks) of the nb in a row."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_in = n < N
     row = n.to(tl.int64) * row_bytes
+    # rows of x past M read row M - 1 (in range) and are not stored
+    xm = tl.minimum(tl.arange(0, BLOCK_M), M - 1).to(tl.int64)
     b0 = split * split_blocks
     b1 = tl.minimum(b0 + split_blocks, nb)
-    if TYPE == "Q4_K" or TYPE == "Q5_K":
-        acc = tl.zeros([BLOCK_N, 4], tl.float32)
-        for b in range(b0, b1):
-            acc += _k4_block(w_ptr, row, n_in, b, x_ptr, BLOCK_BYTES, DENORMAL, TYPE == "Q5_K")
-    elif TYPE == "Q6_K":
-        acc = tl.zeros([BLOCK_N, 8], tl.float32)
-        for b in range(b0, b1):
-            acc += _q6_k_block(w_ptr, row, n_in, b, nb, x_ptr, DENORMAL)
+    # one row of x: per-thread sums [BLOCK_N, threads per row-block], added across threads at the end
+    LANES: tl.constexpr = 4 if TYPE == "Q4_K" or TYPE == "Q5_K" else 8 if TYPE == "Q6_K" else (
+        2 * _BLOCKS_PER_STEP if TYPE == "Q8_0" else _BLOCKS_PER_STEP)
+    if BLOCK_M == 1:
+        acc = tl.zeros([BLOCK_N, LANES], tl.float32)
     else:
-        units: tl.constexpr = 2 * _BLOCKS_PER_STEP if TYPE == "Q8_0" else _BLOCKS_PER_STEP
-        acc = tl.zeros([BLOCK_N, units], tl.float32)
-        for b in range(b0, b1, units // (2 if TYPE == "Q8_0" else 1)):
-            acc += _q32_block(w_ptr, row, n_in, b, b1, nb, x_ptr, TYPE, units, DENORMAL)
-    tl.store(out_ptr + split.to(tl.int64) * N + n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=n_in)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if TYPE == "Q4_K" or TYPE == "Q5_K":
+        for b in range(b0, b1):
+            acc = _k4_block(acc, w_ptr, row, n_in, b, x_ptr, xm, x_row_stride, BLOCK_BYTES, DENORMAL,
+                            TYPE == "Q5_K", BLOCK_M, F32)
+    elif TYPE == "Q6_K":
+        for b in range(b0, b1):
+            acc = _q6_k_block(acc, w_ptr, row, n_in, b, nb, x_ptr, xm, x_row_stride, DENORMAL, BLOCK_M, F32)
+    else:
+        for b in range(b0, b1, _BLOCKS_PER_STEP):
+            acc = _q32_block(acc, w_ptr, row, n_in, b, b1, nb, x_ptr, xm, x_row_stride, TYPE, LANES, DENORMAL,
+                             BLOCK_M, F32)
+    out = out_ptr + split.to(tl.int64) * M * N
+    if BLOCK_M > 1 and DENORMAL:
+        acc *= 2.0 ** _T
+    if BLOCK_M == 1:
+        tl.store(out + n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=n_in)
+    else:
+        m = tl.arange(0, BLOCK_M)
+        tl.store(out + m[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(m < M)[:, None] & n_in[None, :])
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Only the K-quants of 6-bit scales take 256 rows without spilling (sm_90: bench/sass.py)."""
-    if kwargs["TYPE"] in ("Q4_K", "Q5_K"):
-        return configs
-    return [c for c in configs if c.kwargs["BLOCK_N"] <= 128] or configs[:1]
+    """The configs that do not spill on sm_90 (bench/sass.py): 256 rows of W only for Q4_K and Q5_K with one row
+    of x, and for Q4_K and Q4_0 with more; more than 64 rows with more rows of x only for those two."""
+    t, one_row = kwargs["TYPE"], kwargs["BLOCK_M"] == 1
+    limit = 256 if t in (("Q4_K", "Q5_K") if one_row else ("Q4_K", "Q4_0")) else 128 if one_row else 64
+    return [c for c in configs if c.kwargs["BLOCK_N"] <= limit] or configs[:1]
 
 
 @functools.cache
-def _tuned(be: str):
-    configs = [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in _CONFIGS[be]]
+def _tuned(be: str, one_row: bool):
+    configs = [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in (_CONFIGS if one_row else _DOT_CONFIGS)[be]]
     # cache_results: the timings persist in Triton's cache folder (see cache.py): a second start skips tuning.
     return triton.autotune(configs, key=["N", "nb", "TYPE"], prune_configs_by={"early_config_prune": _prune},
                            cache_results=True)(_qgemv_kernel)
 
 
 def gemv_fits(ggml_type: GGMLType, K: int) -> bool:
-    """Whether the GEMV takes a weight of this type and row length: its rows (and planes) must start 4-byte aligned
-    for the word loads, which the planar types' rows do when they hold an even number of blocks."""
+    """Whether the kernel takes a weight of this type and row length: its rows (and planes) must start 4-byte
+    aligned for the word loads, which the planar types' rows do when they hold an even number of blocks."""
     traits = TYPE_TRAITS[ggml_type]
     return ggml_type in GEMV_TYPES and K // traits.block_elements * traits.block_bytes % 4 == 0
 
 
 def gemv_splits(ggml_type: GGMLType, N: int, K: int, sms: int, splits: int | None = None) -> int:
-    """Blocks per K range of a split GEMV: enough ranges for two programs per SM (or `splits` ranges), at most 16,
-    the 32-element types' ranges whole steps of _BLOCKS_PER_STEP blocks."""
+    """Blocks per K range of a split product: enough ranges for two programs per SM (or `splits` ranges), at most
+    16, the 32-element types' ranges whole steps of _BLOCKS_PER_STEP blocks."""
     nb = K // TYPE_TRAITS[ggml_type].block_elements
     if splits is None:
         splits = max(1, min(16, triton.cdiv(2 * sms, triton.cdiv(N, _SPLIT_ROWS))))
@@ -347,18 +449,22 @@ def gemv_splits(ggml_type: GGMLType, N: int, K: int, sms: int, splits: int | Non
 
 def qgemv(x: torch.Tensor, raw: torch.Tensor, ggml_type: GGMLType, shape: tuple[int, int], out: torch.Tensor,
           split_blocks: int, *, denormal: bool | None = None) -> torch.Tensor:
-    """out[s] = partial sums of x [K] . W[n] over blocks [s * split_blocks, + split_blocks) of each row.
+    """out[s] = partial products x [M, K] @ W^T over blocks [s * split_blocks, + split_blocks) of each row.
 
-    W (N, K) = `shape`, of a type in GEMV_TYPES, as `raw` bytes: the planar layout (`planar.to_planar`) for the
-    types it covers, else the file's; 16-byte aligned. out: [ranges, N], any float dtype. denormal: the field
-    decoding (default: the backend's, see the module docstring). Arguments are checked by `qmatmul`.
+    x: 1..MAX_M rows, last dim contiguous. W (N, K) = `shape`, of a type in GEMV_TYPES, as `raw` bytes: the planar
+    layout (`planar.to_planar`) for the types it covers, else the file's; 16-byte aligned. out: [ranges, M, N],
+    any float dtype. denormal: the field decoding (default: the backend's, see the module docstring). Arguments
+    are checked by `qmatmul`, the public entry point.
     """
+    M = x.shape[0]
     N, K = shape
     traits = TYPE_TRAITS[ggml_type]
     nb = K // traits.block_elements
     be = backend(x.device)
-    _tuned(be)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), out.shape[0])](
-        x, raw, out, N, nb, nb * traits.block_bytes, split_blocks,
-        TYPE=ggml_type.name, BLOCK_BYTES=traits.block_bytes, DENORMAL=be != "hip" if denormal is None else denormal,
+    _tuned(be, M == 1)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), out.shape[0])](
+        x, raw, out, M, N, nb, x.stride(0), nb * traits.block_bytes, split_blocks,
+        TYPE=ggml_type.name, BLOCK_BYTES=traits.block_bytes, BLOCK_M=1 if M == 1 else MAX_M,
+        DENORMAL=be != "hip" and (M == 1 or x.dtype != torch.float16) if denormal is None else denormal,
+        F32=f32_dot(x),
     )
     return out

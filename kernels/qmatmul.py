@@ -8,9 +8,10 @@ whole blocks of BLOCK_BYTES bytes (row n starts at byte n * K / QK * BLOCK_BYTES
 float32; out is [M, N] in x's dtype, or in `out_dtype` (float32 logits from bfloat16 activations).
 
 Five paths, picked by `_choose_path` from per-backend thresholds (or forced with `path=`):
-- "gemv" (M = 1, the types of `qgemv.GEMV_TYPES`): the decode step's matrix-vector product, a kernel of its own
-  (qgemv.py) that decodes 32-bit words of whole blocks and streams the weight at the bandwidth limit; K is split
-  into ranges when N alone makes too few programs, their partial sums added as on the split-K path.
+- "gemv" (M <= 16, the types of `qgemv.GEMV_TYPES`): the decode step's product, a kernel of its own (qgemv.py)
+  that decodes 32-bit words of whole blocks and streams the weight at the bandwidth limit, one FMA per weight for
+  one row of x, tensor cores for 2..16; K is split into ranges when N alone makes too few programs, their partial
+  sums added as on the split-K path.
 - "skinny" (small M: decode, small batches, speculative verification). A program owns BLOCK_N rows of W over
   the whole K range and all M rows of x (padded to 16 rows for tl.dot; M = 1 multiplies and sums in float32
   instead, a GEMV, as no tensor-core tile is that thin), so each weight byte is read and decoded once per call
@@ -45,7 +46,7 @@ from ._common import FLOAT_DTYPES, backend, check_float, check_last_dim_contiguo
 from .blocks import decode_block, decode_planar, decode_table_tensor
 from .dequant import dequantize
 from .planar import PLANAR_TYPES, check_planar, from_planar, to_planar
-from .qgemv import GEMV_TYPES, gemv_fits, gemv_splits, qgemv
+from .qgemv import GEMV_TYPES, MAX_M, gemv_fits, gemv_splits, qgemv
 
 PATHS = ("gemv", "skinny", "splitk", "gemm", "dequant")
 _FLOAT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
@@ -166,7 +167,7 @@ def _choose_path(ggml_type: GGMLType, M: int, N: int, K: int, device: torch.devi
     """The path for an [M, K] x (N, K) product on `device`: the one place that reads the dispatch thresholds."""
     th = _DISPATCH[backend(device)]
     dequant_min_m = th["float_dequant_min_m"] if ggml_type in _FLOAT_TYPES else th["dequant_min_m"]
-    if M == 1 and gemv_fits(ggml_type, K):
+    if M <= th["skinny_max_m"] and gemv_fits(ggml_type, K):
         return "gemv"
     if M >= dequant_min_m:
         return "dequant"
@@ -217,8 +218,8 @@ def qmatmul(
     if split_k is not None and (path not in ("splitk", "gemv") or split_k < 1):
         raise ValueError(f"split_k must be >= 1 and only goes with path='splitk' or 'gemv', got {split_k} with "
                          f"{path!r}")
-    if path == "gemv" and (M != 1 or not gemv_fits(t, K)):
-        raise ValueError(f"{t.name}: path 'gemv' takes one row of x and a weight of "
+    if path == "gemv" and (M > MAX_M or not gemv_fits(t, K)):
+        raise ValueError(f"{t.name}: path 'gemv' takes up to {MAX_M} rows of x and a weight of "
                          f"{', '.join(g.name for g in sorted(GEMV_TYPES))} whose rows are a multiple of 4 bytes, "
                          f"got {M} rows of {K}")
     out_dtype = out_dtype or x.dtype
@@ -237,9 +238,9 @@ def qmatmul(
         split_blocks = gemv_splits(t, N, K, sm_count(x.device), split_k)
         splits = triton.cdiv(K // TYPE_TRAITS[t].block_elements, split_blocks)
         if splits == 1:
-            return qgemv(x, raw, t, (N, K), out, split_blocks)
-        part = qgemv(x, raw, t, (N, K), torch.empty((splits, N), dtype=torch.float32, device=x.device), split_blocks)
-        return _add_splits(part, out)
+            return qgemv(x, raw, t, (N, K), out[None], split_blocks)[0]
+        part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
+        return _add_splits(qgemv(x, raw, t, (N, K), part, split_blocks), out)
     if path == "dequant":
         # torch.mm writes its operands' dtype: another output dtype multiplies in that dtype instead.
         return torch.mm(x.to(out_dtype), dequantize(raw, t, (N, K), out_dtype, planar=planar).t(), out=out)

@@ -131,9 +131,10 @@ def launches(quick: bool):
                 yield f"qmatmul {t.name} {dtype} M={m} {path}", lambda t=t, k=k, d=dtype, m=m, p=path: \
                     qmatmul.qmatmul(torch.zeros(m, 4 * k, dtype=d), raw_weight(t, 64, 4 * k), t, (64, 4 * k), path=p)
             planar = t in PLANAR_TYPES
-            if qgemv.gemv_fits(t, 4 * k):
-                yield f"qmatmul {t.name} {dtype} M=1 gemv", lambda t=t, k=k, d=dtype, p=planar: qmatmul.qmatmul(
-                    torch.zeros(1, 4 * k, dtype=d), raw_weight(t, 64, 4 * k), t, (64, 4 * k), path="gemv", planar=p)
+            for m in (1, 16) if qgemv.gemv_fits(t, 4 * k) else ():
+                yield f"qmatmul {t.name} {dtype} M={m} gemv", lambda t=t, k=k, d=dtype, m=m, p=planar: \
+                    qmatmul.qmatmul(torch.zeros(m, 4 * k, dtype=d), raw_weight(t, 64, 4 * k), t, (64, 4 * k),
+                                    path="gemv", planar=p)
             if planar:
                 yield f"qmatmul {t.name} {dtype} M=16 skinny planar", lambda t=t, k=k, d=dtype: qmatmul.qmatmul(
                     torch.zeros(16, 4 * k, dtype=d), raw_weight(t, 64, 4 * k), t, (64, 4 * k), path="skinny",

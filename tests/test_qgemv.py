@@ -30,35 +30,40 @@ def layout(raw: torch.Tensor, ggml_type: GGMLType, shape: tuple[int, int]) -> to
 
 def gemv_error(ggml_type: GGMLType, n: int, k: int, x: torch.Tensor, splits: int, denormal: bool | None,
                device: torch.device) -> float:
+    """Relative error of the summed partial products of x [M, K] and a random (n, k) weight."""
     raw = weight(ggml_type, n, k, device, seed=n + k)
     blocks = gemv_splits(ggml_type, n, k, 1, splits)
     ranges = -(-(k // TYPE_TRAITS[ggml_type].block_elements) // blocks)
-    out = torch.empty((ranges, n), dtype=torch.float32, device=device)
+    out = torch.empty((ranges, x.shape[0], n), dtype=torch.float32, device=device)
     part = qgemv(x, layout(raw, ggml_type, (n, k)), ggml_type, (n, k), out, blocks, denormal=denormal)
-    ref = dequantize_reference(raw, ggml_type, (n, k)).double() @ x.double().cpu()
+    ref = x.double().cpu() @ dequantize_reference(raw, ggml_type, (n, k)).double().t()
     return ((part.double().sum(0).cpu() - ref).norm() / ref.norm()).item()
 
 
-# Rows: one, fewer than a row tile, not a multiple of it. Blocks: one, a K range crossing the 32-element types'
-# steps of 8 blocks (and ending inside one), several K ranges of uneven length. Both ways of decoding fields.
+# Rows of W: one, fewer than a row tile, not a multiple of it. Blocks: one, a K range crossing the 32-element types'
+# steps of 8 blocks (and ending inside one), several K ranges of uneven length. Rows of x: one (the FMA loop), an
+# odd count and a full tensor-core tile. Both ways of decoding fields.
 @pytest.mark.parametrize("denormal", [True, False], ids=["denormal", "exponent"])
+@pytest.mark.parametrize("m", [1, 5, 16], ids=str)
 @pytest.mark.parametrize(("n", "blocks", "splits"), [(1, 1, 1), (13, 2, 1), (37, 11, 1), (37, 10, 3)], ids=str)
 @pytest.mark.parametrize("ggml_type", GEMV, ids=lambda t: t.name)
-def test_gemv_tile_edges(ggml_type: GGMLType, n: int, blocks: int, splits: int, denormal: bool, device) -> None:
+def test_gemv_tile_edges(ggml_type: GGMLType, n: int, blocks: int, splits: int, m: int, denormal: bool,
+                         device) -> None:
     k = blocks_k(ggml_type, blocks)
     if not gemv_fits(ggml_type, k):
         blocks += 1
         k = blocks_k(ggml_type, blocks)
-    x = torch.randn(k, generator=torch.Generator().manual_seed(blocks)).to(device)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(blocks)).to(device)
     assert gemv_error(ggml_type, n, k, x, splits, denormal, device) <= TOL[torch.float32]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("dtype", "m"), [(torch.float32, 1), (torch.float16, 1), (torch.bfloat16, 1),
+                                          (torch.float16, 7), (torch.bfloat16, 16)], ids=str)
 @pytest.mark.parametrize("ggml_type", GEMV, ids=lambda t: t.name)
-def test_gemv_dtypes_through_qmatmul(ggml_type: GGMLType, dtype: torch.dtype, device) -> None:
+def test_gemv_dtypes_through_qmatmul(ggml_type: GGMLType, dtype: torch.dtype, m: int, device) -> None:
     n, k = 45, blocks_k(ggml_type, 4 if TYPE_TRAITS[ggml_type].block_elements == 256 else 2 * _STEP + 2)
     raw = weight(ggml_type, n, k, device)
-    x = torch.randn(1, k, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(3)).to(device, dtype)
     ref = x.double() @ dequantize_reference(raw, ggml_type, (n, k)).double().t().to(device)
     for planar in ([False, True] if ggml_type in PLANAR_TYPES else [False]):
         w = to_planar(raw, ggml_type, (n, k)) if planar else raw
@@ -67,12 +72,14 @@ def test_gemv_dtypes_through_qmatmul(ggml_type: GGMLType, dtype: torch.dtype, de
         assert ((out.double() - ref).norm() / ref.norm()).item() <= TOL[dtype]
 
 
+@pytest.mark.parametrize("m", [1, 3], ids=str)
 @pytest.mark.parametrize("scale", [2.0**40, 2.0**-40], ids=["huge", "tiny"])
 @pytest.mark.parametrize("ggml_type", [GGMLType.Q4_K, GGMLType.Q8_0], ids=lambda t: t.name)
-def test_gemv_far_from_unit_activations(ggml_type: GGMLType, scale: float, device) -> None:
-    # x is pre-scaled by up to 2^69 and products land near 2^-80 x q: still exact to float32 at both ends
+def test_gemv_far_from_unit_activations(ggml_type: GGMLType, scale: float, m: int, device) -> None:
+    # one row: x is pre-scaled by up to 2^69 and products land near 2^-80 x q; more rows: weights decode times
+    # 2^-64 and products scale back. Still exact to float32 at both ends.
     k = blocks_k(ggml_type, 2 if ggml_type == GGMLType.Q4_K else 8)
-    x = torch.randn(k, generator=torch.Generator().manual_seed(5)).to(device) * scale
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(5)).to(device) * scale
     assert gemv_error(ggml_type, 9, k, x, 1, None, device) <= TOL[torch.float32]
 
 
@@ -82,6 +89,8 @@ def test_gemv_rows_of_odd_blocks_are_not_taken(device) -> None:
     assert gemv_fits(GGMLType.Q4_K, 256) and not gemv_fits(GGMLType.Q4_1, 256)
     raw = weight(GGMLType.Q8_0, 5, 96, device)
     x = torch.randn(1, 96, device=device)
+    with pytest.raises(ValueError, match="Q8_0: path 'gemv' takes .* multiple of 4 bytes, got 1 rows of 96"):
+        qmatmul(x, raw, GGMLType.Q8_0, (5, 96), path="gemv")
     out = qmatmul(x, raw, GGMLType.Q8_0, (5, 96))  # another path
     ref = x.double() @ dequantize_reference(raw, GGMLType.Q8_0, (5, 96)).double().t().to(device)
     assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-5

@@ -25,8 +25,8 @@ def check(device: torch.device, ggml_type: GGMLType, m: int, k: int, dtype: torc
           **kwargs) -> None:
     raw = weight(ggml_type, N, k, device, seed=m + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(device, dtype)
-    if path == "gemv" and not (m == 1 and gemv_fits(ggml_type, k)):
-        with pytest.raises(ValueError, match=f"{ggml_type.name}: path 'gemv' takes one row of x"):
+    if path == "gemv" and not (m <= 16 and gemv_fits(ggml_type, k)):
+        with pytest.raises(ValueError, match=f"{ggml_type.name}: path 'gemv' takes up to 16 rows of x"):
             qmatmul(x, raw, ggml_type, (N, k), path=path, **kwargs)
         return
     out = qmatmul(x, raw, ggml_type, (N, k), path=path, **kwargs)
@@ -84,10 +84,11 @@ def test_choose_path() -> None:
     th = _DISPATCH[backend(cpu)]
     skinny_m, gemm_m = th["skinny_max_m"], th["dequant_min_m"] - 1
     assert _choose_path(GGMLType.Q4_K, 1, 40, 512, cpu) == "gemv"
+    assert _choose_path(GGMLType.Q4_K, skinny_m, 40, 512, cpu) == "gemv"
     assert _choose_path(GGMLType.Q8_0, 1, 40, 32 * 3, cpu) == "skinny"  # rows of 102 bytes: no word loads
     assert _choose_path(GGMLType.Q4_1, 1, 40, 512, cpu) == "splitk"  # one row tile: K splits fill the "SMs"
-    assert _choose_path(GGMLType.Q4_K, skinny_m, 40, 64, cpu) == "skinny"  # one K tile: nothing to split
-    assert _choose_path(GGMLType.Q4_K, skinny_m, th["split_max_n"] + 1, 4096, cpu) == "skinny"
+    assert _choose_path(GGMLType.Q4_1, skinny_m, 40, 64, cpu) == "skinny"  # one K tile: nothing to split
+    assert _choose_path(GGMLType.Q4_1, skinny_m, th["split_max_n"] + 1, 4096, cpu) == "skinny"
     assert _choose_path(GGMLType.Q4_K, skinny_m + 1, 4096, 4096, cpu) == "gemm"
     assert _choose_path(GGMLType.Q4_K, gemm_m, 4096, 4096, cpu) == "gemm"
     assert _choose_path(GGMLType.Q4_K, gemm_m + 1, 4096, 4096, cpu) == "dequant"
@@ -126,7 +127,7 @@ def test_empty(device) -> None:
         ((2, 64), torch.int32, (N, 64), {}, "x must be float32, float16 or bfloat16"),
         ((2, 64), torch.float32, (2, N, 32), {}, "must be 2-D"),
         ((2, 64), torch.float32, (N, 64), {"path": "gemm2"}, "path must be one of"),
-        ((2, 64), torch.float32, (N, 64), {"path": "gemv"}, "path 'gemv' takes one row of x"),
+        ((17, 64), torch.float32, (N, 64), {"path": "gemv"}, "path 'gemv' takes up to 16 rows of x"),
         ((2, 64), torch.float32, (N, 64), {"path": "skinny", "split_k": 2}, "split_k"),
         ((2, 64), torch.float32, (N, 64), {"path": "splitk", "split_k": 0}, "split_k"),
     ],
