@@ -5,7 +5,7 @@ from .dequant import dequantize
 from .flash_attention import flash_attention
 from .kv_store import kv_store
 from .paged_decode import paged_decode
-from .qmatmul import qmatmul
+from .qmatmul import qmatmul, qmatmul_many
 from .rmsnorm import rmsnorm
 from .rope import rope, rope_inv_freq
 
@@ -16,6 +16,7 @@ __all__ = [
     "kv_store",
     "paged_decode",
     "qmatmul",
+    "qmatmul_many",
     "rmsnorm",
     "rope",
     "rope_inv_freq",

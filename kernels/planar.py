@@ -1,4 +1,4 @@
-"""A lossless relayout of the GGUF formats whose blocks are only 2-byte aligned, so their quants load as 16-byte vectors.
+"""A lossless relayout of the GGUF formats whose blocks are only 2-byte aligned, so quants load as 16-byte vectors.
 
 Q4_0, Q5_0, Q8_0 (18, 22, 34-byte blocks) and Q6_K (210 bytes) put an fp16 scale at an even offset of each block,
 which leaves the quants of most blocks off 4-byte boundaries. The planar layout keeps every byte of a row and only

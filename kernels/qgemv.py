@@ -32,6 +32,7 @@ layout of `planar.py` (their file blocks are 2-byte aligned). Split-K: program (
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -171,15 +172,12 @@ def _k4_quarter(s0, s1, sx0, sx1, acc, q, qh, hs, x_ptr, e, dl0, b0, dl1, b1, xm
                              DENORMAL, BLOCK_M, F32)
     else:
         u = q >> 12  # nibbles at bits 20, 24, 28 to 8, 12, 16: a field must end below the exponent (bit 23)
-        s0, sx0, acc = _take(s0, sx0, acc, q, 0, 4, x_ptr, e, None, dl0, b0, xm, x_stride, DENORMAL, BLOCK_M, F32)
-        s1, sx1, acc = _take(s1, sx1, acc, q, 4, 4, x_ptr, e + 32, None, dl1, b1, xm, x_stride, DENORMAL, BLOCK_M,
-                             F32)
-        s0, sx0, acc = _take(s0, sx0, acc, q, 8, 4, x_ptr, e + 1, None, dl0, b0, xm, x_stride, DENORMAL, BLOCK_M,
-                             F32)
-        s1, sx1, acc = _take(s1, sx1, acc, q, 12, 4, x_ptr, e + 33, None, dl1, b1, xm, x_stride, DENORMAL, BLOCK_M,
-                             F32)
-        s0, sx0, acc = _take(s0, sx0, acc, q, 16, 4, x_ptr, e + 2, None, dl0, b0, xm, x_stride, DENORMAL, BLOCK_M,
-                             F32)
+        for t in tl.static_range(3):  # low nibbles of bytes 0..2 at bits 8t, high ones of bytes 0..1 at 8t + 4
+            s0, sx0, acc = _take(s0, sx0, acc, q, 8 * t, 4, x_ptr, e + t, None, dl0, b0, xm, x_stride, DENORMAL,
+                                 BLOCK_M, F32)
+        for t in tl.static_range(2):
+            s1, sx1, acc = _take(s1, sx1, acc, q, 8 * t + 4, 4, x_ptr, e + 32 + t, None, dl1, b1, xm, x_stride,
+                                 DENORMAL, BLOCK_M, F32)
         s1, sx1, acc = _take(s1, sx1, acc, u, 8, 4, x_ptr, e + 34, None, dl1, b1, xm, x_stride, DENORMAL, BLOCK_M,
                              F32)
         s0, sx0, acc = _take(s0, sx0, acc, u, 12, 4, x_ptr, e + 3, None, dl0, b0, xm, x_stride, DENORMAL, BLOCK_M,
@@ -372,14 +370,24 @@ def _q32_block(acc, w_ptr, row, n_in, b, b_end, nb, x_ptr, xm, x_stride, TYPE: t
 
 
 @triton.jit(do_not_specialize=["M", "split_blocks"])
-def _qgemv_kernel(x_ptr, w_ptr, out_ptr, M, N, nb, x_row_stride, row_bytes, split_blocks,
+def _qgemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, out_ptr, M, N0, N1, N2, nb, x_row_stride, row_bytes, split_blocks,
                   TYPE: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   DENORMAL: tl.constexpr, F32: tl.constexpr):
-    """out[s, m, n] = x[m] . row n of W over blocks [s * split_blocks, + split_blocks) of the nb in a row."""
+    """out[s, m, n] = x[m] . row n of [W0; W1; W2] (N0 + N1 + N2 rows: up to three weights of one type and K, each
+    its own tensor) over blocks [s * split_blocks, + split_blocks) of the nb in a row."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_in = n < N
+    # program pid takes a row tile of one weight: W0's tiles first, then W1's, then W2's
+    tiles0 = tl.cdiv(N0, BLOCK_N)
+    tiles01 = tiles0 + tl.cdiv(N1, BLOCK_N)
+    in1 = pid >= tiles0
+    in2 = pid >= tiles01
+    w_ptr = tl.where(in2, w2_ptr, tl.where(in1, w1_ptr, w0_ptr))
+    n_weight = tl.where(in2, N2, tl.where(in1, N1, N0))
+    n_first = tl.where(in2, N0 + N1, tl.where(in1, N0, 0))  # the weight's first column of out
+    n = (pid - tl.where(in2, tiles01, tl.where(in1, tiles0, 0))) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_in = n < n_weight
+    N = N0 + N1 + N2
     row = n.to(tl.int64) * row_bytes
     # rows of x past M read row M - 1 (in range) and are not stored
     xm = tl.minimum(tl.arange(0, BLOCK_M), M - 1).to(tl.int64)
@@ -403,7 +411,7 @@ def _qgemv_kernel(x_ptr, w_ptr, out_ptr, M, N, nb, x_row_stride, row_bytes, spli
         for b in range(b0, b1, _BLOCKS_PER_STEP):
             acc = _q32_block(acc, w_ptr, row, n_in, b, b1, nb, x_ptr, xm, x_row_stride, TYPE, LANES, DENORMAL,
                              BLOCK_M, F32)
-    out = out_ptr + split.to(tl.int64) * M * N
+    out = out_ptr + split.to(tl.int64) * M * N + n_first
     if BLOCK_M > 1 and DENORMAL:
         acc *= 2.0 ** _T
     if BLOCK_M == 1:
@@ -426,8 +434,8 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 def _tuned(be: str, one_row: bool):
     configs = [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in (_CONFIGS if one_row else _DOT_CONFIGS)[be]]
     # cache_results: the timings persist in Triton's cache folder (see cache.py): a second start skips tuning.
-    return triton.autotune(configs, key=["N", "nb", "TYPE"], prune_configs_by={"early_config_prune": _prune},
-                           cache_results=True)(_qgemv_kernel)
+    return triton.autotune(configs, key=["N0", "N1", "N2", "nb", "TYPE"],
+                           prune_configs_by={"early_config_prune": _prune}, cache_results=True)(_qgemv_kernel)
 
 
 def gemv_fits(ggml_type: GGMLType, K: int) -> bool:
@@ -447,22 +455,27 @@ def gemv_splits(ggml_type: GGMLType, N: int, K: int, sms: int, splits: int | Non
     return triton.cdiv(triton.cdiv(nb, min(splits, nb)), step) * step
 
 
-def qgemv(x: torch.Tensor, raw: torch.Tensor, ggml_type: GGMLType, shape: tuple[int, int], out: torch.Tensor,
-          split_blocks: int, *, denormal: bool | None = None) -> torch.Tensor:
-    """out[s] = partial products x [M, K] @ W^T over blocks [s * split_blocks, + split_blocks) of each row.
+def qgemv(x: torch.Tensor, raws: Sequence[torch.Tensor], ggml_type: GGMLType, shapes: Sequence[tuple[int, int]],
+          out: torch.Tensor, split_blocks: int, *, denormal: bool | None = None) -> torch.Tensor:
+    """out[s] = partial products x [M, K] @ [W0; W1; W2]^T over blocks [s * split_blocks, + split_blocks) of each
+    row, for one to three weights (one launch).
 
-    x: 1..MAX_M rows, last dim contiguous. W (N, K) = `shape`, of a type in GEMV_TYPES, as `raw` bytes: the planar
-    layout (`planar.to_planar`) for the types it covers, else the file's; 16-byte aligned. out: [ranges, M, N],
-    any float dtype. denormal: the field decoding (default: the backend's, see the module docstring). Arguments
-    are checked by `qmatmul`, the public entry point.
+    x: 1..MAX_M rows, last dim contiguous. Weights Wi of `shapes[i]` (Ni, K), of one type in GEMV_TYPES, as `raws[i]`
+    bytes: the planar layout (`planar.to_planar`) for the types it covers, else the file's; 16-byte aligned. out:
+    [ranges, M, sum Ni], any float dtype. denormal: the field decoding (default: the backend's, see the module
+    docstring). Arguments are checked by `qmatmul`, the public entry point.
     """
+    if not 1 <= len(raws) <= 3 or len(shapes) != len(raws):
+        raise ValueError(f"qgemv takes one to three weights with a shape each, got {len(raws)} and {len(shapes)}")
     M = x.shape[0]
-    N, K = shape
+    K = shapes[0][1]
     traits = TYPE_TRAITS[ggml_type]
     nb = K // traits.block_elements
     be = backend(x.device)
-    _tuned(be, M == 1)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), out.shape[0])](
-        x, raw, out, M, N, nb, x.stride(0), nb * traits.block_bytes, split_blocks,
+    ws = [*raws, raws[0], raws[0]][:3]
+    ns = [*(s[0] for s in shapes), 0, 0][:3]
+    _tuned(be, M == 1)[lambda meta: (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in ns), out.shape[0])](
+        x, *ws, out, M, *ns, nb, x.stride(0), nb * traits.block_bytes, split_blocks,
         TYPE=ggml_type.name, BLOCK_BYTES=traits.block_bytes, BLOCK_M=1 if M == 1 else MAX_M,
         DENORMAL=be != "hip" and (M == 1 or x.dtype != torch.float16) if denormal is None else denormal,
         F32=f32_dot(x),

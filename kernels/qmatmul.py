@@ -231,16 +231,7 @@ def qmatmul(
     if K == 0:
         return out.zero_()
     if path == "gemv":
-        if t in PLANAR_TYPES and not planar:
-            raw = to_planar(raw, t, shape)
-        elif raw.data_ptr() % 16:
-            raw = raw.clone()  # the word loads need at least 4-byte alignment; a fresh tensor has 256
-        split_blocks = gemv_splits(t, N, K, sm_count(x.device), split_k)
-        splits = triton.cdiv(K // TYPE_TRAITS[t].block_elements, split_blocks)
-        if splits == 1:
-            return qgemv(x, raw, t, (N, K), out[None], split_blocks)[0]
-        part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
-        return _add_splits(qgemv(x, raw, t, (N, K), part, split_blocks), out)
+        return _gemv(x, [raw], t, [(N, K)], out, planar, split_k)
     if path == "dequant":
         # torch.mm writes its operands' dtype: another output dtype multiplies in that dtype instead.
         return torch.mm(x.to(out_dtype), dequantize(raw, t, (N, K), out_dtype, planar=planar).t(), out=out)
@@ -266,6 +257,51 @@ def qmatmul(
         **({} if gemm else {"BLOCK_M": 1 if M == 1 else 16}),
     )
     return _add_splits(part, out) if splits > 1 else out
+
+
+def qmatmul_many(
+    x: torch.Tensor,
+    raws: Sequence[torch.Tensor],
+    ggml_type: int,
+    shapes: Sequence[Sequence[int]],
+    *,
+    out_dtype: torch.dtype | None = None,
+    planar: bool = False,
+) -> list[torch.Tensor]:
+    """[x @ W^T for each weight W]: `qmatmul` of one x with one to three weights of one type and K (q, k and v; gate
+    and up). Where the dispatch picks "gemv" for them, one launch computes all of them over the weights as they are
+    (no concatenated copy), into views of one [M, sum N] tensor; else one qmatmul each."""
+    if not 1 <= len(raws) <= 3 or len(shapes) != len(raws):
+        raise ValueError(f"qmatmul_many takes one to three weights with a shape each, got {len(raws)} and "
+                         f"{len(shapes)}")
+    t = [_check(x, raw, ggml_type, shape) for raw, shape in zip(raws, shapes)][0]
+    M, K = x.shape
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    ns = [shape[0] for shape in shapes]
+    if planar:
+        check_planar(t)
+    if M == 0 or K == 0 or _choose_path(t, M, sum(ns), K, x.device) != "gemv":
+        return [qmatmul(x, raw, t, shape, out_dtype=out_dtype, planar=planar) for raw, shape in zip(raws, shapes)]
+    out = torch.empty((M, sum(ns)), dtype=out_dtype or x.dtype, device=x.device)
+    return list(_gemv(x, raws, t, [(n, K) for n in ns], out, planar, None).split(ns, dim=1))
+
+
+def _gemv(x: torch.Tensor, raws: Sequence[torch.Tensor], t: GGMLType, shapes: list[tuple[int, int]],
+          out: torch.Tensor, planar: bool, split_k: int | None) -> torch.Tensor:
+    """The "gemv" path for one to three weights, into out [M, sum N]."""
+    if t in PLANAR_TYPES and not planar:
+        raws = [to_planar(raw, t, shape) for raw, shape in zip(raws, shapes)]
+    # the word loads need at least 4-byte alignment; a fresh tensor has 256
+    raws = [raw.clone() if raw.data_ptr() % 16 else raw for raw in raws]
+    M, N = out.shape
+    K = shapes[0][1]
+    split_blocks = gemv_splits(t, N, K, sm_count(x.device), split_k)
+    splits = triton.cdiv(K // TYPE_TRAITS[t].block_elements, split_blocks)
+    if splits == 1:
+        return qgemv(x, raws, t, shapes, out[None], split_blocks)[0]
+    part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
+    return _add_splits(qgemv(x, raws, t, shapes, part, split_blocks), out)
 
 
 def _add_splits(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

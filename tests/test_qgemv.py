@@ -8,7 +8,7 @@ import torch
 
 from ggtriton.gguf import TYPE_TRAITS, GGMLType
 from ggtriton.gguf.quants import dequantize as dequantize_reference
-from ggtriton.kernels import dequantize, qmatmul
+from ggtriton.kernels import dequantize, qmatmul, qmatmul_many
 from ggtriton.kernels.planar import PLANAR_TYPES, from_planar, to_planar
 from ggtriton.kernels.qgemv import _STEP, GEMV_TYPES, gemv_fits, gemv_splits, qgemv
 from quant_weights import weight
@@ -35,7 +35,7 @@ def gemv_error(ggml_type: GGMLType, n: int, k: int, x: torch.Tensor, splits: int
     blocks = gemv_splits(ggml_type, n, k, 1, splits)
     ranges = -(-(k // TYPE_TRAITS[ggml_type].block_elements) // blocks)
     out = torch.empty((ranges, x.shape[0], n), dtype=torch.float32, device=device)
-    part = qgemv(x, layout(raw, ggml_type, (n, k)), ggml_type, (n, k), out, blocks, denormal=denormal)
+    part = qgemv(x, [layout(raw, ggml_type, (n, k))], ggml_type, [(n, k)], out, blocks, denormal=denormal)
     ref = x.double().cpu() @ dequantize_reference(raw, ggml_type, (n, k)).double().t()
     return ((part.double().sum(0).cpu() - ref).norm() / ref.norm()).item()
 
@@ -43,18 +43,21 @@ def gemv_error(ggml_type: GGMLType, n: int, k: int, x: torch.Tensor, splits: int
 # Rows of W: one, fewer than a row tile, not a multiple of it. Blocks: one, a K range crossing the 32-element types'
 # steps of 8 blocks (and ending inside one), several K ranges of uneven length. Rows of x: one (the FMA loop), an
 # odd count and a full tensor-core tile. Both ways of decoding fields.
-@pytest.mark.parametrize("denormal", [True, False], ids=["denormal", "exponent"])
-@pytest.mark.parametrize("m", [1, 5, 16], ids=str)
-@pytest.mark.parametrize(("n", "blocks", "splits"), [(1, 1, 1), (13, 2, 1), (37, 11, 1), (37, 10, 3)], ids=str)
+EDGES = [(n, blocks, splits, m, "denormal") for n, blocks, splits in [(1, 1, 1), (13, 2, 1), (37, 11, 1), (37, 10, 3)]
+         for m in (1, 5, 16)]
+EDGES += [(n, blocks, splits, m, "exponent") for n, blocks, splits in [(13, 2, 1), (37, 10, 3)] for m in (1, 5)]
+
+
+@pytest.mark.parametrize(("n", "blocks", "splits", "m", "fields"), EDGES, ids=str)
 @pytest.mark.parametrize("ggml_type", GEMV, ids=lambda t: t.name)
-def test_gemv_tile_edges(ggml_type: GGMLType, n: int, blocks: int, splits: int, m: int, denormal: bool,
+def test_gemv_tile_edges(ggml_type: GGMLType, n: int, blocks: int, splits: int, m: int, fields: str,
                          device) -> None:
     k = blocks_k(ggml_type, blocks)
     if not gemv_fits(ggml_type, k):
         blocks += 1
         k = blocks_k(ggml_type, blocks)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(blocks)).to(device)
-    assert gemv_error(ggml_type, n, k, x, splits, denormal, device) <= TOL[torch.float32]
+    assert gemv_error(ggml_type, n, k, x, splits, fields == "denormal", device) <= TOL[torch.float32]
 
 
 @pytest.mark.parametrize(("dtype", "m"), [(torch.float32, 1), (torch.float16, 1), (torch.bfloat16, 1),
@@ -137,3 +140,35 @@ def test_planar_bad_input(device) -> None:
         dequantize(raw, GGMLType.Q4_K, (2, 256), planar=True)
     with pytest.raises(ValueError, match=r"Q8_0: a tensor of shape \(2, 64\) takes 136 bytes, got 100"):
         to_planar(raw[:100], GGMLType.Q8_0, (2, 64))
+
+
+@pytest.mark.parametrize("m", [1, 6], ids=str)
+@pytest.mark.parametrize("ggml_type", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0], ids=lambda t: t.name)
+def test_many_weights_in_one_launch(ggml_type: GGMLType, m: int, device) -> None:
+    # q, k and v of unequal heights (none a multiple of the row tile): one launch over the three tensors as they
+    # are, into views of one output
+    k = blocks_k(ggml_type, 4 if ggml_type == GGMLType.Q8_0 else 2)
+    shapes = [(40, k), (9, k), (23, k)]
+    raws = [weight(ggml_type, *s, device, seed=i) for i, s in enumerate(shapes)]
+    planar = ggml_type in PLANAR_TYPES
+    ws = [to_planar(r, ggml_type, s) if planar else r for r, s in zip(raws, shapes)]
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(device)
+    outs = qmatmul_many(x, ws, ggml_type, shapes, planar=planar)
+    assert [o.shape for o in outs] == [(m, n) for n, _ in shapes]
+    assert len({o.untyped_storage().data_ptr() for o in outs}) == 1  # one output tensor: one launch wrote it
+    for out, raw, shape in zip(outs, raws, shapes):
+        ref = x.double() @ dequantize_reference(raw, ggml_type, shape).double().t().to(device)
+        assert ((out.double() - ref).norm() / ref.norm()).item() <= TOL[torch.float32]
+
+
+def test_many_weights_fall_back_to_one_launch_each(device) -> None:
+    shapes = [(20, 64), (12, 64)]
+    raws = [weight(GGMLType.Q4_1, *s, device, seed=i) for i, s in enumerate(shapes)]
+    x = torch.randn(3, 64, device=device)
+    outs = qmatmul_many(x, raws, GGMLType.Q4_1, shapes)  # no word decoder for Q4_1: one qmatmul each
+    for out, raw, shape in zip(outs, raws, shapes):
+        assert torch.allclose(out, qmatmul(x, raw, GGMLType.Q4_1, shape))
+    with pytest.raises(ValueError, match="one to three weights"):
+        qmatmul_many(x, raws * 2, GGMLType.Q4_1, shapes * 2)
+    with pytest.raises(ValueError, match=r"x must be \[M, 32\]"):
+        qmatmul_many(x, raws, GGMLType.Q4_1, [(20, 64), (24, 32)])

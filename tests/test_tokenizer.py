@@ -11,7 +11,7 @@ import pytest
 
 from ggtriton.gguf import GGUFFile
 from ggtriton.gguf.bundled import gemma3_path, smollm2_path
-from ggtriton.gguf.tokenizer import FALLBACK_PRE, PRE_TOKENIZERS, IncrementalDetokenizer, Tokenizer
+from ggtriton.gguf.tokenizer import CHAT_TEMPLATES, FALLBACK_PRE, PRE_TOKENIZERS, IncrementalDetokenizer, Tokenizer
 from ggtriton.gguf.writer import write_gguf
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tokenizer_llamacpp.json"
@@ -34,6 +34,20 @@ def _diff_report(texts: list[str], ours: list[list[int]], theirs: list[list[int]
     lines = [f"{len(bad)}/{len(texts)} texts differ from llama.cpp"]
     lines += [f"  #{i} {texts[i]!r}\n    ours:     {ours[i]}\n    llama.cpp: {theirs[i]}" for i in bad[:10]]
     return "\n".join(lines)
+
+
+def test_chat_prompt_has_one_bos_like_llamacpp(llamacpp):
+    """A template that writes its own BOS (Gemma's): the rendering is llama-cpp-python's, and the ids are
+    llama.cpp's for that text without add_special. With add_special llama.cpp prepends a second BOS (and warns),
+    which the chat paths here never do."""
+    ref = llamacpp["chat_bos"]
+    tok = Tokenizer.from_gguf(gemma3_path())
+    tok.chat_template = CHAT_TEMPLATES[ref["template"]]
+    rendered = tok.apply_chat_template(ref["messages"])
+    assert rendered == ref["rendered"]
+    ids = tok.encode_chat(rendered)
+    assert ids == ref["add_special=0"] and ids.count(tok.bos_token_id) == 1
+    assert ref["add_special=1"] == [tok.bos_token_id] + ids  # what encoding with add_special would have given
 
 
 @pytest.mark.parametrize("mode", MODES)

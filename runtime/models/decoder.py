@@ -129,9 +129,7 @@ class DecoderModel:
             if layer.qkv is not None:
                 q, k, v = ops.linear(x, layer.qkv).split([n_q, n_kv, n_kv], dim=-1)
             else:
-                q = ops.linear(x, layer.q, layer.q_bias)
-                k = ops.linear(x, layer.k, layer.k_bias)
-                v = ops.linear(x, layer.v, layer.v_bias)
+                q, k, v = ops.linears(x, [layer.q, layer.k, layer.v], [layer.q_bias, layer.k_bias, layer.v_bias])
             q = q.reshape(-1, cfg.n_heads, d)
             k = k.reshape(-1, cfg.n_kv_heads, d)
             v = v.reshape(-1, cfg.n_kv_heads, d)
@@ -154,7 +152,7 @@ class DecoderModel:
             if layer.ffn_gate is None:
                 gate, up = ops.linear(x, layer.ffn_up).chunk(2, dim=-1)
             else:
-                gate, up = ops.linear(x, layer.ffn_gate), ops.linear(x, layer.ffn_up)
+                gate, up = ops.linears(x, [layer.ffn_gate, layer.ffn_up])
             f = ops.linear(ops.act_mul(arch.activation, gate, up), layer.ffn_down)
             if layer.post_ffn_norm is not None:
                 f = ops.rmsnorm(f, layer.post_ffn_norm, cfg.rms_eps)[0]

@@ -12,7 +12,7 @@ with 16-byte loads: the same bytes, moved within each row.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -88,6 +88,20 @@ class Ops:
         else:
             dtype = out_dtype or x.dtype
             out = x.to(dtype) @ self._dense(w).t().to(dtype)
+        return self._biased(out, bias)
+
+    def linears(self, x: torch.Tensor, ws: Sequence[QuantWeight],
+                biases: Sequence[QuantWeight | None] | None = None) -> list[torch.Tensor]:
+        """[x @ W^T (+ bias) for each W] of q, k and v, or gate and up: one launch on the Triton backend where the
+        weights share a type, K and layout and the kernel takes them together (see `kernels.qmatmul_many`)."""
+        biases = biases or [None] * len(ws)
+        if self.backend != "triton" or len({(w.ggml_type, w.shape[1:], w.planar) for w in ws}) != 1:
+            return [self.linear(x, w, b) for w, b in zip(ws, biases)]
+        outs = kernels.qmatmul_many(x.contiguous(), [w.raw for w in ws], ws[0].ggml_type, [w.shape for w in ws],
+                                    planar=ws[0].planar)
+        return [self._biased(out, b) for out, b in zip(outs, biases)]
+
+    def _biased(self, out: torch.Tensor, bias: QuantWeight | None) -> torch.Tensor:
         if bias is not None:
             out += self.vector(bias)
         return out
