@@ -26,7 +26,9 @@ What keeps it low:
 
 Types: Q4_K and Q5_K (16-byte aligned blocks) read the file's layout; Q4_0, Q5_0, Q8_0 and Q6_K read the planar
 layout of `planar.py` (their file blocks are 2-byte aligned). Split-K: program (pid, s) covers blocks
-[s * split_blocks, (s + 1) * split_blocks) of its rows and writes float32 partial sums the caller adds.
+[s * split_blocks, (s + 1) * split_blocks) of its rows and writes float32 partial sums the caller adds. Up to
+three weights of one type and K (q, k and v; gate and up) share a launch: the grid spans their row tiles, each
+program reading its own tensor, and the outputs are columns of one result.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ _T = tl.constexpr(64)
 
 # Autotune configs (BLOCK_N, num_warps) per backend, for one row of x and for 2..16: 4-8 rows of W per thread
 # (each thread holds R rows of a 16-32-byte run in registers; more rows share more x loads). Unmeasured on a GPU;
-# none spills on sm_90 (bench/sass.py). The interpreter's are small so tests cross row tiles.
+# `_prune` keeps out those that spill on sm_90 (bench/sass.py). The interpreter's are small so tests cross row
+# tiles.
 _CONFIGS = {
     "cuda": [(64, 2), (128, 4), (256, 4)],
     "hip": [(64, 2), (128, 4)],  # unmeasured
