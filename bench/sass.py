@@ -30,7 +30,7 @@ spilled VGPRs / SGPRs from the kernel metadata, wave instructions per byte. Inne
 there (inner loops count once, marked ~), and there is no issue model of a CDNA3 CU, so no ceiling.
 
 The "gemv" path is the decode step's own kernel (kernels/qgemv.py, M <= 16, the types it decodes by words); a pass
-of its loop covers one block of each row (K-quants) or 8 blocks (32-element types), so weight bytes per pass are
+of its loop covers one block of each row (256-element types) or 8 blocks (32-element types), so weight bytes per pass are
 BLOCK_N x that x block bytes. With --check, the ratio of its best M = 16 loop to its best M = 1 loop per byte is
 printed for each type where both compiled (at most 1.3 is the aim: M rows should not multiply the decoding).
 
@@ -63,7 +63,7 @@ from triton import knobs
 from triton.compiler.compiler import make_backend
 from triton.runtime.jit import JITFunction
 
-from ggtriton.gguf import GGMLType
+from ggtriton.gguf import TYPE_TRAITS, GGMLType
 from ggtriton.kernels.qgemv import GEMV_TYPES
 from gpu_timing import append_results
 
@@ -372,7 +372,7 @@ def read(job: Job, kernel, kw: dict, backend: str) -> Row:
         config, weight_bytes = f"TILE{kw['TILE']} w{meta.num_warps}", kw["TILE"] * kw["BLOCK_BYTES"]
     elif job.path == "gemv":
         # a pass covers one block of each row (K-quants) or a step of 8 blocks (32-element types)
-        blocks = 1 if GGMLType[job.type].name.endswith("_K") else GEMV_STEP_BLOCKS
+        blocks = 1 if TYPE_TRAITS[GGMLType[job.type]].block_elements == 256 else GEMV_STEP_BLOCKS
         config, weight_bytes = f"N{kw['BLOCK_N']} w{meta.num_warps}", kw["BLOCK_N"] * blocks * kw["BLOCK_BYTES"]
     else:
         tile = f"M{kw['BLOCK_M']} " if job.path == "gemm" else ""

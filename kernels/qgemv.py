@@ -36,15 +36,17 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from ..gguf.quant_tables import IQ4NL_VALUES
 from ..gguf.types import TYPE_TRAITS, GGMLType
 from ._common import backend, dot, f32_dot
 
 GEMV_TYPES = frozenset({GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q4_0,
-                        GGMLType.Q5_0})
+                        GGMLType.Q5_0, GGMLType.IQ4_XS})
 MAX_M = 16  # rows of x the kernel takes: one tensor-core tile
 
 _S = tl.constexpr(80)
@@ -58,7 +60,7 @@ _T = tl.constexpr(64)
 # `_prune` keeps out those that spill on sm_90 (bench/sass.py). The interpreter's are small so tests cross row
 # tiles.
 _CONFIGS = {
-    "cuda": [(64, 2), (128, 4), (256, 4)],
+    "cuda": [(32, 2), (64, 2), (128, 4), (256, 4)],
     "hip": [(64, 2), (128, 4)],  # unmeasured
     "interpreter": [(16, 1)],
 }
@@ -372,8 +374,47 @@ def _q32_block(acc, w_ptr, row, n_in, b, b_end, nb, x_ptr, xm, x_stride, TYPE: t
     return acc
 
 
+# IQ4_XS (136-byte blocks, 8-byte aligned, the file's layout): d f16 @0 | scales_h u16 @2 | scales_l[4] @4 | qs[128]
+# @8, 8 sub-blocks of 32 elements whose 16 qs bytes hold them as Q4_0's do; a nibble indexes a 16-value table. A
+# thread owns one sub-block of a row; the values come from a float32 copy of the table (64 bytes, L1-resident).
+
+
+@triton.jit
+def _iq4_xs_block(acc, w_ptr, row, n_in, b, x_ptr, table_ptr, xm, x_stride, BLOCK_M: tl.constexpr,
+                  F32: tl.constexpr):
+    """acc plus IQ4_XS block b of rows `row` (byte offsets [BN]) times x: [BN, 8] sums (BLOCK_M = 1), or
+    [BLOCK_M, BN] products."""
+    BN: tl.constexpr = row.shape[0]
+    i = tl.arange(0, 8)
+    g = tl.arange(0, 4)
+    blk = (w_ptr + row[:, None] + b * 136).to(tl.pointer_type(tl.int32))  # [BN, 1]
+    m2 = n_in[:, None]
+    q = tl.reshape(tl.load(blk + 2 + tl.arange(0, 32)[None, :], mask=m2, other=0), [BN, 8, 4])
+    h0 = tl.load(blk, mask=m2, other=0)  # d | scales_h << 16
+    h1 = tl.load(blk + 1, mask=m2, other=0)  # scales_l: nibble i is the low 4 bits of sub-block i's scale
+    scale = ((h1 >> (4 * i)[None, :]) & 15) | (((h0 >> (16 + 2 * i)[None, :]) & 3) << 4)
+    dl = _f16(h0) * (scale - 32).to(tl.float32)  # [BN, 8]
+    e = (b * 256 + 32 * i)[:, None] + 4 * g[None, :]  # [8, 4]: element of the low nibble of byte 0 of word g
+    s = tl.zeros([BN, 8, 4], tl.float32)
+    for t in tl.static_range(8):  # nibble t: byte t // 2, low (elements 4g + t // 2) or high (16 + 4g + t // 2)
+        v = tl.load(table_ptr + ((q >> (4 * t)) & 15))
+        el = e + t // 2 + 16 * (t % 2)
+        if BLOCK_M == 1:
+            s += v * tl.load(x_ptr + el).to(tl.float32)[None]
+        else:
+            w = tl.reshape(v * dl[:, :, None], [BN, 32])
+            xt = tl.load(x_ptr + xm[:, None] * x_stride + tl.reshape(el, [32])[None, :])
+            if not F32:
+                w = w.to(xt.dtype)
+            acc += dot(xt, tl.trans(w), F32)
+    if BLOCK_M == 1:
+        acc += dl * tl.sum(s, axis=2)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M", "split_blocks"])
-def _qgemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, out_ptr, M, N0, N1, N2, nb, x_row_stride, row_bytes, split_blocks,
+def _qgemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, table_ptr, out_ptr, M, N0, N1, N2, nb, x_row_stride, row_bytes,
+                  split_blocks,
                   TYPE: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   DENORMAL: tl.constexpr, F32: tl.constexpr):
     """out[s, m, n] = x[m] . row n of [W0; W1; W2] (N0 + N1 + N2 rows: up to three weights of one type and K, each
@@ -397,7 +438,7 @@ def _qgemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, out_ptr, M, N0, N1, N2, nb, x_r
     b0 = split * split_blocks
     b1 = tl.minimum(b0 + split_blocks, nb)
     # one row of x: per-thread sums [BLOCK_N, threads per row-block], added across threads at the end
-    LANES: tl.constexpr = 4 if TYPE == "Q4_K" or TYPE == "Q5_K" else 8 if TYPE == "Q6_K" else (
+    LANES: tl.constexpr = 4 if TYPE == "Q4_K" or TYPE == "Q5_K" else 8 if TYPE == "Q6_K" or TYPE == "IQ4_XS" else (
         2 * _BLOCKS_PER_STEP if TYPE == "Q8_0" else _BLOCKS_PER_STEP)
     if BLOCK_M == 1:
         acc = tl.zeros([BLOCK_N, LANES], tl.float32)
@@ -407,6 +448,9 @@ def _qgemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, out_ptr, M, N0, N1, N2, nb, x_r
         for b in range(b0, b1):
             acc = _k4_block(acc, w_ptr, row, n_in, b, x_ptr, xm, x_row_stride, BLOCK_BYTES, DENORMAL,
                             TYPE == "Q5_K", BLOCK_M, F32)
+    elif TYPE == "IQ4_XS":
+        for b in range(b0, b1):
+            acc = _iq4_xs_block(acc, w_ptr, row, n_in, b, x_ptr, table_ptr, xm, x_row_stride, BLOCK_M, F32)
     elif TYPE == "Q6_K":
         for b in range(b0, b1):
             acc = _q6_k_block(acc, w_ptr, row, n_in, b, nb, x_ptr, xm, x_row_stride, DENORMAL, BLOCK_M, F32)
@@ -415,7 +459,7 @@ def _qgemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, out_ptr, M, N0, N1, N2, nb, x_r
             acc = _q32_block(acc, w_ptr, row, n_in, b, b1, nb, x_ptr, xm, x_row_stride, TYPE, LANES, DENORMAL,
                              BLOCK_M, F32)
     out = out_ptr + split.to(tl.int64) * M * N + n_first
-    if BLOCK_M > 1 and DENORMAL:
+    if BLOCK_M > 1 and DENORMAL and TYPE != "IQ4_XS":  # IQ4_XS's values come from a table, unscaled
         acc *= 2.0 ** _T
     if BLOCK_M == 1:
         tl.store(out + n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=n_in)
@@ -426,11 +470,15 @@ def _qgemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, out_ptr, M, N0, N1, N2, nb, x_r
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """The configs that do not spill on sm_90 (bench/sass.py): 256 rows of W only for Q4_K and Q5_K with one row
-    of x, and for Q4_K and Q4_0 with more; more than 64 rows with more rows of x only for those two."""
+    """The configs that do not spill on sm_90 (bench/sass.py). One row of x: 256 rows of W only for Q4_K and Q5_K,
+    32 only for IQ4_XS (its table values in flight take registers). More rows of x: more than 64 rows of W only for
+    Q4_K and Q4_0."""
     t, one_row = kwargs["TYPE"], kwargs["BLOCK_M"] == 1
-    limit = 256 if t in (("Q4_K", "Q5_K") if one_row else ("Q4_K", "Q4_0")) else 128 if one_row else 64
-    return [c for c in configs if c.kwargs["BLOCK_N"] <= limit] or configs[:1]
+    if one_row:
+        low, high = (32, 32) if t == "IQ4_XS" else (64, 256 if t in ("Q4_K", "Q5_K") else 128)
+    else:
+        low, high = 0, 256 if t in ("Q4_K", "Q4_0") else 64
+    return [c for c in configs if low <= c.kwargs["BLOCK_N"] <= high] or configs[:1]
 
 
 @functools.cache
@@ -439,6 +487,13 @@ def _tuned(be: str, one_row: bool):
     # cache_results: the timings persist in Triton's cache folder (see cache.py): a second start skips tuning.
     return triton.autotune(configs, key=["N0", "N1", "N2", "nb", "TYPE"],
                            prune_configs_by={"early_config_prune": _prune}, cache_results=True)(_qgemv_kernel)
+
+
+@functools.cache
+def _value_table(ggml_type: GGMLType, device: torch.device) -> torch.Tensor:
+    """IQ4_XS's 16 values as float32 on `device` (other types read no table: a one-element placeholder)."""
+    values = IQ4NL_VALUES if ggml_type == GGMLType.IQ4_XS else np.zeros(1, np.int8)
+    return torch.from_numpy(values.astype(np.float32)).to(device)
 
 
 def gemv_fits(ggml_type: GGMLType, K: int) -> bool:
@@ -478,7 +533,8 @@ def qgemv(x: torch.Tensor, raws: Sequence[torch.Tensor], ggml_type: GGMLType, sh
     ws = [*raws, raws[0], raws[0]][:3]
     ns = [*(s[0] for s in shapes), 0, 0][:3]
     _tuned(be, M == 1)[lambda meta: (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in ns), out.shape[0])](
-        x, *ws, out, M, *ns, nb, x.stride(0), nb * traits.block_bytes, split_blocks,
+        x, *ws, _value_table(ggml_type, x.device), out, M, *ns, nb, x.stride(0), nb * traits.block_bytes,
+        split_blocks,
         TYPE=ggml_type.name, BLOCK_BYTES=traits.block_bytes, BLOCK_M=1 if M == 1 else MAX_M,
         DENORMAL=be != "hip" and (M == 1 or x.dtype != torch.float16) if denormal is None else denormal,
         F32=f32_dot(x),
