@@ -107,6 +107,8 @@ def write_gguf(
     if alignment is None:
         a = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         alignment = a.value if isinstance(a, Typed) else a
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
+        raise ValueError(f"{path}: the alignment (general.alignment) must be a power-of-two integer, got {alignment!r}")
     tensors = list(tensors)
     header = bytearray()
     header += GGUF_MAGIC + struct.pack("<IQQ", version, len(tensors), len(metadata))

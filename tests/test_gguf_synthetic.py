@@ -83,7 +83,7 @@ def tensors(draw) -> list[TensorData]:
     alignment=st.sampled_from([1, 8, 32, 64, 256]),
 )
 def test_random_files_round_trip(tmp_path, metadata, tensor_list, version, alignment):
-    metadata = {"general.alignment": Typed(V.UINT32, alignment)} | metadata
+    metadata = metadata | {"general.alignment": Typed(V.UINT32, alignment)}  # a drawn key may be this one too
     path = tmp_path / "random.gguf"
     write_gguf(path, metadata, tensor_list, version=version)
     f = GGUFFile(path)
@@ -286,3 +286,10 @@ def test_file_without_tensors_or_metadata(tmp_path):
     path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
     f = GGUFFile(path)
     assert f.metadata == {} and f.tensors == {} and f.version == 3
+
+
+@pytest.mark.parametrize("alignment", [0, 24, "32", True, -8])
+def test_writer_refuses_a_bad_alignment(tmp_path, alignment):
+    metadata = {"general.alignment": Typed(V.STRING if isinstance(alignment, str) else V.INT32, alignment)}
+    with pytest.raises(ValueError, match="must be a power-of-two integer"):
+        write_gguf(tmp_path / "bad.gguf", metadata, [])
