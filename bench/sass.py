@@ -239,6 +239,10 @@ class Profile:
     exact: bool  # False where an inner loop's trip count could not be read (counted once)
     loops: int  # backward branches in the kernel
     local: int  # LDL / STL (scratch_) instructions in the whole kernel
+    mma: int  # tensor-core instructions (HMMA, HGMMA, IMMA; v_mfma) per pass
+
+
+_MMA_OPCODES = ("HMMA", "HGMMA", "IMMA", "IGMMA", "v_mfma")
 
 
 def profile(instrs: list[Instr], whole_kernel: bool = False) -> Profile:
@@ -258,10 +262,12 @@ def profile(instrs: list[Instr], whole_kernel: bool = False) -> Profile:
             for i in range(loop[0], loop[1] + 1):
                 weight[i] *= trips or 1
     loads: Counter = Counter()
+    mma = 0
     for i, w in weight.items():
         if (width := load_width(instrs[i])) is not None:
             loads[width] += w
-    return Profile(sum(weight.values()), loads, exact, len(loops), sum(map(is_local, instrs)))
+        mma += w * instrs[i].opcode.startswith(_MMA_OPCODES)
+    return Profile(sum(weight.values()), loads, exact, len(loops), sum(map(is_local, instrs)), mma)
 
 
 # Compiling the variants.
@@ -284,10 +290,17 @@ class Row:
     spill: tuple[int, int]  # ptxas's spill stores / loads in bytes (HIP: spilled VGPRs / SGPRs)
     shared: int
     weight_bytes: float  # per pass of the main loop (dequant: per program)
+    weight_elements: int  # the same, in weight elements
+    tile_m: int  # rows of x a program multiplies (dequant: 0)
 
     @property
     def ipb(self) -> float:
         return self.profile.instructions * self.warps / self.weight_bytes
+
+    @property
+    def per_kflop(self) -> float:
+        """Warp instructions per 1000 output FLOPs (2 per multiply-add); dequant: per 1000 weight elements."""
+        return 1000 * self.profile.instructions * self.warps / (self.weight_elements * max(2 * self.tile_m, 1))
 
     @property
     def ceiling(self) -> float:
@@ -368,22 +381,27 @@ def compile_rows(target_text: str, jobs: list[Job], dtype: torch.dtype) -> list[
 def read(job: Job, kernel, kw: dict, backend: str) -> Row:
     """The row of one compiled kernel, launched with the arguments kw."""
     meta = kernel.metadata
+    traits = TYPE_TRAITS[GGMLType[job.type]]
     if job.path == "dequant":
-        config, weight_bytes = f"TILE{kw['TILE']} w{meta.num_warps}", kw["TILE"] * kw["BLOCK_BYTES"]
-    elif job.path == "gemv":
+        config, tile_m, elements = f"TILE{kw['TILE']} w{meta.num_warps}", 0, kw["TILE"] * traits.block_elements
+    elif "BLOCK_K" not in kw:  # qgemv: the gemv path, and the gemm path of the types it decodes by words
         # a pass covers one block of each row (K-quants) or a step of 8 blocks (32-element types)
-        blocks = 1 if TYPE_TRAITS[GGMLType[job.type]].block_elements == 256 else GEMV_STEP_BLOCKS
-        config, weight_bytes = f"N{kw['BLOCK_N']} w{meta.num_warps}", kw["BLOCK_N"] * blocks * kw["BLOCK_BYTES"]
+        blocks = 1 if traits.block_elements == 256 else GEMV_STEP_BLOCKS
+        tile_m = kw["BLOCK_M"]
+        tile = f"M{tile_m} " if job.path == "gemm" else ""
+        config, elements = f"{tile}N{kw['BLOCK_N']} w{meta.num_warps}", kw["BLOCK_N"] * blocks * traits.block_elements
     else:
-        tile = f"M{kw['BLOCK_M']} " if job.path == "gemm" else ""
+        tile_m = kw["BLOCK_M"]
+        tile = f"M{tile_m} " if job.path == "gemm" else ""
         config = f"{tile}N{kw['BLOCK_N']} K{kw['BLOCK_K']} w{meta.num_warps} s{meta.num_stages}"
-        weight_bytes = kw["BLOCK_N"] * kw["BLOCK_K"] * kw["BLOCK_BYTES"] / kw["QK"]
+        elements = kw["BLOCK_N"] * kw["BLOCK_K"]
+    weight_bytes = elements * traits.block_bytes / traits.block_elements
     if backend == "cuda":
         instrs, (regs, *spill) = parse_sass(sass(kernel.asm["cubin"])), ptxas_report(kernel)
     else:
         instrs, (regs, *spill) = parse_amdgcn(kernel.asm["amdgcn"]), amdgcn_report(kernel.asm["amdgcn"])
     return Row(job, config, meta.num_warps, profile(instrs, whole_kernel=job.path == "dequant"), regs,
-               tuple(spill), meta.shared, weight_bytes)
+               tuple(spill), meta.shared, weight_bytes, elements, tile_m)
 
 
 # The report.
@@ -408,6 +426,22 @@ def table(rows: list[Row], cuda: bool) -> list[str]:
         lines.append(f"| {r.job.type} | {r.job.path} | {'-' if r.job.m is None else r.job.m} | {r.config} | "
                      f"{approx}{p.instructions} | {loads} | {p.loops} | {r.regs} | {r.spill[0]}/{r.spill[1]} | "
                      f"{p.local} | {r.shared} | {r.weight_bytes:.0f} | {approx}{r.ipb:.3f}{mark} | {ceiling} |")
+    return lines
+
+
+def gemm_table(rows: list[Row]) -> list[str]:
+    """Per type: the GEMM loop's warp instructions per 1000 output FLOPs at each config, beside the dequant kernel's
+    per 1000 weight elements divided by 2 M (dequantize once, then torch.mm: what the dequant path adds to cuBLAS's
+    own instructions, which no compile-only run can read)."""
+    lines = [f"| type | path | config | loop instrs | MMA instrs | regs | spill st/ld B | warp instr / kFLOP | "
+             f"dequant at M={GEMM_M}: warp instr / kFLOP |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.job.path != "gemm":
+            continue
+        dq = [d for d in rows if d.job == Job(r.job.type, "dequant", None)]
+        dequant = f"{min(d.per_kflop for d in dq) / (2 * GEMM_M):.3f} + cuBLAS" if dq else "-"
+        lines.append(f"| {r.job.type} | gemm | {r.config} | {r.profile.instructions} | {r.profile.mma} | {r.regs} | "
+                     f"{r.spill[0]}/{r.spill[1]} | {r.per_kflop:.3f} | {dequant} |")
     return lines
 
 
@@ -482,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
              "per pass of each kernel's main loop (dequant: per program, the whole kernel). ipb = loop instructions "
              f"x {'warps' if cuda else 'waves'} / weight bytes per pass; * best config of its (type, path, M); "
              "~ inner-loop trips unread.", rate, "", *table(rows, cuda)]
+    if any(r.job.path == "gemm" for r in rows):
+        lines += ["", f"GEMM loops (x [{GEMM_M}, {K}]): warp instructions per 1000 output FLOPs (2 per multiply-add; "
+                  "the tensor-core instructions count one each).", "", *gemm_table(rows)]
     text = "\n".join(lines) + "\n"
     if args.no_append:
         print(text)

@@ -8,6 +8,7 @@ from .paged_decode import paged_decode
 from .qmatmul import qmatmul, qmatmul_many
 from .rmsnorm import rmsnorm
 from .rope import rope, rope_inv_freq
+from .rope_kv_store import rope_kv_store
 
 __all__ = [
     "dequantize",
@@ -20,5 +21,6 @@ __all__ = [
     "rmsnorm",
     "rope",
     "rope_inv_freq",
+    "rope_kv_store",
     "silu_mul",
 ]

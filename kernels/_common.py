@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -33,6 +34,17 @@ def f32_dot(t: torch.Tensor) -> bool:
     bfloat16 in the interpreter, whose bfloat16 tl.dot returns garbage (Triton 3.9); a bfloat16 tensor core
     also forms exact products summed in float32, so the results agree."""
     return t.dtype == torch.float32 or (t.dtype == torch.bfloat16 and t.device.type == "cpu")
+
+
+ARRIVAL_COUNTERS = 1 << 14
+
+
+@functools.cache
+def arrival_counters(device: torch.device) -> torch.Tensor:
+    """ARRIVAL_COUNTERS int32 zeros on `device`, made once, before any CUDA graph capture: the counters with which
+    the programs of a K-split launch find the last of them to finish, who combines their partial results and
+    sets its counter back to 0. The kernels that use them run on one stream, one launch at a time."""
+    return torch.zeros(ARRIVAL_COUNTERS, dtype=torch.int32, device=device)
 
 
 def backend(device: torch.device) -> str:

@@ -43,7 +43,7 @@ def kv_store(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
     k, v: the cache's dtype, last dim contiguous (views into a fused QKV output are fine).
     """
-    _check(k, v, k_cache, v_cache, slot_mapping)
+    check_kv_store_args(k, v, k_cache, v_cache, slot_mapping)
     n_tokens, n_kv_heads, head_dim = k.shape
     if n_tokens == 0:
         return
@@ -60,14 +60,14 @@ def kv_store(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 def kv_store_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
     """Torch reference of `kv_store` (needs caches whose first two dims merge into one, as allocated)."""
-    _check(k, v, k_cache, v_cache, slot_mapping)
+    check_kv_store_args(k, v, k_cache, v_cache, slot_mapping)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
 
 
-def _check(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def check_kv_store_args(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            slot_mapping: torch.Tensor) -> None:
     check_cache(k_cache, v_cache)
     if k.dim() != 3 or k.shape != v.shape or k.shape[1:] != k_cache.shape[2:]:

@@ -11,9 +11,10 @@ Decode is bound by reading the cache, so the work is cut two ways to fill the GP
 - GQA: one program takes all n_heads / n_kv_heads query heads of a kv head, as the rows of one
   [group, head_dim] x [head_dim, BLOCK_N] dot, so a K/V tile is loaded once for its whole group.
 - Split-K (flash-decoding): the key range is cut into up to `num_splits` chunks, one program each; a
-  program stores its normalised partial output o_s and log-sum-exp lse_s (base 2) and a reduce kernel
-  combines them: out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s. With one split
-  the program writes the output directly and no reduce runs.
+  program stores its normalised partial output o_s and log-sum-exp lse_s (base 2), and the last program of
+  its (sequence, kv head) to finish, found by an atomic counter, combines them in split order:
+  out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s. One launch either way; with one
+  split the program writes the output directly.
   Each sequence cuts its own key range, read on the device, into min(num_splits, span / min_split_keys)
   splits (the rest stay empty). So the split count depends on the batch alone, never on a bound of the
   lengths: a CUDA graph captured for any length spreads a short context over as many SMs as eager
@@ -27,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (attention_ref, backend, check_attention_options, check_paged, dot, f32_dot, gather_pages,
-                      logit_scales, sm_count, tanh)
+from ._common import (ARRIVAL_COUNTERS, arrival_counters, attention_ref, backend, check_attention_options,
+                      check_paged, dot, f32_dot, gather_pages, logit_scales, sm_count, tanh)
 
 # Fewest keys a split gets: below this the reduce and the partial round trip cost more than they save.
 # Small in the interpreter, so that tests cross several splits on short contexts.
@@ -42,14 +43,17 @@ _CONFIGS = {"cuda": (64, 4, 3), "hip": (64, 4, 1), "interpreter": (16, 1, 1)}
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, o_ptr, lse_ptr, block_tables_ptr, context_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, o_ptr, lse_ptr, out_ptr, count_ptr, block_tables_ptr, context_lens_ptr,
     q_seq_stride, q_head_stride, o_seq_stride, o_head_stride, o_split_stride, lse_seq_stride, lse_head_stride,
+    out_seq_stride, out_head_stride,
     kc_block_stride, kc_slot_stride, kc_head_stride, vc_block_stride, vc_slot_stride, vc_head_stride,
     bt_stride, qk_scale, soft_cap, window, min_split_keys, head_dim,
     PAGE: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SOFT_CAP: tl.constexpr, WINDOW: tl.constexpr, F32: tl.constexpr, WRITE_LSE: tl.constexpr,
+    SOFT_CAP: tl.constexpr, WINDOW: tl.constexpr, F32: tl.constexpr, WRITE_LSE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """One program: the query-head group of one kv head of one sequence, over one split of its keys."""
+    """One program: the query-head group of one kv head of one sequence, over one split of its keys. With
+    WRITE_LSE (several splits) it stores its partial output and log-sum-exp, and the last split of the group to
+    finish (counted at count_ptr) combines them all into out."""
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -109,32 +113,32 @@ def _paged_decode_kernel(
              out.to(o_ptr.dtype.element_ty), mask=o_mask)
     if WRITE_LSE:
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-        tl.store(lse_ptr + seq * lse_seq_stride + heads * lse_head_stride + split, lse, mask=g_mask)
-
-
-@triton.jit
-def _paged_decode_reduce_kernel(
-    o_part_ptr, lse_ptr, out_ptr, num_splits, head_dim,
-    op_seq_stride, op_head_stride, lse_seq_stride, lse_head_stride, out_seq_stride, out_head_stride,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """One program per (sequence, head): weight each split's output by 2^(lse_s - max lse)."""
-    seq = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < num_splits
-    lse = tl.load(lse_ptr + seq * lse_seq_stride + head * lse_head_stride + offs_s, mask=s_mask,
-                  other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
-    written = s_mask & (lse > float("-inf"))
-    o = tl.load(o_part_ptr + seq * op_seq_stride + head * op_head_stride + offs_s[:, None] * head_dim
-                + offs_d[None, :], mask=written[:, None] & (offs_d < head_dim)[None, :], other=0.0)
-    total = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * o, 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptr + seq * out_seq_stride + head * out_head_stride + offs_d, out.to(out_ptr.dtype.element_ty),
-             mask=offs_d < head_dim)
+        lse_row = lse_ptr + seq * lse_seq_stride + heads * lse_head_stride
+        tl.store(lse_row + split, lse, mask=g_mask)
+        tl.debug_barrier()  # every thread's partial results stored before the arrival is counted
+        counter = count_ptr + seq * tl.num_programs(1) + kv_head
+        num_splits = tl.num_programs(2)
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+            # Weigh each split's output by 2^(lse_s - max lse); .cg loads: from L2, where the other splits stored
+            offs_s = tl.arange(0, BLOCK_S)
+            lse_all = tl.load(lse_row[:, None] + offs_s[None, :], mask=g_mask[:, None] & (offs_s < num_splits)[None, :],
+                              other=float("-inf"), cache_modifier=".cg")
+            m = tl.max(lse_all, 1)
+            m = tl.where(m == float("-inf"), 0.0, m)
+            total = tl.zeros([BLOCK_G], tl.float32)
+            acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+            o_row = o_ptr + seq * o_seq_stride + heads[:, None] * o_head_stride + offs_d[None, :]
+            for s in range(num_splits):
+                lse_s = tl.load(lse_row + s, mask=g_mask, other=float("-inf"), cache_modifier=".cg")
+                w = tl.exp2(lse_s - m)
+                o_s = tl.load(o_row + s * o_split_stride, mask=(g_mask & (lse_s > float("-inf")))[:, None]
+                              & d_mask[None, :], other=0.0, cache_modifier=".cg")
+                acc += w[:, None] * o_s
+                total += w
+            out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+            tl.store(out_ptr + seq * out_seq_stride + heads[:, None] * out_head_stride + offs_d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+            tl.store(counter, 0)
 
 
 def paged_decode(
@@ -180,10 +184,13 @@ def paged_decode(
     else:
         o = torch.empty((batch, n_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         lse = torch.empty((batch, n_heads, num_splits), dtype=torch.float32, device=q.device)
+    if num_splits > 1 and batch * n_kv_heads > ARRIVAL_COUNTERS:
+        raise ValueError(f"paged_decode splits at most {ARRIVAL_COUNTERS} (sequence, kv head) pairs, got "
+                         f"{batch * n_kv_heads}")
     _paged_decode_kernel[(batch, n_kv_heads, num_splits)](
-        q, k_cache, v_cache, o, lse, block_tables, context_lens,
+        q, k_cache, v_cache, o, lse, out, arrival_counters(q.device), block_tables, context_lens,
         q.stride(0), q.stride(1), o.stride(0), o.stride(1), o.stride(2) if num_splits > 1 else 0,
-        lse.stride(0), lse.stride(1),
+        lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
@@ -192,15 +199,9 @@ def paged_decode(
         PAGE=k_cache.shape[1], GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=block_d,
         SOFT_CAP=soft_cap is not None, WINDOW=sliding_window is not None, F32=f32_dot(q),
-        WRITE_LSE=num_splits > 1, num_warps=num_warps, num_stages=num_stages,
+        # One tile of log-sum-exps for every split count: one compiled kernel for all batch sizes.
+        WRITE_LSE=num_splits > 1, BLOCK_S=_MAX_SPLITS, num_warps=num_warps, num_stages=num_stages,
     )
-    if num_splits > 1:
-        _paged_decode_reduce_kernel[(batch, n_heads)](
-            o, lse, out, num_splits, head_dim,
-            o.stride(0), o.stride(1), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-            # One tile width for every split count: one compiled reduce for all batch sizes.
-            BLOCK_S=triton.next_power_of_2(max(num_splits, _MAX_SPLITS)), BLOCK_D=block_d,
-        )
     return out
 
 

@@ -1,7 +1,7 @@
-"""Products of 1 to 16 rows of activations with a weight kept in GGUF blocks: the decode step's matmul, at the
-bandwidth limit.
+"""Products of activations with a weight kept in GGUF blocks, decoded from 32-bit words: the decode step's matmul
+at the bandwidth limit (1 to 16 rows of x), and GEMM tiles for more rows.
 
-    out[m, n] = sum_k x[m, k] * W[n, k]        (x: M <= 16 rows of K values; W: (N, K) in blocks of QK elements)
+    out[m, n] = sum_k x[m, k] * W[n, k]        (x: M rows of K values; W: (N, K) in blocks of QK elements)
 
 Decoding reads every weight byte once per token, so this loop must issue few instructions per weight byte: an
 H200 SM issues 4 warp instructions per clock and must take in ~18 bytes per clock to stream HBM, so above ~0.22
@@ -23,12 +23,16 @@ What keeps it low:
   (by dl * 2^(149 - P), and 2^-T) and adds the offset or min, the tile is rounded to x's dtype and multiplied on
   the tensor cores, one tl.dot per field position (K = 16 to 64 elements), so each weight is decoded once
   whatever M is.
+- More than 16 rows (prefill): the same decoding into tiles of BLOCK_M = 32 to 128 rows of x, program_id(2)
+  picking the tile, so each weight is decoded once per BLOCK_M rows: at [128, 128] tiles the loop issues about one
+  warp instruction per 1000 FLOPs (bench/sass.py), about what the tensor cores' peak allows.
 
 Types: Q4_K and Q5_K (16-byte aligned blocks) read the file's layout; Q4_0, Q5_0, Q8_0 and Q6_K read the planar
 layout of `planar.py` (their file blocks are 2-byte aligned). Split-K: program (pid, s) covers blocks
-[s * split_blocks, (s + 1) * split_blocks) of its rows and writes float32 partial sums the caller adds. Up to
-three weights of one type and K (q, k and v; gate and up) share a launch: the grid spans their row tiles, each
-program reading its own tensor, and the outputs are columns of one result.
+[s * split_blocks, (s + 1) * split_blocks) of its rows and stores float32 partial sums; the last program of a row
+tile to arrive (an atomic counter per tile) adds them in range order, so a split product is one launch and the
+same bits every run. Up to three weights of one type and K (q, k and v; gate and up) share a launch: the grid
+spans their row tiles, each program reading its own tensor, and the outputs are columns of one result.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import triton.language as tl
 
 from ..gguf.quant_tables import IQ4NL_VALUES
 from ..gguf.types import TYPE_TRAITS, GGMLType
-from ._common import backend, dot, f32_dot
+from ._common import ARRIVAL_COUNTERS, arrival_counters, backend, dot, f32_dot
 
 GEMV_TYPES = frozenset({GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q4_0,
                         GGMLType.Q5_0, GGMLType.IQ4_XS})
@@ -69,6 +73,14 @@ _DOT_CONFIGS = {
     "hip": [(64, 4), (128, 4)],  # unmeasured
     "interpreter": [(16, 1)],
 }
+# GEMM tiles (BLOCK_M, BLOCK_N, num_warps) for more than MAX_M rows of x: each weight tile is decoded once per
+# BLOCK_M rows. Unmeasured on a GPU; [128, 256] tiles spill for every type but Q4_K (bench/sass.py).
+_GEMM_CONFIGS = {
+    "cuda": [(32, 64, 4), (64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8)],
+    "hip": [(64, 64, 4), (128, 64, 4)],  # unmeasured
+    "interpreter": [(32, 16, 1)],
+}
+_M_BUCKET_CAP = 1024  # autotune key: M rounded up to a power of two, at most this
 _SPLIT_ROWS = 128  # rows per program assumed when sizing split-K
 _STEP = 8  # 32-element types: blocks a program decodes per row per step
 _BLOCKS_PER_STEP = tl.constexpr(_STEP)
@@ -103,11 +115,12 @@ def _x(x_ptr, mask, P: tl.constexpr, DENORMAL: tl.constexpr):
 
 @triton.jit
 def _take(s, sx, acc, w, P: tl.constexpr, BITS: tl.constexpr, x_ptr, e, mask, dl, bias, xm, x_stride,
-          DENORMAL: tl.constexpr, BLOCK_M: tl.constexpr, F32: tl.constexpr):
+          DENORMAL: tl.constexpr, BLOCK_M: tl.constexpr, F32: tl.constexpr, W_LEFT: tl.constexpr = False):
     """The weights of field position P of the words w [BN, A, B], elements e [A, B] of the block at x_ptr.
 
     BLOCK_M = 1: s += field * x', sx += x. Else acc [BLOCK_M, BN] += x[xm, e] @ (field * dl + bias)^T, with dl and
-    bias (broadcast against w) the block's scale and offset, the weights rounded to x's dtype for tl.dot.
+    bias (broadcast against w) the block's scale and offset, the weights rounded to x's dtype for tl.dot; W_LEFT:
+    acc [BN, BLOCK_M] += (field * dl + bias) @ x[xm, e]^T, the weights the tensor cores' left operand.
     """
     f = _field(w, P, BITS, DENORMAL)
     if BLOCK_M == 1:
@@ -129,7 +142,10 @@ def _take(s, sx, acc, w, P: tl.constexpr, BITS: tl.constexpr, x_ptr, e, mask, dl
         v = tl.reshape(v, [BN, EL])
         if not F32:
             v = v.to(xt.dtype)
-        acc += dot(xt, tl.trans(v), F32)
+        if W_LEFT:
+            acc += dot(v, tl.trans(xt), F32)
+        else:
+            acc += dot(xt, tl.trans(v), F32)
     return s, sx, acc
 
 
@@ -138,12 +154,12 @@ def _take(s, sx, acc, w, P: tl.constexpr, BITS: tl.constexpr, x_ptr, e, mask, dl
 
 
 @triton.jit
-def _k4_scales(blk, n_in, r):
+def _k4_scales(blk, r):
     """d * scale and dmin * min of sub-blocks 2r and 2r+1 of the Q4_K / Q5_K block at int32 pointer blk [BN, 1]."""
-    h = tl.load(blk, mask=n_in, other=0)
-    s0 = tl.load(blk + 1, mask=n_in, other=0)
-    s1 = tl.load(blk + 2, mask=n_in, other=0)
-    s2 = tl.load(blk + 3, mask=n_in, other=0)
+    h = tl.load(blk)
+    s0 = tl.load(blk + 1)
+    s1 = tl.load(blk + 2)
+    s2 = tl.load(blk + 3)
     low = r < 2  # sub-blocks 0..3: 6 bits of bytes 0..3 (scales) and 4..7 (mins); 4..7 spread over all 12 bytes
     sc = tl.where(low, s0 & 0x3F3F3F3F, (s2 & 0x0F0F0F0F) | ((s0 >> 2) & 0x30303030))
     mn = tl.where(low, s1 & 0x3F3F3F3F, ((s2 >> 4) & 0x0F0F0F0F) | ((s1 >> 2) & 0x30303030))
@@ -193,7 +209,7 @@ def _k4_quarter(s0, s1, sx0, sx1, acc, q, qh, hs, x_ptr, e, dl0, b0, dl1, b1, xm
 
 
 @triton.jit
-def _k4_block(acc, w_ptr, row, n_in, b, x_ptr, xm, x_stride, BLOCK_BYTES: tl.constexpr, DENORMAL: tl.constexpr,
+def _k4_block(acc, w_ptr, row, b, x_ptr, xm, x_stride, BLOCK_BYTES: tl.constexpr, DENORMAL: tl.constexpr,
               FIFTH: tl.constexpr, BLOCK_M: tl.constexpr, F32: tl.constexpr):
     """acc plus Q4_K (144-byte blocks) or Q5_K (176, FIFTH) block b of rows `row` (byte offsets [BN]) times x:
     [BN, 4] sums (BLOCK_M = 1), or [BLOCK_M, BN] products."""
@@ -206,19 +222,18 @@ def _k4_block(acc, w_ptr, row, n_in, b, x_ptr, xm, x_stride, BLOCK_BYTES: tl.con
     i = tl.arange(0, 16)
     run_word = (i // 4 * 8 + i % 4)[None, :]
     BN: tl.constexpr = row.shape[0]
-    m2 = n_in[:, None]
-    q0 = tl.reshape(tl.load(blk + qs_at + run_word, mask=m2, other=0), [BN, 4, 4])
-    q1 = tl.reshape(tl.load(blk + qs_at + 4 + run_word, mask=m2, other=0), [BN, 4, 4])
+    q0 = tl.reshape(tl.load(blk + qs_at + run_word), [BN, 4, 4])
+    q1 = tl.reshape(tl.load(blk + qs_at + 4 + run_word), [BN, 4, 4])
     h0 = q0
     h1 = q1
     if FIFTH:
         qh_word = (i % 4)[None, :]  # qh words 0..3 (bytes 0..15), the same for every run; 4..7 at + 4
-        h0 = tl.reshape(tl.load(blk + 4 + qh_word, mask=m2, other=0), [BN, 4, 4])
-        h1 = tl.reshape(tl.load(blk + 8 + qh_word, mask=m2, other=0), [BN, 4, 4])
+        h0 = tl.reshape(tl.load(blk + 4 + qh_word), [BN, 4, 4])
+        h1 = tl.reshape(tl.load(blk + 8 + qh_word), [BN, 4, 4])
     e = (r[:, None] * 64 + g[None, :] * 4)  # [4, 4]: element of the low nibble of byte 0 of each word
     xb = x_ptr + b * 256
     hs = (2 * r)[None, :, None]
-    dl0, dl1, ml0, ml1 = _k4_scales(blk, m2, r[None, :])
+    dl0, dl1, ml0, ml1 = _k4_scales(blk, r[None, :])
     d0 = dl0[:, :, None]
     d1 = dl1[:, :, None]
     b0 = -ml0[:, :, None]
@@ -241,31 +256,30 @@ def _k4_block(acc, w_ptr, row, n_in, b, x_ptr, xm, x_stride, BLOCK_BYTES: tl.con
 
 
 @triton.jit
-def _q6_k_block(acc, w_ptr, row, n_in, b, nb, x_ptr, xm, x_stride, DENORMAL: tl.constexpr, BLOCK_M: tl.constexpr,
+def _q6_k_block(acc, w_ptr, row, b, nb, x_ptr, xm, x_stride, DENORMAL: tl.constexpr, BLOCK_M: tl.constexpr,
                 F32: tl.constexpr):
     """acc plus Q6_K block b of rows `row` (byte offsets [BN]) times x: [BN, 8] sums (threads h, a; BLOCK_M = 1),
-    or [BLOCK_M, BN] products."""
+    or [BN, BLOCK_M] products (the weights the left operand)."""
     c = tl.arange(0, 8)
     half = c // 4
     a = c % 4
     g = tl.arange(0, 4)
     base = w_ptr + row[:, None]  # [BN, 1] uint8
-    m2 = n_in[:, None]
     # 2-D tiles of 4 contiguous words per thread (see _k4_block), split into [BN, 8 threads, 4 words]
     BN: tl.constexpr = row.shape[0]
     i = tl.arange(0, 32)
     ql_ptr = (base + b * 128).to(tl.pointer_type(tl.int32))
     qh_ptr = (base + nb * 128 + b * 64).to(tl.pointer_type(tl.int32))
-    ql = tl.reshape(tl.load(ql_ptr + i[None, :], mask=m2, other=0), [BN, 8, 4])
+    ql = tl.reshape(tl.load(ql_ptr + i[None, :]), [BN, 8, 4])
     qh_word = (i // 16 * 8 + i // 4 % 2 * 4 + i % 4)[None, :]  # thread (h, a): words 8h + 4 (a % 2) + g
-    qh = tl.reshape(tl.load(qh_ptr + qh_word, mask=m2, other=0), [BN, 8, 4])
+    qh = tl.reshape(tl.load(qh_ptr + qh_word), [BN, 8, 4])
     crumb = (2 * (a // 2))[None, :, None]  # bit of each qh byte holding the low elements' top 2 bits
     e = (128 * half + 16 * a)[:, None] + 4 * g[None, :]  # [8, 4]: element of the low nibble of byte 0 of a word
     xb = x_ptr + b * 256
     sc_ptr = base + nb * 192 + b * 16 + (8 * half + a)[None, :]
-    sc0 = tl.load(sc_ptr.to(tl.pointer_type(tl.int8)), mask=m2, other=0).to(tl.float32)
-    sc1 = tl.load((sc_ptr + 4).to(tl.pointer_type(tl.int8)), mask=m2, other=0).to(tl.float32)
-    d = tl.load((base + nb * 208 + b * 2).to(tl.pointer_type(tl.float16)), mask=m2, other=0.0).to(tl.float32)
+    sc0 = tl.load(sc_ptr.to(tl.pointer_type(tl.int8))).to(tl.float32)
+    sc1 = tl.load((sc_ptr + 4).to(tl.pointer_type(tl.int8))).to(tl.float32)
+    d = tl.load((base + nb * 208 + b * 2).to(tl.pointer_type(tl.float16))).to(tl.float32)
     dl0 = (d * sc0)[:, :, None]
     dl1 = (d * sc1)[:, :, None]
     s0 = tl.zeros(ql.shape, tl.float32)
@@ -277,13 +291,13 @@ def _q6_k_block(acc, w_ptr, row, n_in, b, nb, x_ptr, xm, x_stride, DENORMAL: tl.
     hi = ((ql >> 4) & 0x0F0F0F0F) | ((qh >> crumb) & 0x30303030)
     for t in tl.static_range(3):
         s0, sx0, acc = _take(s0, sx0, acc, lo, 8 * t, 6, xb, e + t, None, dl0, -32.0 * dl0, xm, x_stride,
-                             DENORMAL, BLOCK_M, F32)
+                             DENORMAL, BLOCK_M, F32, True)
         s1, sx1, acc = _take(s1, sx1, acc, hi, 8 * t, 6, xb, e + 64 + t, None, dl1, -32.0 * dl1, xm, x_stride,
-                             DENORMAL, BLOCK_M, F32)
+                             DENORMAL, BLOCK_M, F32, True)
     s0, sx0, acc = _take(s0, sx0, acc, lo >> 16, 8, 6, xb, e + 3, None, dl0, -32.0 * dl0, xm, x_stride,
-                         DENORMAL, BLOCK_M, F32)
+                         DENORMAL, BLOCK_M, F32, True)
     s1, sx1, acc = _take(s1, sx1, acc, hi >> 16, 8, 6, xb, e + 67, None, dl1, -32.0 * dl1, xm, x_stride,
-                         DENORMAL, BLOCK_M, F32)
+                         DENORMAL, BLOCK_M, F32, True)
     if BLOCK_M == 1:
         scale = 2.0 ** _S
         acc += d * (sc0 * (scale * tl.sum(s0, axis=2) - 32.0 * tl.sum(sx0, axis=1)[None, :])
@@ -296,7 +310,7 @@ def _q6_k_block(acc, w_ptr, row, n_in, b, nb, x_ptr, xm, x_stride, DENORMAL: tl.
 
 
 @triton.jit
-def _q32_block(acc, w_ptr, row, n_in, b, b_end, nb, x_ptr, xm, x_stride, TYPE: tl.constexpr, U: tl.constexpr,
+def _q32_block(acc, w_ptr, row, b, b_end, nb, x_ptr, xm, x_stride, TYPE: tl.constexpr, U: tl.constexpr,
                DENORMAL: tl.constexpr, BLOCK_M: tl.constexpr, F32: tl.constexpr):
     """acc plus the U units from block b of Q4_0 / Q5_0 / Q8_0 rows `row` (byte offsets [BN], nb blocks each),
     blocks from b_end on left out, times x: [BN, U] sums (BLOCK_M = 1), or [BLOCK_M, BN] products."""
@@ -306,10 +320,10 @@ def _q32_block(acc, w_ptr, row, n_in, b, b_end, nb, x_ptr, xm, x_stride, TYPE: t
     blk = b + u // PER_BLOCK
     b_in = blk < b_end
     base = w_ptr + row[:, None]
-    m2 = n_in[:, None] & b_in[None, :]
+    m2 = b_in[None, :]
     words = tl.arange(0, 4 * U)
     qs_ptr = (base + b * (16 * PER_BLOCK)).to(tl.pointer_type(tl.int32))
-    q = tl.load(qs_ptr + words[None, :], mask=n_in[:, None] & (b + words // (4 * PER_BLOCK) < b_end)[None, :],
+    q = tl.load(qs_ptr + words[None, :], mask=(b + words // (4 * PER_BLOCK) < b_end)[None, :],
                 other=0)
     q = tl.reshape(q, [row.shape[0], U, 4])
     km = b_in[:, None]
@@ -380,7 +394,7 @@ def _q32_block(acc, w_ptr, row, n_in, b, b_end, nb, x_ptr, xm, x_stride, TYPE: t
 
 
 @triton.jit
-def _iq4_xs_block(acc, w_ptr, row, n_in, b, x_ptr, table_ptr, xm, x_stride, BLOCK_M: tl.constexpr,
+def _iq4_xs_block(acc, w_ptr, row, b, x_ptr, table_ptr, xm, x_stride, BLOCK_M: tl.constexpr,
                   F32: tl.constexpr):
     """acc plus IQ4_XS block b of rows `row` (byte offsets [BN]) times x: [BN, 8] sums (BLOCK_M = 1), or
     [BLOCK_M, BN] products."""
@@ -388,10 +402,9 @@ def _iq4_xs_block(acc, w_ptr, row, n_in, b, x_ptr, table_ptr, xm, x_stride, BLOC
     i = tl.arange(0, 8)
     g = tl.arange(0, 4)
     blk = (w_ptr + row[:, None] + b * 136).to(tl.pointer_type(tl.int32))  # [BN, 1]
-    m2 = n_in[:, None]
-    q = tl.reshape(tl.load(blk + 2 + tl.arange(0, 32)[None, :], mask=m2, other=0), [BN, 8, 4])
-    h0 = tl.load(blk, mask=m2, other=0)  # d | scales_h << 16
-    h1 = tl.load(blk + 1, mask=m2, other=0)  # scales_l: nibble i is the low 4 bits of sub-block i's scale
+    q = tl.reshape(tl.load(blk + 2 + tl.arange(0, 32)[None, :]), [BN, 8, 4])
+    h0 = tl.load(blk)  # d | scales_h << 16
+    h1 = tl.load(blk + 1)  # scales_l: nibble i is the low 4 bits of sub-block i's scale
     scale = ((h1 >> (4 * i)[None, :]) & 15) | (((h0 >> (16 + 2 * i)[None, :]) & 3) << 4)
     dl = _f16(h0) * (scale - 32).to(tl.float32)  # [BN, 8]
     e = (b * 256 + 32 * i)[:, None] + 4 * g[None, :]  # [8, 4]: element of the low nibble of byte 0 of word g
@@ -412,15 +425,18 @@ def _iq4_xs_block(acc, w_ptr, row, n_in, b, x_ptr, table_ptr, xm, x_stride, BLOC
     return acc
 
 
-@triton.jit(do_not_specialize=["M", "split_blocks"])
-def _qgemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, table_ptr, out_ptr, M, N0, N1, N2, nb, x_row_stride, row_bytes,
-                  split_blocks,
+@triton.jit(do_not_specialize=["M", "m_bucket", "split_blocks"])
+def _qgemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, table_ptr, out_ptr, part_ptr, count_ptr, M, m_bucket, N0, N1, N2,
+                  nb, x_row_stride, row_bytes, split_blocks, SPLIT: tl.constexpr,
                   TYPE: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   DENORMAL: tl.constexpr, F32: tl.constexpr):
-    """out[s, m, n] = x[m] . row n of [W0; W1; W2] (N0 + N1 + N2 rows: up to three weights of one type and K, each
-    its own tensor) over blocks [s * split_blocks, + split_blocks) of the nb in a row."""
+    """out[m, n] = x[m] . row n of [W0; W1; W2] (N0 + N1 + N2 rows: up to three weights of one type and K, each
+    its own tensor), for rows m of x in tile program_id(2). SPLIT: program (pid, s) covers blocks
+    [s * split_blocks, + split_blocks) of the nb in a row, its partial sums in part[s], the tile's count of
+    arrived ranges at count_ptr (0 before and after). m_bucket is not read: it is the autotune key standing for M."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
+    m_first = tl.program_id(2) * BLOCK_M
     # program pid takes a row tile of one weight: W0's tiles first, then W1's, then W2's
     tiles0 = tl.cdiv(N0, BLOCK_N)
     tiles01 = tiles0 + tl.cdiv(N1, BLOCK_N)
@@ -432,49 +448,86 @@ def _qgemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, table_ptr, out_ptr, M, N0, N1, 
     n = (pid - tl.where(in2, tiles01, tl.where(in1, tiles0, 0))) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_in = n < n_weight
     N = N0 + N1 + N2
-    row = n.to(tl.int64) * row_bytes
-    # rows of x past M read row M - 1 (in range) and are not stored
-    xm = tl.minimum(tl.arange(0, BLOCK_M), M - 1).to(tl.int64)
+    # rows of W past the weight's last read that row, and rows of x past M row M - 1: the loads need no masks (nor
+    # the predicate registers masks take), and those rows are not stored
+    row = tl.minimum(n, n_weight - 1).to(tl.int64) * row_bytes
+    xm = tl.minimum(m_first + tl.arange(0, BLOCK_M), M - 1).to(tl.int64)
     b0 = split * split_blocks
     b1 = tl.minimum(b0 + split_blocks, nb)
     # one row of x: per-thread sums [BLOCK_N, threads per row-block], added across threads at the end
     LANES: tl.constexpr = 4 if TYPE == "Q4_K" or TYPE == "Q5_K" else 8 if TYPE == "Q6_K" or TYPE == "IQ4_XS" else (
         2 * _BLOCKS_PER_STEP if TYPE == "Q8_0" else _BLOCKS_PER_STEP)
+    # Q6_K's weights multiply best as the tensor cores' left operand (bench/sass.py), the others' as the right
+    W_LEFT: tl.constexpr = TYPE == "Q6_K"
     if BLOCK_M == 1:
         acc = tl.zeros([BLOCK_N, LANES], tl.float32)
     else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if W_LEFT:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if TYPE == "Q4_K" or TYPE == "Q5_K":
         for b in range(b0, b1):
-            acc = _k4_block(acc, w_ptr, row, n_in, b, x_ptr, xm, x_row_stride, BLOCK_BYTES, DENORMAL,
+            acc = _k4_block(acc, w_ptr, row, b, x_ptr, xm, x_row_stride, BLOCK_BYTES, DENORMAL,
                             TYPE == "Q5_K", BLOCK_M, F32)
     elif TYPE == "IQ4_XS":
         for b in range(b0, b1):
-            acc = _iq4_xs_block(acc, w_ptr, row, n_in, b, x_ptr, table_ptr, xm, x_row_stride, BLOCK_M, F32)
+            acc = _iq4_xs_block(acc, w_ptr, row, b, x_ptr, table_ptr, xm, x_row_stride, BLOCK_M, F32)
     elif TYPE == "Q6_K":
         for b in range(b0, b1):
-            acc = _q6_k_block(acc, w_ptr, row, n_in, b, nb, x_ptr, xm, x_row_stride, DENORMAL, BLOCK_M, F32)
+            acc = _q6_k_block(acc, w_ptr, row, b, nb, x_ptr, xm, x_row_stride, DENORMAL, BLOCK_M, F32)
     else:
         for b in range(b0, b1, _BLOCKS_PER_STEP):
-            acc = _q32_block(acc, w_ptr, row, n_in, b, b1, nb, x_ptr, xm, x_row_stride, TYPE, LANES, DENORMAL,
+            acc = _q32_block(acc, w_ptr, row, b, b1, nb, x_ptr, xm, x_row_stride, TYPE, LANES, DENORMAL,
                              BLOCK_M, F32)
-    out = out_ptr + split.to(tl.int64) * M * N + n_first
-    if BLOCK_M > 1 and DENORMAL and TYPE != "IQ4_XS":  # IQ4_XS's values come from a table, unscaled
-        acc *= 2.0 ** _T
-    if BLOCK_M == 1:
-        tl.store(out + n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=n_in)
+    if BLOCK_M == 1:  # one row of x: 1-D, as light on registers as the loop
+        _finish(tl.sum(acc, axis=1), out_ptr, part_ptr, count_ptr, n_first + n, n_in, M * N, SPLIT)
     else:
-        m = tl.arange(0, BLOCK_M)
-        tl.store(out + m[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=(m < M)[:, None] & n_in[None, :])
+        if DENORMAL and TYPE != "IQ4_XS":  # IQ4_XS's values come from a table, unscaled
+            acc *= 2.0 ** _T
+        m = m_first + tl.arange(0, BLOCK_M)
+        if W_LEFT:
+            _finish(acc, out_ptr, part_ptr, count_ptr, m[None, :].to(tl.int64) * N + n_first + n[:, None],
+                    (m < M)[None, :] & n_in[:, None], M * N, SPLIT)
+        else:
+            _finish(acc, out_ptr, part_ptr, count_ptr, m[:, None].to(tl.int64) * N + n_first + n[None, :],
+                    (m < M)[:, None] & n_in[None, :], M * N, SPLIT)
+
+
+@triton.jit
+def _finish(res, out_ptr, part_ptr, count_ptr, offs, mask, numel, SPLIT: tl.constexpr):
+    """Store res (a tile of out at offs), or with SPLIT, its range's partial sums: the program that arrives last at
+    the tile's counter adds all ranges' in range order (the same bits every run, no second launch) and sets the
+    counter back to 0."""
+    if SPLIT:
+        tl.store(part_ptr + tl.program_id(1).to(tl.int64) * numel + offs, res, mask=mask)
+        tl.debug_barrier()  # every thread's partial sums stored before the arrival is counted
+        counter = count_ptr + tl.program_id(0) + tl.program_id(2) * tl.num_programs(0)
+        splits = tl.num_programs(1)
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == splits - 1:
+            total = tl.zeros(res.shape, tl.float32)
+            for s in range(splits):  # .cg: from L2, where the other programs' stores are
+                total += tl.load(part_ptr + s * numel + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(counter, 0)
+    else:
+        tl.store(out_ptr + offs, res.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# GEMM tiles (BLOCK_M, BLOCK_N) that spill on sm_90 for these types (bench/sass.py, Triton 3.9 or 3.6). Q8_0's
+# [128, 128] tile keeps its 8 bytes under 3.6: every smaller tile issues ~1.7x the instructions per FLOP.
+_GEMM_SPILLS = {(32, 64): {"Q4_K"}, (64, 128): {"Q6_K", "Q8_0", "Q5_0"},
+                (128, 64): {"Q6_K", "Q8_0", "Q4_0", "Q5_0", "IQ4_XS"}}
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """The configs that do not spill on sm_90 (bench/sass.py). One row of x: 256 rows of W only for Q4_K and Q5_K,
-    32 only for IQ4_XS (its table values in flight take registers). More rows of x: more than 64 rows of W only for
-    Q4_K and Q4_0."""
-    t, one_row = kwargs["TYPE"], kwargs["BLOCK_M"] == 1
-    if one_row:
+    32 only for IQ4_XS (its table values in flight take registers). 2..16 rows of x: more than 64 rows of W only for
+    Q4_K and Q4_0. GEMM tiles: those of _GEMM_SPILLS left out."""
+    t, block_m = kwargs["TYPE"], kwargs.get("BLOCK_M")
+    if block_m is None:  # GEMM tiles
+        return [c for c in configs if t not in _GEMM_SPILLS.get((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]), ())]
+    if block_m == 1:
         low, high = (32, 32) if t == "IQ4_XS" else (64, 256 if t in ("Q4_K", "Q5_K") else 128)
     else:
         low, high = 0, 256 if t in ("Q4_K", "Q4_0") else 64
@@ -482,10 +535,15 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 
 
 @functools.cache
-def _tuned(be: str, one_row: bool):
-    configs = [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in (_CONFIGS if one_row else _DOT_CONFIGS)[be]]
+def _tuned(be: str, block_m: int | None):
+    """The autotuned kernel for one row of x (block_m 1), 2..16 rows (MAX_M) or a GEMM (None: BLOCK_M tuned)."""
+    if block_m is None:
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w) for m, n, w in _GEMM_CONFIGS[be]]
+    else:
+        configs = [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in (_CONFIGS if block_m == 1 else
+                                                                             _DOT_CONFIGS)[be]]
     # cache_results: the timings persist in Triton's cache folder (see cache.py): a second start skips tuning.
-    return triton.autotune(configs, key=["N0", "N1", "N2", "nb", "TYPE"],
+    return triton.autotune(configs, key=["m_bucket", "N0", "N1", "N2", "nb", "TYPE"],
                            prune_configs_by={"early_config_prune": _prune}, cache_results=True)(_qgemv_kernel)
 
 
@@ -515,13 +573,14 @@ def gemv_splits(ggml_type: GGMLType, N: int, K: int, sms: int, splits: int | Non
 
 def qgemv(x: torch.Tensor, raws: Sequence[torch.Tensor], ggml_type: GGMLType, shapes: Sequence[tuple[int, int]],
           out: torch.Tensor, split_blocks: int, *, denormal: bool | None = None) -> torch.Tensor:
-    """out[s] = partial products x [M, K] @ [W0; W1; W2]^T over blocks [s * split_blocks, + split_blocks) of each
-    row, for one to three weights (one launch).
+    """out = x [M, K] @ [W0; W1; W2]^T for one to three weights (one launch), K cut into ranges of split_blocks
+    blocks (as many as nb / split_blocks: see `gemv_splits`).
 
-    x: 1..MAX_M rows, last dim contiguous. Weights Wi of `shapes[i]` (Ni, K), of one type in GEMV_TYPES, as `raws[i]`
-    bytes: the planar layout (`planar.to_planar`) for the types it covers, else the file's; 16-byte aligned. out:
-    [ranges, M, sum Ni], any float dtype. denormal: the field decoding (default: the backend's, see the module
-    docstring). Arguments are checked by `qmatmul`, the public entry point.
+    x: any number of rows (more than MAX_M: GEMM tiles, in one range), last dim contiguous. Weights Wi of
+    `shapes[i]` (Ni, K), of one type in GEMV_TYPES, as `raws[i]` bytes: the planar layout (`planar.to_planar`) for
+    the types it covers, else the file's; 16-byte aligned. out: [M, sum Ni], any float dtype. denormal: the field
+    decoding (default: the backend's, see the module docstring). Arguments are checked by `qmatmul`, the public
+    entry point. Split launches count their arrivals in `arrival_counters`.
     """
     if not 1 <= len(raws) <= 3 or len(shapes) != len(raws):
         raise ValueError(f"qgemv takes one to three weights with a shape each, got {len(raws)} and {len(shapes)}")
@@ -529,14 +588,22 @@ def qgemv(x: torch.Tensor, raws: Sequence[torch.Tensor], ggml_type: GGMLType, sh
     K = shapes[0][1]
     traits = TYPE_TRAITS[ggml_type]
     nb = K // traits.block_elements
+    splits = triton.cdiv(nb, split_blocks)
     be = backend(x.device)
     ws = [*raws, raws[0], raws[0]][:3]
     ns = [*(s[0] for s in shapes), 0, 0][:3]
-    _tuned(be, M == 1)[lambda meta: (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in ns), out.shape[0])](
-        x, *ws, _value_table(ggml_type, x.device), out, M, *ns, nb, x.stride(0), nb * traits.block_bytes,
-        split_blocks,
-        TYPE=ggml_type.name, BLOCK_BYTES=traits.block_bytes, BLOCK_M=1 if M == 1 else MAX_M,
+    block_m = 1 if M == 1 else MAX_M if M <= MAX_M else None
+    if splits > 1 and (block_m is None or sum(triton.cdiv(n, 16) for n in ns) > ARRIVAL_COUNTERS):
+        raise ValueError(f"qgemv splits K for at most {MAX_M} rows of x and {16 * ARRIVAL_COUNTERS} rows of W, got "
+                         f"{M} and {sum(ns)}")
+    part = torch.empty((splits, *out.shape), dtype=torch.float32, device=x.device) if splits > 1 else out
+    tile = {} if block_m is None else {"BLOCK_M": block_m}
+    _tuned(be, block_m)[lambda meta: (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in ns), splits,
+                                      triton.cdiv(M, meta["BLOCK_M"]))](
+        x, *ws, _value_table(ggml_type, x.device), out, part, arrival_counters(x.device), M,
+        min(triton.next_power_of_2(M), _M_BUCKET_CAP), *ns, nb, x.stride(0), nb * traits.block_bytes, split_blocks,
+        SPLIT=splits > 1, TYPE=ggml_type.name, BLOCK_BYTES=traits.block_bytes,
         DENORMAL=be != "hip" and (M == 1 or x.dtype != torch.float16) if denormal is None else denormal,
-        F32=f32_dot(x),
+        F32=f32_dot(x), **tile,
     )
     return out

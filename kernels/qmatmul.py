@@ -11,7 +11,7 @@ Five paths, picked by `_choose_path` from per-backend thresholds (or forced with
 - "gemv" (M <= 16, the types of `qgemv.GEMV_TYPES`): the decode step's product, a kernel of its own (qgemv.py)
   that decodes 32-bit words of whole blocks and streams the weight at the bandwidth limit, one FMA per weight for
   one row of x, tensor cores for 2..16; K is split into ranges when N alone makes too few programs, their partial
-  sums added as on the split-K path.
+  sums added in range order by the last program of each row tile to finish (one launch).
 - "skinny" (small M: decode, small batches, speculative verification). A program owns BLOCK_N rows of W over
   the whole K range and all M rows of x (padded to 16 rows for tl.dot; M = 1 multiplies and sums in float32
   instead, a GEMV, as no tensor-core tile is that thin), so each weight byte is read and decoded once per call
@@ -19,15 +19,17 @@ Five paths, picked by `_choose_path` from per-backend thresholds (or forced with
 - "splitk": the skinny path with K cut into ranges, one program per (rows, range), when N alone makes too few
   programs to fill the GPU. Each range writes float32 partial sums; a second kernel adds them in range order
   (deterministic, no atomics).
-- "gemm": tiled GEMM over [BLOCK_M, BLOCK_N] output tiles in grouped order (GROUP_M tiles along M share a
-  column of W tiles, which then comes from L2); each W tile is decoded in the K loop to x's dtype and fed to
-  tl.dot.
+- "gemm": tiled GEMM over [BLOCK_M, BLOCK_N] output tiles; each W tile is decoded once per K step to x's dtype
+  and fed to tl.dot, so its decoding is shared by BLOCK_M rows of x. The types of `qgemv.GEMV_TYPES` run on
+  qgemv's word decoders with M tiles of 32 to 128 rows (a fraction of the instructions per FLOP of the element
+  decoders, bench/sass.py); the others in grouped order (GROUP_M tiles along M share a column of W tiles, which
+  then comes from L2).
 - "dequant": the dequant kernel, then torch.mm on the dense weight (cuBLAS / hipBLASLt): for large M, where
   decoding W once per M tile costs more than writing it dense once.
-"skinny", "splitk" and "gemm" are one kernel, `_qmatmul_kernel`, with different tiles and grids.
+"skinny", "splitk" and the other types' "gemm" are one kernel, `_qmatmul_kernel`, with different tiles and grids.
 
-Weights of the types in `planar.PLANAR_TYPES` may come in the planar layout (`planar=True`), which the GEMV reads
-with 16-byte loads; the other paths read the file's layout and get a relaid copy.
+Weights of the types in `planar.PLANAR_TYPES` may come in the planar layout (`planar=True`), which qgemv reads
+with 16-byte loads (given the file's layout, it relays a copy); the element decoders read either layout.
 """
 
 from __future__ import annotations
@@ -230,7 +232,7 @@ def qmatmul(
         return out
     if K == 0:
         return out.zero_()
-    if path == "gemv":
+    if _word_path(t, path, K):
         return _gemv(x, [raw], t, [(N, K)], out, planar, split_k)
     if path == "dequant":
         # torch.mm writes its operands' dtype: another output dtype multiplies in that dtype instead.
@@ -269,8 +271,9 @@ def qmatmul_many(
     planar: bool = False,
 ) -> list[torch.Tensor]:
     """[x @ W^T for each weight W]: `qmatmul` of one x with one to three weights of one type and K (q, k and v; gate
-    and up). Where the dispatch picks "gemv" for them, one launch computes all of them over the weights as they are
-    (no concatenated copy), into views of one [M, sum N] tensor; else one qmatmul each."""
+    and up). Where the dispatch picks qgemv's kernel for them ("gemv", and "gemm" for its types), one launch computes
+    all of them over the weights as they are (no concatenated copy), into views of one [M, sum N] tensor; else one
+    qmatmul each."""
     if not 1 <= len(raws) <= 3 or len(shapes) != len(raws):
         raise ValueError(f"qmatmul_many takes one to three weights with a shape each, got {len(raws)} and "
                          f"{len(shapes)}")
@@ -281,27 +284,28 @@ def qmatmul_many(
     ns = [shape[0] for shape in shapes]
     if planar:
         check_planar(t)
-    if M == 0 or K == 0 or _choose_path(t, M, sum(ns), K, x.device) != "gemv":
+    if M == 0 or K == 0 or not _word_path(t, _choose_path(t, M, sum(ns), K, x.device), K):
         return [qmatmul(x, raw, t, shape, out_dtype=out_dtype, planar=planar) for raw, shape in zip(raws, shapes)]
     out = torch.empty((M, sum(ns)), dtype=out_dtype or x.dtype, device=x.device)
     return list(_gemv(x, raws, t, [(n, K) for n in ns], out, planar, None).split(ns, dim=1))
 
 
+def _word_path(t: GGMLType, path: str, K: int) -> bool:
+    """Whether `path` runs on qgemv's word decoders: "gemv", and "gemm" for the weights qgemv takes."""
+    return path == "gemv" or path == "gemm" and gemv_fits(t, K)
+
+
 def _gemv(x: torch.Tensor, raws: Sequence[torch.Tensor], t: GGMLType, shapes: list[tuple[int, int]],
           out: torch.Tensor, planar: bool, split_k: int | None) -> torch.Tensor:
-    """The "gemv" path for one to three weights, into out [M, sum N]."""
+    """The "gemv" path (or qgemv's GEMM tiles, for more than MAX_M rows) for one to three weights, into out
+    [M, sum N]."""
     if t in PLANAR_TYPES and not planar:
         raws = [to_planar(raw, t, shape) for raw, shape in zip(raws, shapes)]
     # the word loads need at least 4-byte alignment; a fresh tensor has 256
     raws = [raw.clone() if raw.data_ptr() % 16 else raw for raw in raws]
     M, N = out.shape
     K = shapes[0][1]
-    split_blocks = gemv_splits(t, N, K, sm_count(x.device), split_k)
-    splits = triton.cdiv(K // TYPE_TRAITS[t].block_elements, split_blocks)
-    if splits == 1:
-        return qgemv(x, raws, t, shapes, out[None], split_blocks)[0]
-    part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
-    return _add_splits(qgemv(x, raws, t, shapes, part, split_blocks), out)
+    return qgemv(x, raws, t, shapes, out, gemv_splits(t, N, K, sm_count(x.device), 1 if M > MAX_M else split_k))
 
 
 def _add_splits(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -65,7 +65,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: to
     (halves) or llama.cpp normal (adjacent pairs) style. q, k: one float dtype, last dim contiguous (views
     into a fused QKV output are fine).
     """
-    _check(q, k, positions, inv_freq)
+    check_rope_args(q, k, positions, inv_freq)
     if q.shape[0] == 0:
         return
     half = inv_freq.numel()
@@ -80,7 +80,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: to
 def rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, *, neox: bool,
              attn_factor: float = 1.0) -> None:
     """Torch reference of `rope` (same float32 angles)."""
-    _check(q, k, positions, inv_freq)
+    check_rope_args(q, k, positions, inv_freq)
     half = inv_freq.numel()
     theta = positions.to(torch.float32)[:, None, None] * inv_freq
     cos, sin = torch.cos(theta) * attn_factor, torch.sin(theta) * attn_factor
@@ -149,7 +149,7 @@ def rope_inv_freq(
     return f.float(), attn_factor
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> None:
+def check_rope_args(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> None:
     check_float(q=q, k=k)
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.dtype != k.dtype:
         raise ValueError(f"q, k must be [n_tokens, heads, head_dim] of one dtype, got {q.dtype} {tuple(q.shape)} "

@@ -35,12 +35,12 @@ from ggtriton.kernels import gelu_mul, silu_mul  # noqa: E402
 from ggtriton.kernels.planar import PLANAR_TYPES  # noqa: E402
 
 # the modules, not the functions of the same names that ggtriton.kernels exports
-_common, dequant, flash_attention, kv_store, paged_decode, qgemv, qmatmul, rmsnorm, rope = (
+_common, dequant, flash_attention, kv_store, paged_decode, qgemv, qmatmul, rmsnorm, rope, rope_kv_store = (
     importlib.import_module(f"ggtriton.kernels.{name}")
     for name in ("_common", "dequant", "flash_attention", "kv_store", "paged_decode", "qgemv", "qmatmul", "rmsnorm",
-                 "rope"))
+                 "rope", "rope_kv_store"))
 KERNEL_MODULES = (_common, importlib.import_module("ggtriton.kernels.activations"), dequant, flash_attention,
-                  kv_store, paged_decode, qgemv, qmatmul, rmsnorm, rope)
+                  kv_store, paged_decode, qgemv, qmatmul, rmsnorm, rope, rope_kv_store)
 
 # Shared memory one block may use (the opt-in maximum): H100/H200, A100, L4/4090, MI300.
 SHARED_LIMIT = {("cuda", 90): 232448, ("cuda", 80): 166912, ("cuda", 89): 101376, ("hip", "gfx942"): 65536}
@@ -131,10 +131,12 @@ def launches(quick: bool):
                 yield f"qmatmul {t.name} {dtype} M={m} {path}", lambda t=t, k=k, d=dtype, m=m, p=path: \
                     qmatmul.qmatmul(torch.zeros(m, 4 * k, dtype=d), raw_weight(t, 64, 4 * k), t, (64, 4 * k), path=p)
             planar = t in PLANAR_TYPES
-            for m in (1, 16) if qgemv.gemv_fits(t, 4 * k) else ():
-                yield f"qmatmul {t.name} {dtype} M={m} gemv", lambda t=t, k=k, d=dtype, m=m, p=planar: \
-                    qmatmul.qmatmul(torch.zeros(m, 4 * k, dtype=d), raw_weight(t, 64, 4 * k), t, (64, 4 * k),
-                                    path="gemv", planar=p)
+            # one row of x in one K range, 16 rows in two (the ranges' partial sums added by the last to arrive)
+            for m, splits in [(1, 1), (16, 2)] if qgemv.gemv_fits(t, 4 * k) else ():
+                yield f"qmatmul {t.name} {dtype} M={m} gemv splits={splits}", \
+                    lambda t=t, k=k, d=dtype, m=m, p=planar, s=splits: qmatmul.qmatmul(
+                        torch.zeros(m, 4 * k, dtype=d), raw_weight(t, 64, 4 * k), t, (64, 4 * k), path="gemv",
+                        planar=p, split_k=s)
             if planar:
                 yield f"qmatmul {t.name} {dtype} M=16 skinny planar", lambda t=t, k=k, d=dtype: qmatmul.qmatmul(
                     torch.zeros(16, 4 * k, dtype=d), raw_weight(t, 64, 4 * k), t, (64, 4 * k), path="skinny",
@@ -171,6 +173,10 @@ def launches(quick: bool):
         a = attention_args(128, 4, dtype, page)
         yield f"kv_store {dtype}", lambda a=a: kv_store.kv_store(
             a["q"][:8, :2], a["q"][:8, :2], a["k"], a["v"], torch.arange(8, dtype=torch.int64))
+        for neox in (False, True):
+            yield f"rope_kv_store neox={neox} {dtype}", lambda a=a, n=neox: rope_kv_store.rope_kv_store(
+                a["q"][:8], a["q"][:8, :2], a["q"][:8, 2:4], a["k"], a["v"], torch.arange(8, dtype=torch.int64),
+                torch.arange(8, dtype=torch.int32), rope.rope_inv_freq(128, 10000.0)[0], neox=n)
 
 
 def attention_args(head_dim: int, group: int, dtype: torch.dtype, page: int) -> dict[str, torch.Tensor]:

@@ -75,18 +75,18 @@ def test_torch_backend_dequantizes_each_weight_once(tiny, monkeypatch):
 
 
 def _split_partials(monkeypatch) -> list[torch.Tensor]:
-    """Spy on the split-K reduce: the per-split log-sum-exps it combines."""
+    """Spy on the split decode kernel: the per-split log-sum-exps its last programs combined."""
     seen = []
-    reduce = paged_decode_module._paged_decode_reduce_kernel
+    kernel = paged_decode_module._paged_decode_kernel
 
     class Spy:
         def __getitem__(self, grid):
-            def launch(o, lse, *args, **kwargs):
+            def launch(q, k_cache, v_cache, o, lse, *args, **kwargs):
+                kernel[grid](q, k_cache, v_cache, o, lse, *args, **kwargs)
                 seen.append(lse.clone())
-                return reduce[grid](o, lse, *args, **kwargs)
             return launch
 
-    monkeypatch.setattr(paged_decode_module, "_paged_decode_reduce_kernel", Spy())
+    monkeypatch.setattr(paged_decode_module, "_paged_decode_kernel", Spy())
     return seen
 
 
@@ -95,7 +95,7 @@ def test_decode_splits_follow_each_sequence_length(monkeypatch):
     """The split count is fixed by the launch, each sequence cuts its own keys into as many of them as its
     length fills (at least min_split_keys each): a short context next to a long one, or under a graph
     captured for the model's whole context, still spreads over several splits, and empty splits are
-    skipped by the reduce. Interpreter only: the spy needs the launch to run on CPU tensors."""
+    skipped when the splits are combined. Interpreter only: the spy needs the launch to run on CPU tensors."""
     if torch.cuda.is_available():
         pytest.skip("inspects the interpreter's split sizes (16 keys at least per split)")
     lse_seen = _split_partials(monkeypatch)

@@ -10,6 +10,7 @@ from ggtriton.gguf import TYPE_TRAITS, GGMLType
 from ggtriton.gguf.quants import dequantize as dequantize_reference
 from ggtriton.kernels import dequantize, qmatmul, qmatmul_many
 from ggtriton.kernels.planar import PLANAR_TYPES, from_planar, to_planar
+from ggtriton.kernels._common import arrival_counters
 from ggtriton.kernels.qgemv import _STEP, GEMV_TYPES, gemv_fits, gemv_splits, qgemv
 from quant_weights import weight
 
@@ -30,14 +31,17 @@ def layout(raw: torch.Tensor, ggml_type: GGMLType, shape: tuple[int, int]) -> to
 
 def gemv_error(ggml_type: GGMLType, n: int, k: int, x: torch.Tensor, splits: int, denormal: bool | None,
                device: torch.device) -> float:
-    """Relative error of the summed partial products of x [M, K] and a random (n, k) weight."""
+    """Relative error of x [M, K] times a random (n, k) weight, K cut into `splits` ranges. The product is the same
+    bits when run again (the ranges are added in order), and the tile counters are back to 0."""
     raw = weight(ggml_type, n, k, device, seed=n + k)
     blocks = gemv_splits(ggml_type, n, k, 1, splits)
-    ranges = -(-(k // TYPE_TRAITS[ggml_type].block_elements) // blocks)
-    out = torch.empty((ranges, x.shape[0], n), dtype=torch.float32, device=device)
-    part = qgemv(x, [layout(raw, ggml_type, (n, k))], ggml_type, [(n, k)], out, blocks, denormal=denormal)
+    out = torch.full((x.shape[0], n), torch.nan, device=device)
+    args = (x, [layout(raw, ggml_type, (n, k))], ggml_type, [(n, k)])
+    qgemv(*args, out, blocks, denormal=denormal)
+    assert torch.equal(qgemv(*args, torch.empty_like(out), blocks, denormal=denormal), out)
+    assert not arrival_counters(x.device).any()
     ref = x.double().cpu() @ dequantize_reference(raw, ggml_type, (n, k)).double().t()
-    return ((part.double().sum(0).cpu() - ref).norm() / ref.norm()).item()
+    return ((out.double().cpu() - ref).norm() / ref.norm()).item()
 
 
 # Rows of W: one, fewer than a row tile, not a multiple of it. Blocks: one, a K range crossing the 32-element types'
@@ -142,7 +146,7 @@ def test_planar_bad_input(device) -> None:
         to_planar(raw[:100], GGMLType.Q8_0, (2, 64))
 
 
-@pytest.mark.parametrize("m", [1, 6], ids=str)
+@pytest.mark.parametrize("m", [1, 6, 37], ids=str)  # 37: GEMM tiles
 @pytest.mark.parametrize("ggml_type", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0], ids=lambda t: t.name)
 def test_many_weights_in_one_launch(ggml_type: GGMLType, m: int, device) -> None:
     # q, k and v of unequal heights (none a multiple of the row tile): one launch over the three tensors as they

@@ -267,8 +267,9 @@ def test_amdgcn_loop_loads_and_registers():
 
 def skinny_row(t: str, instructions: int, spill: tuple[int, int] = (0, 0)) -> sass.Row:
     """A row of type t's decode path (gemv or skinny) with a skinny config's numbers."""
-    return sass.Row(sass.Job(t, sass.decode_path(t), 1), "N32 K256 w4 s3", 4, sass.Profile(instructions, Counter(), True, 1, 0),
-                    96, spill, 1024, 32 * 256 * 34 / 32)
+    return sass.Row(sass.Job(t, sass.decode_path(t), 1), "N32 K256 w4 s3", 4,
+                    sass.Profile(instructions, Counter(), True, 1, 0, 0), 96, spill, 1024, 32 * 256 * 34 / 32, 32 * 256,
+                    1)
 
 
 def test_rate_ceiling_and_check():
@@ -283,6 +284,22 @@ def test_rate_ceiling_and_check():
     failures = sass.check(rows)
     assert len(failures) == 2 and failures[0].startswith("Q4_K") and "spills" in failures[0]
     assert failures[1].startswith("Q8_0: best M=1 gemv loop (N32 K256 w4 s3) takes 0.58 ")
+
+
+def test_gemm_rows_count_tensor_core_instructions_per_flop():
+    code = ["MOV R5, RZ", "HMMA.16816.F32.BF16 R32, R40, R52, R32", "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24",
+            "WARPGROUP.ARRIVE", "IADD3 R5, R5, 0x1, RZ", "ISETP.NE.AND P0, PT, R5, 0x8, PT", "@P0 BRA 0x10", "EXIT"]
+    text = "\n".join(f"        /*{16 * i:04x}*/                   {op} ;" for i, op in enumerate(code))
+    p = sass.profile(sass.parse_sass(text))
+    assert (p.instructions, p.mma) == (6, 2)
+    # a [128, 128] tile over a 256-element Q4_K block per pass: 2 * 128 * 128 * 256 FLOPs, 8 warps
+    gemm = sass.Row(sass.Job("Q4_K", "gemm", 256), "M128 N128 w8", 8, p, 96, (0, 0), 0, 128 * 144, 128 * 256, 128)
+    assert gemm.per_kflop == pytest.approx(1000 * 6 * 8 / (2 * 128 * 128 * 256))
+    dequant = sass.Row(sass.Job("Q4_K", "dequant", None), "TILE16 w4", 4, p, 32, (0, 0), 0, 16 * 144, 16 * 256, 0)
+    assert dequant.per_kflop == pytest.approx(1000 * 6 * 4 / (16 * 256))  # per 1000 weight elements
+    table = sass.gemm_table([gemm, dequant])
+    assert len(table) == 3 and f"| {gemm.per_kflop:.3f} | {dequant.per_kflop / (2 * sass.GEMM_M):.3f} + cuBLAS |" \
+        in table[2]
 
 
 def test_real_q8_0_skinny_for_sm90():

@@ -12,6 +12,7 @@ import torch
 from ggtriton.kernels.activations import gelu_mul, gelu_mul_ref, silu_mul, silu_mul_ref
 from ggtriton.kernels.rmsnorm import rmsnorm, rmsnorm_ref
 from ggtriton.kernels.rope import rope, rope_inv_freq, rope_ref
+from ggtriton.kernels.rope_kv_store import rope_kv_store, rope_kv_store_ref
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DTYPES = list(TOL)
@@ -96,6 +97,36 @@ def test_rope(fn, scaling, head_dim, rot_dim, n_heads, n_kv_heads, neox, dtype, 
         assert rel_err(out, naive_rope(x0.double(), pos, inv_freq, neox, attn_factor)) <= TOL[dtype]
         assert torch.equal(out[..., rot_dim:], x0[..., rot_dim:])  # past rot_dim: untouched
     assert torch.equal(qkv[:, (n_heads + n_kv_heads) * head_dim :], v0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("neox", [False, True], ids=["normal", "neox"])
+@pytest.mark.parametrize("head_dim,rot_dim,n_heads,n_kv_heads", [(64, 64, 4, 1), (80, 40, 3, 3), (128, 32, 8, 2)])
+@pytest.mark.parametrize("fn", [rope_kv_store, rope_kv_store_ref])
+def test_rope_kv_store(fn, head_dim, rot_dim, n_heads, n_kv_heads, neox, dtype, device):
+    n, block_size, num_blocks = 9, 4, 5
+    inv_freq, attn_factor = rope_inv_freq(rot_dim, 10000.0, **SCALINGS["yarn"])
+    inv_freq = inv_freq.to(device)
+    # q, k and v as views into a fused QKV projection output, positions in no order, two tokens not stored.
+    qkv = randn(n, (n_heads + 2 * n_kv_heads) * head_dim, seed=head_dim, device=device, dtype=dtype)
+    q, k, v = (t.view(n, -1, head_dim) for t in qkv.split([n_heads * head_dim, *[n_kv_heads * head_dim] * 2], 1))
+    pos = torch.tensor([0, 1, 300, 17, 5, 255, 16, 2, 99], dtype=torch.int32, device=device)
+    slots = torch.tensor([7, 0, -1, 19, 3, 12, -1, 8, 1], device=device)
+    caches = [randn(num_blocks, block_size, n_kv_heads, head_dim, seed=s, device=device, dtype=dtype) for s in (5, 6)]
+    q0, k0, v0, expect = q.clone(), k.clone(), v.clone(), [c.clone() for c in caches]
+    fn(q, k, v, *caches, slots, pos, inv_freq, neox=neox, attn_factor=attn_factor)
+    k_rope = naive_rope(k0.double(), pos, inv_freq, neox, attn_factor)
+    assert rel_err(q, naive_rope(q0.double(), pos, inv_freq, neox, attn_factor)) <= TOL[dtype]
+    assert torch.equal(k, k0) and torch.equal(v, v0)
+    stored = slots >= 0
+    untouched = torch.ones(num_blocks * block_size, dtype=torch.bool, device=device)
+    untouched[slots[stored]] = False
+    for cache, before, want in zip(caches, expect, (k_rope, v0.double())):
+        flat = cache.view(-1, n_kv_heads, head_dim)
+        assert rel_err(flat[slots[stored]], want[stored]) <= TOL[dtype]
+        assert torch.equal(flat[untouched], before.view(-1, n_kv_heads, head_dim)[untouched])
+    assert torch.equal(caches[0].view(-1, n_kv_heads, head_dim)[slots[stored]][..., rot_dim:],
+                       k0[stored][..., rot_dim:])  # past rot_dim: copied as it is
 
 
 def test_rope_inv_freq_formulas():

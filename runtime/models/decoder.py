@@ -5,8 +5,8 @@ Per layer (names as in the GGUF file):
     x = attn_norm(h)                          RMSNorm (fused with the residual add of the layer before)
     q, k, v = attn_q/k/v(x) (+ bias)          or one fused attn_qkv
     q, k = attn_q_norm(q), attn_k_norm(k)     per head (qwen3, gemma3)
-    q, k = rope(q, k)                         the layer's own RoPE (gemma3: local layers differ)
-    store k, v in the paged cache; o = attention over the cache (sliding window, soft-cap)
+    q, k = rope(q, k); cache k, v             one kernel; the layer's own RoPE (gemma3: local layers differ)
+    o = attention over the cache (sliding window, soft-cap)
     a = attn_output(o);  a = post_attention_norm(a)   (gemma)
     h = h + a;  x = ffn_norm(h)
     f = ffn_down(act(ffn_gate(x)) * ffn_up(x));  f = post_ffw_norm(f)   (gemma)
@@ -136,13 +136,12 @@ class DecoderModel:
             if layer.q_norm is not None:
                 q = ops.rmsnorm(q, layer.q_norm, cfg.rms_eps)[0]
                 k = ops.rmsnorm(k, layer.k_norm, cfg.rms_eps)[0]
-            else:
-                q, k = q.contiguous(), k.contiguous()
             swa = cfg.swa_layers[i]
             inv_freq, attn_factor = self._rope_local if swa else self._rope
-            ops.rope(q, k, batch.positions, inv_freq, neox=arch.rope_neox, attn_factor=attn_factor)
             k_cache, v_cache = kv_caches[i]
-            ops.kv_store(k, v.contiguous(), k_cache, v_cache, batch.slot_mapping)
+            # q, k and v stay views into the projection's output: the kernels take strided rows
+            ops.rope_kv_store(q, k, v, k_cache, v_cache, batch.slot_mapping, batch.positions, inv_freq,
+                              neox=arch.rope_neox, attn_factor=attn_factor)
             o = ops.attention(q, k_cache, v_cache, batch, scale=cfg.attn_scale,
                               sliding_window=cfg.sliding_window if swa else None, soft_cap=cfg.attn_softcap)
             a = ops.linear(o.reshape(-1, n_q), layer.attn_output)

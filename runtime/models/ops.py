@@ -20,12 +20,11 @@ from ggtriton import kernels
 from ggtriton.gguf.quants import dequantize as dequantize_ref
 from ggtriton.kernels.activations import gelu_mul_ref, silu_mul_ref
 from ggtriton.kernels.flash_attention import flash_attention_ref
-from ggtriton.kernels.kv_store import kv_store_ref
 from ggtriton.kernels.planar import PLANAR_TYPES, to_planar
 from ggtriton.kernels.qgemv import gemv_fits
 from ggtriton.kernels.paged_decode import paged_decode_ref
 from ggtriton.kernels.rmsnorm import rmsnorm_ref
-from ggtriton.kernels.rope import rope_ref
+from ggtriton.kernels.rope_kv_store import rope_kv_store_ref
 
 from .weights import QuantWeight
 
@@ -40,8 +39,7 @@ class Ops:
         self.dtype = dtype
         triton = backend == "triton"
         self._rmsnorm = kernels.rmsnorm if triton else rmsnorm_ref
-        self._rope = kernels.rope if triton else rope_ref
-        self._kv_store = kernels.kv_store if triton else kv_store_ref
+        self._rope_kv_store = kernels.rope_kv_store if triton else rope_kv_store_ref
         self._prefill = kernels.flash_attention if triton else flash_attention_ref
         self._decode = kernels.paged_decode if triton else paged_decode_ref
         self._act = {"silu": kernels.silu_mul, "gelu": kernels.gelu_mul} if triton else {
@@ -125,15 +123,15 @@ class Ops:
                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self._rmsnorm(x, weight, eps, residual)
 
-    def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, neox: bool,
-             attn_factor: float) -> None:
-        self._rope(q, k, positions, inv_freq, neox=neox, attn_factor=attn_factor)
 
     def act_mul(self, activation: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return self._act[activation](gate, up)
 
-    def kv_store(self, k, v, k_cache, v_cache, slot_mapping) -> None:
-        self._kv_store(k, v, k_cache, v_cache, slot_mapping)
+    def rope_kv_store(self, q, k, v, k_cache, v_cache, slot_mapping, positions: torch.Tensor, inv_freq: torch.Tensor,
+                      neox: bool, attn_factor: float) -> None:
+        """Rotate q in place; store rotated k and v in the paged cache (one launch on the Triton backend)."""
+        self._rope_kv_store(q, k, v, k_cache, v_cache, slot_mapping, positions, inv_freq, neox=neox,
+                            attn_factor=attn_factor)
 
     def attention(self, q, k_cache, v_cache, batch, *, scale: float, sliding_window: int | None,
                   soft_cap: float | None) -> torch.Tensor:
