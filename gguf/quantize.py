@@ -1,13 +1,17 @@
-"""Making quantized data: a reference quantizer for the 32-element block types, and random blocks of any type.
+"""Making quantized data: reference quantizers, and random blocks of any type.
 
-`quantize` (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, in torch) gives the bytes of llama.cpp's reference
-`quantize_row_*_ref` (and of the PyPI `gguf` package): the same float32 operations in the same order,
-truncation where C casts, round-half-away-from-zero where it calls `roundf`. `random_blocks` encodes random
-valid blocks of every dequantizable type directly: random bytes with chosen fp16 scales. Both make small
-quantized tensors of any shape for tests, benchmarks and synthetic models.
+`quantize` gives the bytes llama.cpp writes without an importance matrix: for the 32-element block types here
+(Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, in torch; also the PyPI `gguf` package's bytes) the same float32 operations
+in the same order as its `quantize_row_*_ref`, truncation where C casts, round-half-away-from-zero where it
+calls `roundf`; for the super-block types (K-quants, TQ1_0, TQ2_0, IQ4_NL, IQ4_XS) those of `quantize_k`;
+F32, F16 and BF16 as ggml converts floats. `random_blocks` encodes random valid blocks of every dequantizable
+type directly: random bytes with chosen fp16 scales. Both make quantized tensors of any shape for tests,
+benchmarks, synthetic models and `ggtriton quantize`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -94,18 +98,43 @@ _QUANTIZERS = {
 }
 
 
-def quantize(data: np.ndarray | Tensor, ggml_type: int) -> Tensor:
-    """Quantize `data` (rows of whole 32-element blocks, last dim) to uint8 of shape (*shape[:-1], row bytes)."""
+def _bf16(x: Tensor) -> Tensor:
+    """ggml's float -> bf16: round to nearest even; a NaN keeps its top bits, made quiet."""
+    u = x.view(torch.int32).long() & 0xFFFFFFFF
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    h = torch.where(nan, u >> 16 | 64, (u + (0x7FFF + (u >> 16 & 1))) >> 16)
+    return h.to(torch.int32).to(torch.int16).view(torch.uint8).reshape(-1, 2)
+
+
+_FLOAT_CONVERTERS: dict[GGMLType, Callable[[Tensor], Tensor]] = {
+    GGMLType.F32: lambda x: x.view(torch.uint8).reshape(-1, 4),
+    GGMLType.F16: lambda x: _f16_bytes(x).reshape(-1, 2),
+    GGMLType.BF16: _bf16,
+}
+
+
+def quantizer(ggml_type: int) -> Callable[[Tensor], Tensor] | None:
+    """The function taking [blocks, block elements] float32 to [blocks, block bytes] uint8 for a type, or None."""
+    from .quantize_k import QUANTIZERS  # built on this module's helpers
+
     t = GGMLType(ggml_type)
-    x = torch.as_tensor(data).float()
-    if t not in _QUANTIZERS:
+    return _QUANTIZERS.get(t) or QUANTIZERS.get(t) or _FLOAT_CONVERTERS.get(t)
+
+
+def quantize(data: np.ndarray | Tensor, ggml_type: int) -> Tensor:
+    """Quantize `data` (rows of whole blocks, last dim) to uint8 of shape (*shape[:-1], row bytes)."""
+    t = GGMLType(ggml_type)
+    x = torch.as_tensor(data).float().contiguous()
+    to_blocks = quantizer(t)
+    if to_blocks is None:
         raise ValueError(f"{t.name}: quantization is not supported (tensor of shape {tuple(x.shape)})")
-    if x.ndim == 0 or x.shape[-1] % 32:
-        raise ValueError(f"{t.name}: rows of a tensor of shape {tuple(x.shape)} do not hold whole blocks of 32")
-    shape = (*x.shape[:-1], x.shape[-1] // 32 * t.block_bytes)
+    qk = t.block_elements
+    if x.ndim == 0 or x.shape[-1] % qk:
+        raise ValueError(f"{t.name}: rows of a tensor of shape {tuple(x.shape)} do not hold whole blocks of {qk}")
+    shape = (*x.shape[:-1], x.shape[-1] // qk * t.block_bytes)
     if x.numel() == 0:
         return torch.empty(shape, dtype=torch.uint8, device=x.device)
-    return _QUANTIZERS[t](x.reshape(-1, 32)).reshape(shape)
+    return to_blocks(x.reshape(-1, qk)).reshape(shape)
 
 
 # Offsets of the fp16 scale fields of each type's block (IQ1_M spreads its scale over four nibbles).

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -89,10 +89,95 @@ def encode_value(value: Any, vtype: GGUFValueType | None = None) -> bytes:
     return struct.pack("<" + VALUE_FORMATS[vtype], value)
 
 
-def _as_bytes(data: bytes | bytearray | memoryview | np.ndarray) -> bytes:
+def _as_buffer(data: bytes | bytearray | memoryview | np.ndarray) -> memoryview:
+    """The bytes of `data` without a copy (a view of a memory-mapped tensor stays one)."""
     if isinstance(data, np.ndarray):
-        return np.ascontiguousarray(data).tobytes()
-    return bytes(data)
+        return memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+    view = memoryview(data)
+    return view.cast("B") if view.nbytes else memoryview(b"")
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A tensor's entry in the tensor table, its data to be written later: `shape` in PyTorch order."""
+
+    name: str
+    ggml_type: GGMLType
+    shape: tuple[int, ...]
+
+
+def _alignment(path: object, metadata: Mapping[str, Any], alignment: int | None) -> int:
+    if alignment is None:
+        a = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        alignment = a.value if isinstance(a, Typed) else a
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
+        raise ValueError(f"{path}: the alignment (general.alignment) must be a power-of-two integer, got {alignment!r}")
+    return alignment
+
+
+class GGUFStreamWriter:
+    """Writes a GGUF file in one pass: the header (metadata and tensor table, every size known from the
+    types and shapes) at once, then the tensors' data in table order, each in as many pieces as the caller
+    likes, so no more than a piece of one tensor need be in memory."""
+
+    def __init__(
+        self,
+        file: BinaryIO,
+        metadata: Mapping[str, Any],
+        tensors: Sequence[TensorSpec | TensorData],
+        *,
+        version: int = 3,
+        alignment: int | None = None,
+    ):
+        self._file = file
+        self._alignment = _alignment(getattr(file, "name", "GGUF output"), metadata, alignment)
+        header = bytearray(GGUF_MAGIC + struct.pack("<IQQ", version, len(tensors), len(metadata)))
+        for key, value in metadata.items():
+            header += _string(key) + struct.pack("<I", _infer_type(value)) + encode_value(value)
+        self._sizes: list[tuple[str, int]] = []
+        offset = 0
+        for t in tensors:
+            ne = tuple(reversed(t.shape))
+            n_elements = int(np.prod(t.shape, dtype=np.int64)) if t.shape else 1
+            size = n_elements // TYPE_TRAITS[t.ggml_type].block_elements * TYPE_TRAITS[t.ggml_type].block_bytes
+            header += _string(t.name) + struct.pack(f"<I{len(ne)}qIQ", len(ne), *ne, t.ggml_type, offset)
+            self._sizes.append((f"tensor {t.name!r}: {t.ggml_type.name}{list(t.shape)}", size))
+            offset += -(-size // self._alignment) * self._alignment
+        file.write(header)
+        file.write(b"\0" * (-len(header) % self._alignment))
+        self._index = 0  # the tensor whose data comes next
+        self._written = 0  # bytes of it written so far
+
+    def write(self, data: bytes | bytearray | memoryview | np.ndarray) -> None:
+        """Append the next bytes of the current tensor's data; a tensor is done when all its bytes are in."""
+        blob = _as_buffer(data)
+        if not blob:
+            return
+        while self._index < len(self._sizes) and self._sizes[self._index][1] == 0:
+            self._next()
+        if self._index == len(self._sizes):
+            raise ValueError(f"{len(blob)} bytes given after the last tensor's data")
+        what, size = self._sizes[self._index]
+        if self._written + len(blob) > size:
+            raise ValueError(f"{what}: {self._written + len(blob)} bytes given, it takes {size}")
+        self._file.write(blob)
+        self._written += len(blob)
+        if self._written == size:
+            self._next()
+
+    def _next(self) -> None:
+        self._index += 1
+        self._written = 0
+        if self._index < len(self._sizes):  # padding between tensors, none after the last
+            self._file.write(b"\0" * (-self._file.tell() % self._alignment))
+
+    def close(self) -> None:
+        """Check that every tensor's data was written."""
+        while self._index < len(self._sizes) and self._sizes[self._index][1] == 0:
+            self._next()
+        if self._index < len(self._sizes):
+            what, size = self._sizes[self._index]
+            raise ValueError(f"{what}: {self._written} of its {size} bytes written")
 
 
 def write_gguf(
@@ -104,35 +189,17 @@ def write_gguf(
     alignment: int | None = None,
 ) -> None:
     """Write a GGUF file. `alignment` defaults to `general.alignment` in `metadata`, else 32."""
-    if alignment is None:
-        a = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-        alignment = a.value if isinstance(a, Typed) else a
-    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
-        raise ValueError(f"{path}: the alignment (general.alignment) must be a power-of-two integer, got {alignment!r}")
+    alignment = _alignment(path, metadata, alignment)
     tensors = list(tensors)
-    header = bytearray()
-    header += GGUF_MAGIC + struct.pack("<IQQ", version, len(tensors), len(metadata))
-    for key, value in metadata.items():
-        header += _string(key) + struct.pack("<I", _infer_type(value)) + encode_value(value)
-    offset = 0
-    blobs = []
-    for t in tensors:
-        ne = tuple(reversed(t.shape))
-        traits = TYPE_TRAITS[t.ggml_type]
+    blobs = [_as_buffer(t.data) for t in tensors]
+    for t, blob in zip(tensors, blobs):
         n_elements = int(np.prod(t.shape, dtype=np.int64)) if t.shape else 1
+        traits = TYPE_TRAITS[t.ggml_type]
         expected = n_elements // traits.block_elements * traits.block_bytes
-        blob = _as_bytes(t.data)
         if len(blob) != expected:
             raise ValueError(f"tensor {t.name!r}: {len(blob)} bytes given, {t.ggml_type.name}{list(t.shape)} needs {expected}")
-        header += _string(t.name) + struct.pack(f"<I{len(ne)}qIQ", len(ne), *ne, t.ggml_type, offset)
-        blobs.append((offset, blob))
-        offset += -(-len(blob) // alignment) * alignment
     with open(path, "wb") as f:
-        f.write(header)
-        data_start = -(-len(header) // alignment) * alignment
-        f.write(b"\0" * (data_start - len(header)))
-        for off, blob in blobs:
-            f.seek(data_start + off)
-            f.write(blob)
-        if blobs:
-            f.truncate(data_start + blobs[-1][0] + len(blobs[-1][1]))
+        writer = GGUFStreamWriter(f, metadata, tensors, version=version, alignment=alignment)
+        for blob in blobs:
+            writer.write(blob)
+        writer.close()

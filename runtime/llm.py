@@ -195,22 +195,38 @@ class LLM:
                  f"in {time.perf_counter() - start:.1f} s")
         return activations + graphs
 
-    @torch.inference_mode()
-    def logits(self, token_ids: list[int]) -> torch.Tensor:
-        """Next-token logits at every position of `token_ids`: float32 [len(token_ids), n_vocab] on CPU.
-
-        The sequence is fed in chunks that attend to the cached pages of the chunks before them, as
-        chunked prefill does.
-        """
+    def _checked(self, token_ids: Sequence[int]) -> list[int]:
         ids = [int(t) for t in token_ids]
-        if not ids:
-            return torch.empty(0, self.config.vocab_size)
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary of {self.config.vocab_size}")
         if len(ids) > self.config.context_length:
             raise ValueError(f"{len(ids)} tokens exceed the model's context of {self.config.context_length}")
-        return self.runner.score(ids, self._score_chunk)
+        return ids
+
+    def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Next-token logits at every position of `token_ids`: float32 [len(token_ids), n_vocab] on CPU.
+
+        The sequence is fed in chunks that attend to the cached pages of the chunks before them, as
+        chunked prefill does.
+        """
+        ids = self._checked(token_ids)
+        out = torch.empty(len(ids), self.config.vocab_size)
+        for _, pos, part in self.runner.score([ids], self._score_chunk):
+            out[pos : pos + len(part)] = part.cpu()
+        return out
+
+    def score(self, sequences: Sequence[Sequence[int]], first: int = 0) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Next-token logits of many sequences at their positions from `first` on, without sampling.
+
+        Forward steps of up to `max_num_batched_tokens` tokens pack several sequences (a long one spreads
+        over steps, as chunked prefill does), into a cache of their own: the engine's cache is not touched.
+        Yields (i, p, logits): float32 [rows, n_vocab] on the model's device, the logits of sequence i at
+        positions p, p + 1, ...; every position from `first` on comes once, in order within each sequence,
+        and the sequences in order.
+        """
+        seqs = [self._checked(s) for s in sequences]
+        return self.runner.score(seqs, self.scheduler_config.max_num_batched_tokens, first)
 
     # --- generation ---------------------------------------------------------------------------------
 

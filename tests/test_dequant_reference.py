@@ -118,8 +118,8 @@ def test_bad_input_raises(ggml_type, shape, n_bytes, match) -> None:
 
 
 def test_bad_quantize_input_raises() -> None:
-    with pytest.raises(ValueError, match=r"Q4_K.*not supported.*\(2, 256\)"):
-        quantize(np.zeros((2, 256), dtype=np.float32), GGMLType.Q4_K)
+    with pytest.raises(ValueError, match=r"IQ2_XXS.*not supported.*\(2, 256\)"):
+        quantize(np.zeros((2, 256), dtype=np.float32), GGMLType.IQ2_XXS)
     with pytest.raises(ValueError, match=r"Q8_0.*\(2, 40\).*whole blocks of 32"):
         quantize(np.zeros((2, 40), dtype=np.float32), GGMLType.Q8_0)
     with pytest.raises(ValueError, match="uint8"):

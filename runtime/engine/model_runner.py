@@ -15,7 +15,7 @@ host to size their gathers, a sync that capture forbids: they run eagerly.)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -132,19 +132,55 @@ class ModelRunner:
         return peak_bytes(self.device, sample)
 
     @torch.inference_mode()
-    def score(self, token_ids: list[int], chunk: int) -> torch.Tensor:
-        """Next-token logits at every position of one sequence, float32 [len, vocab] on CPU, fed in chunks
-        of `chunk` tokens that attend to the cached pages of the chunks before them (as chunked prefill
-        does), into a cache of its own."""
-        n_blocks = -(-len(token_ids) // self.block_size)
-        kv = self.kv_layout(n_blocks).allocate(self.device)
-        table = list(range(n_blocks))
-        out = torch.empty(len(token_ids), self.config.vocab_size)
-        for start in range(0, len(token_ids), chunk):
-            part = token_ids[start : start + chunk]
-            batch = ForwardBatch.build([part], [start], [table], self.block_size, self.device)
-            out[start : start + len(part)] = self.model.logits(self.model.forward(batch, kv)).cpu()
-        return out
+    def score(self, sequences: list[list[int]], max_tokens: int,
+              first: int = 0) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Next-token logits of several sequences at their positions from `first` on, into a throwaway cache.
+
+        Steps of at most `max_tokens` tokens pack the sequences in order; a sequence that does not fit in a
+        step goes on in the next one, its later tokens attending to the cached pages of its earlier ones (as
+        chunked prefill does). Pages go back to the pool when a sequence is done, so the cache holds only the
+        sequences of one step. Yields (i, p, logits) per piece of a step: float32 [rows, vocab] on the device,
+        the logits of sequence i at positions p, p + 1, ...; each scored position once, in order per sequence.
+        """
+        plan, step, room = [], [], max_tokens
+        for i, seq in enumerate(sequences):
+            pos = 0
+            while pos < len(seq):
+                n = min(room, len(seq) - pos)
+                step.append((i, pos, pos + n))
+                pos, room = pos + n, room - n
+                if room == 0:
+                    plan.append(step)
+                    step, room = [], max_tokens
+        if step:
+            plan.append(step)
+        pages = [-(-len(seq) // self.block_size) for seq in sequences]
+        pool = max((sum(pages[i] for i, _, _ in step) for step in plan), default=0)
+        if not pool:
+            return
+        kv = self.kv_layout(pool).allocate(self.device)
+        free, tables = list(range(pool)), {}
+        for step in plan:
+            for i, start, _ in step:
+                if start == 0:
+                    tables[i], free = free[: pages[i]], free[pages[i] :]
+            batch = ForwardBatch.build([sequences[i][start:end] for i, start, end in step], [s for _, s, _ in step],
+                                       [tables[i] for i, _, _ in step], self.block_size, self.device)
+            hidden = self.model.forward(batch, kv)
+            rows, pieces, offset = [], [], 0
+            for i, start, end in step:
+                lo = max(start, first)
+                if lo < end:
+                    pieces.append((i, lo, end - lo))
+                    rows += range(offset + lo - start, offset + end - start)
+                offset += end - start
+            if rows:
+                logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+                for (i, lo, n), part in zip(pieces, logits.split([n for _, _, n in pieces])):
+                    yield i, lo, part
+            for i, _, end in step:
+                if end == len(sequences[i]):
+                    free += tables.pop(i)
 
     def capture_graphs(self, max_num_seqs: int) -> int:
         """Capture the decode graph of every bucket up to `max_num_seqs` now (after `allocate_kv`)."""

@@ -357,6 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="response lines, in the same order")
     _template_flag(p)
     p.set_defaults(run=cmd_batch)
+
+    from . import quantize
+
+    quantize.add_command(command)
+
+    from . import perplexity, quant_bench  # they import this module's helpers
+
+    perplexity.add_command(command)
+    quant_bench.add_command(command)
     return parser
 
 
