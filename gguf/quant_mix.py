@@ -27,7 +27,8 @@ from .writer import GGUFStreamWriter, TensorSpec, Typed, typed_metadata
 T = GGMLType
 F = LlamaFileType
 
-# llama-quantize's mix names, with the file type each writes and the type of most of its tensors.
+# llama-quantize's mix names, with the file type each writes and the type of most of its tensors (not those
+# that need an importance matrix, such as IQ3_XS, which gives attn_q and attn_k IQ3_XXS).
 MIXES: dict[str, tuple[LlamaFileType, GGMLType]] = {
     "Q4_0": (F.MOSTLY_Q4_0, T.Q4_0),
     "Q4_1": (F.MOSTLY_Q4_1, T.Q4_1),
@@ -40,6 +41,8 @@ MIXES: dict[str, tuple[LlamaFileType, GGMLType]] = {
     "Q3_K_S": (F.MOSTLY_Q3_K_S, T.Q3_K),
     "Q3_K_M": (F.MOSTLY_Q3_K_M, T.Q3_K),
     "Q3_K_L": (F.MOSTLY_Q3_K_L, T.Q3_K),
+    "IQ3_S": (F.MOSTLY_IQ3_S, T.IQ3_S),
+    "IQ3_M": (F.MOSTLY_IQ3_M, T.IQ3_S),
     "IQ4_NL": (F.MOSTLY_IQ4_NL, T.IQ4_NL),
     "IQ4_XS": (F.MOSTLY_IQ4_XS, T.IQ4_XS),
     "Q4_K": (F.MOSTLY_Q4_K_M, T.Q4_K),
@@ -60,6 +63,7 @@ TENSOR_TYPES: dict[str, GGMLType] = {t.name: t for t in GGMLType if quantizer(t)
 
 # A row not made of whole blocks of a 256-element type takes this type of 32-element blocks instead.
 _FALLBACK = {
+    T.IQ3_S: T.IQ4_NL,
     T.IQ4_XS: T.IQ4_NL,
     T.Q2_K: T.Q4_0,
     T.Q3_K: T.Q4_0,
@@ -200,6 +204,8 @@ def _mix_rule(m: _Model, file_type: LlamaFileType, t: GGMLType, name: str, row: 
             t = T.Q5_K if i < 2 else T.Q4_K
         elif file_type == F.MOSTLY_Q3_K_L:
             t = T.Q5_K
+        elif (file_type == F.MOSTLY_IQ3_S and m.n_gqa >= 4) or file_type == F.MOSTLY_IQ3_M:
+            t = T.Q4_K
         elif file_type in (F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS) and m.n_gqa >= 4:
             t = T.Q5_K
         elif file_type in (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M) and _more_bits(i, n):
@@ -218,6 +224,8 @@ def _mix_rule(m: _Model, file_type: LlamaFileType, t: GGMLType, name: str, row: 
             return T.Q3_K
         if file_type == F.MOSTLY_Q3_K_M:
             return T.Q5_K if i < n // 16 else T.Q4_K if not falcon or _more_bits(i, n) else T.Q3_K
+        if file_type == F.MOSTLY_IQ3_M and (i < n // 8 or (m.n_expert == 8 and _more_bits(i, n))):
+            return T.Q4_K
         if file_type == F.MOSTLY_Q3_K_L:
             return T.Q4_K if falcon else T.Q5_K
         if file_type == F.MOSTLY_Q4_K_M:
@@ -236,9 +244,10 @@ def _mix_rule(m: _Model, file_type: LlamaFileType, t: GGMLType, name: str, row: 
             return T.Q4_K if file_type == F.MOSTLY_Q3_K_L else t
         if m.n_expert == 8:
             raised = (F.MOSTLY_Q2_K, F.MOSTLY_Q3_K_S, F.MOSTLY_Q3_K_M, F.MOSTLY_IQ4_NL, F.MOSTLY_Q4_K_S,
-                      F.MOSTLY_Q4_K_M, F.MOSTLY_IQ4_XS)
+                      F.MOSTLY_Q4_K_M, F.MOSTLY_IQ4_XS, F.MOSTLY_IQ3_S, F.MOSTLY_IQ3_M)
             return T.Q5_K if file_type in raised else t
-        return {F.MOSTLY_Q2_K: T.Q3_K, F.MOSTLY_Q3_K_M: T.Q4_K, F.MOSTLY_Q3_K_L: T.Q5_K}.get(file_type, t)
+        return {F.MOSTLY_Q2_K: T.Q3_K, F.MOSTLY_Q3_K_M: T.Q4_K, F.MOSTLY_Q3_K_L: T.Q5_K,
+                F.MOSTLY_IQ3_M: T.Q4_K}.get(file_type, t)
     return t
 
 

@@ -3,7 +3,8 @@
 `quantize` gives the bytes llama.cpp writes without an importance matrix: for the 32-element block types here
 (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, in torch; also the PyPI `gguf` package's bytes) the same float32 operations
 in the same order as its `quantize_row_*_ref`, truncation where C casts, round-half-away-from-zero where it
-calls `roundf`; for the super-block types (K-quants, TQ1_0, TQ2_0, IQ4_NL, IQ4_XS) those of `quantize_k`;
+calls `roundf`; for the super-block types (K-quants, TQ1_0, TQ2_0, IQ4_NL, IQ4_XS) those of `quantize_k`, for
+IQ3_S those of `quantize_iq3`;
 F32, F16 and BF16 as ggml converts floats. `random_blocks` encodes random valid blocks of every dequantizable
 type directly: random bytes with chosen fp16 scales. Both make quantized tensors of any shape for tests,
 benchmarks, synthetic models and `ggtriton quantize`.
@@ -115,10 +116,11 @@ _FLOAT_CONVERTERS: dict[GGMLType, Callable[[Tensor], Tensor]] = {
 
 def quantizer(ggml_type: int) -> Callable[[Tensor], Tensor] | None:
     """The function taking [blocks, block elements] float32 to [blocks, block bytes] uint8 for a type, or None."""
-    from .quantize_k import QUANTIZERS  # built on this module's helpers
+    from .quantize_iq3 import QUANTIZERS as IQ3_QUANTIZERS  # both built on this module's helpers
+    from .quantize_k import QUANTIZERS
 
     t = GGMLType(ggml_type)
-    return _QUANTIZERS.get(t) or QUANTIZERS.get(t) or _FLOAT_CONVERTERS.get(t)
+    return _QUANTIZERS.get(t) or QUANTIZERS.get(t) or IQ3_QUANTIZERS.get(t) or _FLOAT_CONVERTERS.get(t)
 
 
 def quantize(data: np.ndarray | Tensor, ggml_type: int) -> Tensor:

@@ -26,6 +26,12 @@ TYPE_MIXES: dict[GGMLType, str] = {
 # Mixes run with their rules on the random model (its tensors' bytes compared whole).
 RULE_MIXES = ("Q2_K", "Q3_K_M", "Q4_K_M", "IQ4_XS")
 
+# The IQ3_S mixes: their fixtures (bytes of IQ3_S, types of every mix run, whole files of the random model) are
+# in a file of their own, made by the same script.
+IQ3_FIXTURE = Path(__file__).parent / "fixtures" / "quantize_iq3_llamacpp.npz"
+IQ3_MIXES = ("IQ3_S", "IQ3_M")
+IQ3_TYPE_MIXES = {GGMLType.IQ3_S: "IQ3_S"}
+
 
 def llama_metadata(n_layer: int, n_embd: int, n_head: int, n_head_kv: int, n_ff: int) -> dict[str, Any]:
     u32 = GGUFValueType.UINT32
@@ -148,6 +154,14 @@ OPTION_RUNS: dict[str, tuple[str, bool, GGMLType | None, GGMLType | None]] = {
     "Q3_K_S+output_q4_0": ("Q3_K_S", False, GGMLType.Q4_0, None),
     "Q5_K_S+embd_q8_0": ("Q5_K_S", False, None, GGMLType.Q8_0),
     "TQ2_0+output_q8_0+embd_f16": ("TQ2_0", False, GGMLType.Q8_0, GGMLType.F16),
+}
+
+
+# The mix runs of the IQ3_S fixture: the mixes, and IQ3_S given to the output matrix of another mix.
+IQ3_RUNS: dict[str, tuple[str, bool, GGMLType | None, GGMLType | None]] = {
+    **{mix: (mix, False, None, None) for mix in IQ3_MIXES},
+    "IQ3_M+pure": ("IQ3_M", True, None, None),
+    "Q4_K_M+output_iq3_s": ("Q4_K_M", False, GGMLType.IQ3_S, None),
 }
 
 

@@ -97,7 +97,9 @@ def _real_model_tensors(path) -> tuple[list[tuple[str, tuple[int, ...], GGMLType
         return tensors, dict(f.metadata)
 
 
-_RUNS = {mix: (mix, False, None, None) for mix in MIXES if mix not in ("Q3_K", "Q4_K", "Q5_K")} | cases.OPTION_RUNS
+# The IQ3_S mixes are tested in test_quantize_iq3.py.
+_RUNS = {mix: (mix, False, None, None) for mix in MIXES
+         if mix not in ("Q3_K", "Q4_K", "Q5_K", *cases.IQ3_MIXES)} | cases.OPTION_RUNS
 
 
 @pytest.mark.parametrize("run", list(_RUNS))
