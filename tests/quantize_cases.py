@@ -3,6 +3,7 @@ has llama.cpp quantize them, tests/test_quantize.py quantizes the same ones and 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ggtriton.gguf import GGMLType, GGUFFile, GGUFValueType, dequantize
+from ggtriton.gguf.quant_mix import plan_types
 from ggtriton.gguf.writer import TensorData, Typed, write_gguf
 
 FIXTURE = Path(__file__).parent / "fixtures" / "quantize_llamacpp.npz"
@@ -174,3 +176,29 @@ def block_digests(raw: np.ndarray, block_bytes: int) -> np.ndarray:
 
 def sha256(raw: np.ndarray | bytes) -> str:
     return hashlib.sha256(np.ascontiguousarray(raw).tobytes() if isinstance(raw, np.ndarray) else raw).hexdigest()
+
+
+@functools.cache
+def real_model_tensors(path) -> tuple[list[tuple[str, tuple[int, ...], GGMLType]], dict]:
+    """The model as the fixture gave it to llama.cpp: its quantized tensors dequantized to F16."""
+    with GGUFFile(path) as f:
+        tensors = [(t.name, t.shape, GGMLType.F16 if t.ggml_type.is_quantized else t.ggml_type) for t in f]
+        return tensors, dict(f.metadata)
+
+
+def mix_type_mismatches(model: str, run: str, spec: tuple, stored: dict[str, np.ndarray],
+                        model_path: Path | None) -> tuple[dict[str, tuple[str, str]], int]:
+    """For the run `run` (mix, pure, output type, embedding type) on `model` ("rules": the rules model, else the real
+    model at model_path): the tensors whose chosen type is not llama.cpp's (name: (ours, llama.cpp's)), and how
+    many tensors there are."""
+    if model == "rules":
+        metadata = plain(rules_model_metadata())
+        tensors = [(name, shape, GGMLType.F32) for name, shape in rules_model_shapes().items()]
+    else:
+        tensors, metadata = real_model_tensors(model_path)
+    names = [str(n) for n in stored[f"mix/{model}/names"]]
+    assert [name for name, _, _ in tensors] == names
+    mix, pure, output_type, embedding_type = spec
+    ours = plan_types(tensors, metadata, mix, pure=pure, output_type=output_type, embedding_type=embedding_type)
+    expected = dict(zip(names, (GGMLType(int(t)) for t in stored[f"mix/{model}/{run}"])))
+    return {n: (ours[n].name, expected[n].name) for n in names if ours[n] != expected[n]}, len(names)

@@ -89,14 +89,6 @@ def test_round_trip_is_close(ggml_type: GGMLType):
     assert err.max() <= _ROUND_TRIP_ERROR[ggml_type], f"{ggml_type.name}: {err.max():.4f}"
 
 
-@functools.cache
-def _real_model_tensors(path) -> tuple[list[tuple[str, tuple[int, ...], GGMLType]], dict]:
-    """The model as the fixture gave it to llama.cpp: its quantized tensors dequantized to F16."""
-    with GGUFFile(path) as f:
-        tensors = [(t.name, t.shape, GGMLType.F16 if t.ggml_type.is_quantized else t.ggml_type) for t in f]
-        return tensors, dict(f.metadata)
-
-
 # The IQ3_S mixes are tested in test_quantize_iq3.py.
 _RUNS = {mix: (mix, False, None, None) for mix in MIXES
          if mix not in ("Q3_K", "Q4_K", "Q5_K", *cases.IQ3_MIXES)} | cases.OPTION_RUNS
@@ -105,18 +97,9 @@ _RUNS = {mix: (mix, False, None, None) for mix in MIXES
 @pytest.mark.parametrize("run", list(_RUNS))
 @pytest.mark.parametrize("model", ["rules", "smollm2", "gemma3"])
 def test_mix_types_equal_llamacpps(model: str, run: str, request):
-    if model == "rules":
-        metadata = cases.plain(cases.rules_model_metadata())
-        tensors = [(name, shape, GGMLType.F32) for name, shape in cases.rules_model_shapes().items()]
-    else:
-        tensors, metadata = _real_model_tensors(request.getfixturevalue(f"{model}_path"))
-    names = [str(n) for n in fixture()[f"mix/{model}/names"]]
-    assert [name for name, _, _ in tensors] == names
-    mix, pure, output_type, embedding_type = _RUNS[run]
-    ours = plan_types(tensors, metadata, mix, pure=pure, output_type=output_type, embedding_type=embedding_type)
-    expected = dict(zip(names, (GGMLType(int(t)) for t in fixture()[f"mix/{model}/{run}"])))
-    wrong = {n: (ours[n].name, expected[n].name) for n in names if ours[n] != expected[n]}
-    assert not wrong, f"{len(wrong)} of {len(names)} tensors (ours, llama.cpp's): {wrong}"
+    path = None if model == "rules" else request.getfixturevalue(f"{model}_path")
+    wrong, count = cases.mix_type_mismatches(model, run, _RUNS[run], fixture(), path)
+    assert not wrong, f"{len(wrong)} of {count} tensors (ours, llama.cpp's): {wrong}"
 
 
 @pytest.mark.parametrize("mix", cases.RULE_MIXES)

@@ -269,19 +269,23 @@ def _int_flag(valid, expected: str):
     return parse
 
 
+def _device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: the GPU if there is one)")
+    p.add_argument("--backend", choices=["triton", "torch"], default=None,
+                   help="kernels: triton (default on a GPU) or the torch reference ops (default on CPU)")
+    p.add_argument("--cache-dir", default=None,
+                   help="compiled kernels and tuning results, per GPU model (default: $GGTRITON_CACHE_DIR or "
+                        "~/.cache/ggtriton)")
+
+
 def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", help="GGUF file (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("-c", "--ctx-size", type=_int_flag(lambda n: n >= 0, "0 (the model's context) or more"),
                    default=None,
                    help="context length; 0 or none given: the model's; more than the model's is capped")
     p.add_argument("-np", "--parallel", type=int, default=256, help="most sequences decoded together")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: the GPU if there is one)")
-    p.add_argument("--backend", choices=["triton", "torch"], default=None,
-                   help="kernels: triton (default on a GPU) or the torch reference ops (default on CPU)")
     p.add_argument("-s", "--seed", type=int, default=None, help="random seed")
-    p.add_argument("--cache-dir", default=None,
-                   help="compiled kernels and tuning results, per GPU model (default: $GGTRITON_CACHE_DIR or "
-                        "~/.cache/ggtriton)")
+    _device_flags(p)
     p.add_argument("-md", "--draft-model", help="draft GGUF for speculative decoding (same vocabulary)")
     p.add_argument("--draft-max", type=int, default=4, help="draft tokens proposed per step at most")
     p.add_argument("--draft-min", type=int, default=1, help="fewer drafts than this are not verified")

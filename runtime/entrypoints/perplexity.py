@@ -32,7 +32,7 @@ import torch
 from ggtriton.gguf import Tokenizer
 
 from ..llm import LLM
-from .cli import _check_device, _int_flag, _model_path
+from .cli import _check_device, _device_flags, _int_flag, _model_path
 
 # Elements of one slice of logits reduced at a time: bounds the temporary memory of scoring a step's logits.
 _SLICE_ELEMENTS = 1 << 24
@@ -156,6 +156,15 @@ def perplexity(llm: LLM, text: str, n_ctx: int = 512, n_chunks: int | None = Non
 def add_command(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
     p = command("perplexity", "perplexity of a model on a text file, as llama-perplexity computes it")
     p.add_argument("-m", "--model", help="GGUF file (default: the bundled SmolLM2-135M-Instruct)")
+    scoring_flags(p)
+    p.add_argument("--json", action="store_true",
+                   help='print {"ppl", "ppl_stderr", "chunks", "tokens_scored", "n_ctx"} (running PPL on stderr)')
+    _device_flags(p)
+    p.set_defaults(run=run)
+
+
+def scoring_flags(p: argparse.ArgumentParser) -> None:
+    """The text and how it is cut and scored (perplexity, quant-bench)."""
     p.add_argument("-f", "--file", required=True, help="the text (UTF-8)")
     p.add_argument("-c", "--ctx-size", type=_int_flag(lambda n: n >= 4, "4 or more"), default=512,
                    help="tokens per chunk; the second half of each chunk is scored")
@@ -163,13 +172,6 @@ def add_command(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
                    help="score at most this many chunks (default: every whole chunk of the text)")
     p.add_argument("-b", "--batch-size", type=_int_flag(lambda n: n >= 1, "1 or more"), default=2048,
                    help="tokens per forward step: chunks are evaluated this many tokens at a time, together")
-    p.add_argument("--json", action="store_true",
-                   help='print {"ppl", "ppl_stderr", "chunks", "tokens_scored", "n_ctx"} (running PPL on stderr)')
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: the GPU if there is one)")
-    p.add_argument("--backend", choices=["triton", "torch"], default=None,
-                   help="kernels: triton (default on a GPU) or the torch reference ops (default on CPU)")
-    p.add_argument("--cache-dir", default=None, help="compiled kernels and tuning results, per GPU model")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -44,8 +44,8 @@ from ..config import ModelConfig
 from ..engine.kv_cache import KVCacheLayout
 from ..llm import LLM
 from ..sampling_params import SamplingParams
-from .cli import _check_device, _int_flag
-from .perplexity import first_scored, read_text, row_slices, scored_logits, tokenize_chunks
+from .cli import _check_device, _device_flags, _int_flag
+from .perplexity import first_scored, read_text, row_slices, scored_logits, scoring_flags, tokenize_chunks
 
 OUTPUT_NAME = "quant-bench"  # DIR/quant-bench.md, .json, .png
 
@@ -264,21 +264,12 @@ def add_command(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
                                "agreement, speed; a markdown table, JSON and a plot")
     p.add_argument("base", help="the reference GGUF (e.g. F16 or Q8_0)")
     p.add_argument("candidates", nargs="+", metavar="candidate", help="GGUF files of the same model, same vocabulary")
-    p.add_argument("-f", "--file", required=True, help="the text (UTF-8)")
-    p.add_argument("-c", "--ctx-size", type=_int_flag(lambda n: n >= 4, "4 or more"), default=512,
-                   help="tokens per chunk; the second half of each chunk is scored")
-    p.add_argument("--chunks", type=_int_flag(lambda n: n >= 1, "1 or more"), default=None,
-                   help="score at most this many chunks (default: every whole chunk of the text)")
-    p.add_argument("-b", "--batch-size", type=_int_flag(lambda n: n >= 1, "1 or more"), default=2048,
-                   help="tokens per forward step")
+    scoring_flags(p)
     p.add_argument("--decode-tokens", type=_int_flag(lambda n: n >= 2, "2 or more"), default=128,
                    help="tokens generated to time decoding (at most -c - 1)")
     p.add_argument("--out", type=Path, help=f"folder for {OUTPUT_NAME}.md, .json and .png (checked before any work)")
     p.add_argument("--no-plot", action="store_true", help="write no PNG (the plot needs matplotlib: ggtriton[plot])")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: the GPU if there is one)")
-    p.add_argument("--backend", choices=["triton", "torch"], default=None,
-                   help="kernels: triton (default on a GPU) or the torch reference ops (default on CPU)")
-    p.add_argument("--cache-dir", default=None, help="compiled kernels and tuning results, per GPU model")
+    _device_flags(p)
     p.set_defaults(run=run)
 
 
