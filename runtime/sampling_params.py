@@ -15,6 +15,9 @@ class SamplingParams:
     the output, a constant and its count times the penalty. seed: a per-request random stream that
     makes the request's samples reproducible whatever else shares its batches. stop: strings that end the
     output (not included in it). logprobs: how many top log-probabilities to return per token (None: none).
+    prompt_logprobs: the same for every prompt token after the first (the model's own distribution, before
+    penalties and temperature); such a prompt is computed whole, without the prefix cache. logit_bias:
+    {token_id: bias} added to the logits before anything else.
     """
 
     max_tokens: int = 16
@@ -29,6 +32,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -51,8 +56,14 @@ class SamplingParams:
             raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for token, bias in self.logit_bias.items():
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias!r} for token {token}")
 
     @property
     def greedy(self) -> bool:
@@ -65,6 +76,7 @@ class RequestOutput:
 
     finish_reason: "stop" (EOS, end of turn or a stop string) or "length" (max_tokens or the context).
     logprobs: per generated token, {token_id: logprob} of the chosen token and the top ones, if asked.
+    prompt_logprobs: the same per prompt token, None for the first (nothing predicts it), if asked.
     """
 
     request_id: str
@@ -74,4 +86,5 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str
     logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     metrics: dict[str, float] = field(default_factory=dict)

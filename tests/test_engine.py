@@ -43,3 +43,32 @@ def test_batch_equals_each_prompt_alone(smollm2, device):
     assert [o.token_ids for o in outputs] == expected
     assert [o.prompt for o in outputs] == prompts
     assert all(o.finish_reason == "length" and len(o.token_ids) == 6 for o in outputs)
+
+
+def test_prompt_logprobs_cover_every_prompt_token(smollm2, device):
+    """Every prompt token after the first gets the model's log-probability and its top ones, through chunked
+    prefill (a 24-token step budget), and again for a prompt whose pages sit in the prefix cache: such a
+    prompt is computed whole, while the same prompt without prompt_logprobs hits the cache."""
+    llm = LLM(smollm2, device=device, dtype=torch.float32, warm_up=False, max_num_batched_tokens=24, block_size=4,
+              kv_cache_bytes=1 << 26)
+    prompts = mixed_prompts(9)[::3]  # the ones that begin with the shared sentence: longer than a step
+    params = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=2)
+    bm = llm.engine.scheduler.block_manager
+    first = llm.generate(prompts, params, use_tqdm=False)
+    hits = bm.num_prefix_hit_tokens
+    again = llm.generate(prompts[:1], params, use_tqdm=False)
+    assert bm.num_prefix_hit_tokens == hits
+    llm.generate(prompts[:1], SamplingParams(max_tokens=1), use_tqdm=False)
+    assert bm.num_prefix_hit_tokens > hits
+    for a, b in zip(again[0].prompt_logprobs[1:], first[0].prompt_logprobs[1:], strict=True):
+        assert a == pytest.approx(b, abs=1e-4)  # chunked differently: float32 sums in another order
+    for out in first:
+        ids = out.prompt_token_ids
+        ref = torch.log_softmax(llm.logits(ids).double(), dim=1)
+        assert len(out.prompt_logprobs) == len(ids) > 24 and out.prompt_logprobs[0] is None
+        for p in range(1, len(ids)):
+            entry = out.prompt_logprobs[p]
+            assert next(iter(entry)) == ids[p]
+            assert set(entry) == {ids[p], *ref[p - 1].topk(2).indices.tolist()}
+            for t, lp in entry.items():
+                assert lp == pytest.approx(float(ref[p - 1, t]), abs=1e-4)

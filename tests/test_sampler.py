@@ -226,6 +226,40 @@ def test_logprobs_are_log_softmax_after_penalties_and_temperature(device):
             assert lp == pytest.approx(ref[t].item(), abs=1e-5)
 
 
+# ---------------------------------------------------------------- logit bias
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logit_bias_is_added_before_everything(device):
+    """Bias then penalties then temperature: the log-probs are those of the biased, penalized logits, a +100
+    bias makes its token the greedy choice, and -100 keeps a token from ever being sampled."""
+    logits, prompts, outputs, pen = penalty_case()
+    vocab = logits.shape[1]
+    bias = {3: 100.0, 7: -2.5, 3 + vocab // 2: 0.75}
+    params = [SamplingParams(temperature=0, logit_bias=bias, logprobs=4, repetition_penalty=pen[0][0],
+                             presence_penalty=pen[0][1], frequency_penalty=pen[0][2]),
+              SamplingParams(temperature=0.9, logit_bias={int(logits[1].argmax()): -100.0}, logprobs=2),
+              SamplingParams(temperature=0, logprobs=1)]
+    out = run(logits[:3].to(device), params, prompts=prompts[:3], outputs=outputs[:3])
+    assert out.token_ids[0] == 3
+    row = logits[0].double().tolist()
+    for t, b in bias.items():
+        row[t] += b
+    ref = torch.log_softmax(torch.tensor(ref_penalties(row, prompts[0], outputs[0], *pen[0]), dtype=torch.float64), 0)
+    for t, lp in out.logprobs[0].items():
+        assert lp == pytest.approx(ref[t].item(), abs=1e-4)
+    assert out.logprobs[2] == pytest.approx(run(logits[2:3].to(device), params[2]).logprobs[0])  # unbiased row
+    banned = int(logits[1].argmax())
+    for seed in range(20):
+        assert run(logits[1:2].to(device), params[1], sampler=Sampler(seed)).token_ids[0] != banned
+
+
+def test_logit_bias_outside_the_vocabulary_is_refused():
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        run(torch.randn(1, 10), SamplingParams(logit_bias={10: 1.0}))
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={1: 101.0})
+
+
 # ---------------------------------------------------------------- mixed batches and edge cases
 
 def test_mixed_batch():

@@ -53,8 +53,9 @@ class BlockManager:
 
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         """Cached pages equal to the sequence's leading full pages. The last token is never a hit: it
-        must be computed to produce the logits of the next one."""
-        if not self.prefix_caching:
+        must be computed to produce the logits of the next one. A prompt whose log-probabilities are asked
+        for has no hits: its every position must be computed."""
+        if not self.prefix_caching or seq.params.prompt_logprobs is not None:
             return []
         hits, prev, bs = [], None, self.block_size
         for i in range((seq.num_tokens - 1) // bs):

@@ -13,7 +13,7 @@ from ggtriton.gguf.tokenizer import IncrementalDetokenizer
 
 from ..sampling_params import RequestOutput, SamplingParams
 from .model_runner import Chunk, ModelRunner
-from .sampler import Sampler, make_generator
+from .sampler import Sampler, logprob_entries, make_generator
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Sequence
 from .spec_decode import SpecDecoder
@@ -31,6 +31,7 @@ class Request:
     text: str = ""
     streamed: int = 0  # characters of `text` already handed out by `Engine.stream_deltas`
     logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # index p: of prompt token p (None at 0)
     token_times: list[float] = field(default_factory=list)
     drafted: int = 0  # draft tokens proposed for this request (speculative decoding)
     accepted: int = 0  # ... and accepted by the target
@@ -49,7 +50,8 @@ class Request:
             m["acceptance_rate"] = self.accepted / max(self.drafted, 1)
             m["mean_accepted_length"] = self.accepted / self.verify_steps
         return RequestOutput(self.seq.request_id, self.prompt, self.seq.prompt_token_ids, self.text,
-                             self.seq.output_token_ids, self.seq.finish_reason or "", self.logprobs, m)
+                             self.seq.output_token_ids, self.seq.finish_reason or "", self.logprobs,
+                             self.prompt_logprobs, m)
 
 
 class Engine:
@@ -73,15 +75,19 @@ class Engine:
             text, ids = prompt, self.tokenizer.encode(prompt, add_special=True, parse_special=True)
         else:
             text, ids = None, [int(t) for t in prompt]
-            vocab = self.runner.config.vocab_size
-            if any(not 0 <= t < vocab for t in ids):
-                raise ValueError(f"request {request_id}: token ids must be in [0, {vocab})")
+        vocab = self.runner.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"request {request_id}: token ids must be in [0, {vocab})")
+        if any(t >= vocab for t in params.logit_bias):
+            raise ValueError(f"request {request_id}: logit_bias token ids must be in [0, {vocab})")
         seq = Sequence(request_id, ids, params, arrival=len(self.requests))
         self.scheduler.add(seq)
         generator = make_generator(params.seed, self.runner.device) if params.seed is not None else None
         self.requests[request_id] = Request(seq, text, self.tokenizer.incremental_detokenizer(skip_special=True),
                                             generator, time.perf_counter(),
-                                            logprobs=[] if params.logprobs is not None else None)
+                                            logprobs=[] if params.logprobs is not None else None,
+                                            prompt_logprobs=[None] * len(ids)
+                                            if params.prompt_logprobs is not None else None)
         return request_id
 
     def has_unfinished(self) -> bool:
@@ -109,21 +115,30 @@ class Engine:
             prop = proposals.get(id(s))
             if prop:
                 chunks.append(Chunk(s.seq, s.start, tokens + prop.drafts, 1 + len(prop.drafts)))
+            elif self._scores_prompt(s):
+                chunks.append(Chunk(s.seq, s.start, tokens, len(tokens)))
             else:
                 chunks.append(Chunk(s.seq, s.start, tokens, int(s.completes)))
         logits = self.runner.run(chunks)
         self.scheduler.step_done(scheduled)
         self.num_steps += 1
-        plain_rows, verify_rows, row = [], [], 0
+        sample_rows, verify_rows, prompt_rows, row = [], [], [], 0
         for s, c in zip(scheduled, chunks):
-            (verify_rows if id(s) in proposals else plain_rows).extend(range(row, row + c.n_logits))
+            if id(s) in proposals:
+                verify_rows.extend(range(row, row + c.n_logits))
+            elif s.completes:
+                sample_rows.append(row + c.n_logits - 1)
+            if self._scores_prompt(s) and id(s) not in proposals:
+                prompt_rows.append((s, row))
             row += c.n_logits
+        if prompt_rows:
+            self._score_prompts(prompt_rows, logits)
         finished = []
         plain = [s for s in scheduled if s.completes and id(s) not in proposals]
         if plain:
             seqs = [s.seq for s in plain]
             reqs = [self.requests[seq.request_id] for seq in seqs]
-            sampled = self.sampler.sample(logits[plain_rows], [s.params for s in seqs],
+            sampled = self.sampler.sample(logits[sample_rows], [s.params for s in seqs],
                                           [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
                                           [r.generator for r in reqs])
             now = time.perf_counter()
@@ -134,6 +149,29 @@ class Engine:
         if proposals:
             finished += self._verified([s for s in scheduled if id(s) in proposals], proposals, logits[verify_rows])
         return finished
+
+    @staticmethod
+    def _scores_prompt(s: ScheduledSeq) -> bool:
+        """The chunk holds prompt tokens whose successor is a prompt token, and the request wants their
+        log-probabilities: every row of the chunk gets logits."""
+        return s.seq.params.prompt_logprobs is not None and s.start < s.seq.num_prompt_tokens - 1
+
+    def _score_prompts(self, chunks: list[tuple[ScheduledSeq, int]], logits: torch.Tensor) -> None:
+        """Log-probabilities of the prompt tokens that the chunks' rows (from their first row on) predict."""
+        rows, targets, counts, slots = [], [], [], []
+        for s, first in chunks:
+            seq = s.seq
+            req = self.requests[seq.request_id]
+            for j in range(min(s.num_new_tokens, seq.num_prompt_tokens - 1 - s.start)):
+                rows.append(first + j)
+                targets.append(seq.token_ids[s.start + j + 1])
+                counts.append(seq.params.prompt_logprobs)
+                slots.append((req, s.start + j + 1))
+        index = torch.tensor(rows, device=logits.device)
+        entries = logprob_entries(torch.log_softmax(logits[index].float(), dim=1),
+                                  torch.tensor(targets, device=logits.device), counts)
+        for (req, position), entry in zip(slots, entries):
+            req.prompt_logprobs[position] = entry
 
     def _verified(self, spec: list[ScheduledSeq], proposals: dict, logits) -> list[RequestOutput]:
         """Accept drafts against the target's logits; append what each sequence gains."""

@@ -1,6 +1,7 @@
 """The sampler: next tokens for a whole batch from its logits, each row under its own `SamplingParams`.
 
 Per row, in this order (vLLM's):
+0. logit bias: the request's {token: bias} added to the logits;
 1. penalties: repetition (tokens in the prompt or the output), then presence and frequency (output only);
 2. temperature (0 = greedy: the argmax of the penalized logits, exactly);
 3. log-probabilities, if asked: `log_softmax` of the logits after steps 1-2 (temperature 1 for a greedy
@@ -51,6 +52,20 @@ def _counts(token_ids: list[list[int]], vocab: int, device: torch.device) -> tor
         index = torch.tensor(padded, dtype=torch.int64, device=device)
         counts.scatter_add_(1, index, torch.ones(index.shape, device=device))
     return counts[:, :vocab]
+
+
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """`logits` [B, V] plus each row's `logit_bias` (a copy; `logits` itself when no row has one)."""
+    entries = [(row, token, bias) for row, p in enumerate(params) for token, bias in p.logit_bias.items()]
+    if not entries:
+        return logits
+    rows, tokens, biases = zip(*entries)
+    vocab = logits.shape[1]
+    if max(tokens) >= vocab:
+        raise ValueError(f"sampler: logit_bias token {max(tokens)} is outside the vocabulary of {vocab}")
+    index = torch.tensor([rows, tokens], dtype=torch.int64, device=logits.device)
+    return logits.index_put(tuple(index), torch.tensor(biases, dtype=logits.dtype, device=logits.device),
+                            accumulate=True)
 
 
 def apply_penalties(logits: torch.Tensor, prompt_token_ids: list[list[int]],
@@ -150,7 +165,7 @@ class Sampler:
         if batch == 0:
             return SamplerOutput([], [])
         device = logits.device
-        logits = logits.float()
+        logits = apply_logit_bias(logits.float(), params)
 
         # One host-to-device copy for all per-row parameters.
         table = torch.tensor([[p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty,
@@ -177,28 +192,34 @@ class Sampler:
             race = self.race(probs, generators)
             tokens = torch.where(greedy, tokens, race)
 
-        n_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-        if n_top is None:
+        if all(p.logprobs is None for p in params):
             return SamplerOutput(tokens.tolist(), [None] * batch)
+        return SamplerOutput(tokens.tolist(), logprob_entries(torch.log_softmax(scaled, dim=1), tokens,
+                                                              [p.logprobs for p in params]))
 
-        logprobs = torch.log_softmax(scaled, dim=1)
-        top_lp, top_ids = logprobs.topk(min(n_top, vocab), dim=1)
-        chosen_lp = logprobs.gather(1, tokens[:, None])
-        # One transfer: float64 holds token ids exactly and float32 log-probs exactly.
-        packed = torch.cat([tokens[:, None].double(), chosen_lp.double(), top_ids.double(), top_lp.double()],
-                           dim=1).tolist()
-        n = top_ids.shape[1]
-        token_ids = [int(row[0]) for row in packed]
-        out: list[dict[int, float] | None] = []
-        for p, row in zip(params, packed):
-            if p.logprobs is None:
-                out.append(None)
-                continue
-            entry = {int(row[0]): row[1]}
-            for t, lp in zip(row[2:2 + min(p.logprobs, n)], row[2 + n:2 + n + min(p.logprobs, n)]):
-                entry.setdefault(int(t), lp)
-            out.append(entry)
-        return SamplerOutput(token_ids, out)
+
+def logprob_entries(logprobs: torch.Tensor, chosen: torch.Tensor, counts: list[int | None]) -> list[dict[int, float] | None]:
+    """Per row of `logprobs` [R, V]: None where its count is None, else {token: logprob} of the row's
+    `chosen` token first, then its top `count` tokens. One device-to-host transfer."""
+    n_top = max((c for c in counts if c is not None), default=None)
+    if n_top is None:
+        return [None] * len(counts)
+    top_lp, top_ids = logprobs.topk(min(n_top, logprobs.shape[1]), dim=1)
+    chosen_lp = logprobs.gather(1, chosen[:, None])
+    # float64 holds token ids exactly and float32 log-probs exactly.
+    packed = torch.cat([chosen[:, None].double(), chosen_lp.double(), top_ids.double(), top_lp.double()],
+                       dim=1).tolist()
+    n = top_ids.shape[1]
+    out: list[dict[int, float] | None] = []
+    for count, row in zip(counts, packed):
+        if count is None:
+            out.append(None)
+            continue
+        entry = {int(row[0]): row[1]}
+        for t, lp in zip(row[2:2 + min(count, n)], row[2 + n:2 + n + min(count, n)]):
+            entry.setdefault(int(t), lp)
+        out.append(entry)
+    return out
 
 
 def token_probs(logits: torch.Tensor, params: list[SamplingParams], prompt_token_ids: list[list[int]],
@@ -210,7 +231,7 @@ def token_probs(logits: torch.Tensor, params: list[SamplingParams], prompt_token
     table = torch.tensor([[p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
                            p.frequency_penalty] for p in params], dtype=torch.float32, device=device)
     temperature, top_k, top_p, min_p, repetition, presence, frequency = table.unbind(1)
-    logits = logits.float()
+    logits = apply_logit_bias(logits.float(), params)
     if any(p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params):
         logits = apply_penalties(logits, prompt_token_ids, output_token_ids, repetition, presence, frequency)
     greedy = temperature == 0

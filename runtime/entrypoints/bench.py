@@ -49,7 +49,7 @@ def jsonl_requests(path: str | Path, output_len: int) -> list[BenchRequest]:
     return out
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
+def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {"p50": 0.0, "p90": 0.0, "p99": 0.0}
     p50, p90, p99 = np.percentile(np.asarray(values) * 1e3, [50, 90, 99])
@@ -95,8 +95,8 @@ def run_bench(llm: LLM, requests: list[BenchRequest], seed: int = 0, progress: b
         "requests_per_s": len(reqs) / elapsed,
         "output_tokens_per_s": output_tokens / elapsed,
         "total_tokens_per_s": (prompt_tokens + output_tokens) / elapsed,
-        "ttft_ms": _percentiles(ttft),
-        "itl_ms": _percentiles(itl),
+        "ttft_ms": percentiles(ttft),
+        "itl_ms": percentiles(itl),
         "steps": engine.num_steps,
         "preemptions": engine.scheduler.num_preemptions,
     } | _spec_metrics(reqs)

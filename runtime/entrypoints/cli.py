@@ -221,12 +221,30 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from ggtriton.runtime.entrypoints.bench import format_report, jsonl_requests, random_requests, run_bench
 
+    if args.url:
+        return _bench_url(args)
     llm = _llm(args)
     requests = (jsonl_requests(args.dataset, args.output_len) if args.dataset
                 else random_requests(llm, args.num_prompts, args.input_len, args.output_len, args.seed or 0))
     report = run_bench(llm, requests, seed=args.seed or 0, progress=True)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0
+
+
+def _bench_url(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from ggtriton.runtime.entrypoints.bench import jsonl_requests
+    from ggtriton.runtime.entrypoints.serving_bench import (format_serving_report, random_text_requests,
+                                                            run_serving_bench)
+
+    requests = (jsonl_requests(args.dataset, args.output_len) if args.dataset
+                else random_text_requests(args.num_prompts, args.input_len, args.output_len, args.seed or 0))
+    report = asyncio.run(run_serving_bench(args.url, requests, request_rate=args.request_rate,
+                                           max_concurrency=args.max_concurrency, model=args.served_model_name,
+                                           api_key=args.api_key, seed=args.seed or 0, progress=True))
+    print(json.dumps(report, indent=1) if args.json else format_serving_report(report))
+    return 0 if report["completed"] else 1
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -346,8 +364,16 @@ def build_parser() -> argparse.ArgumentParser:
     _template_flag(p)
     p.set_defaults(run=cmd_chat)
 
-    p = command("bench", "offline throughput and latency: requests/s, tokens/s, TTFT, ITL")
+    p = command("bench", "throughput and latency (requests/s, tokens/s, TTFT, ITL): offline, or of a server (--url)")
     _engine_flags(p)
+    p.add_argument("--url", help="measure the OpenAI-compatible server at this address instead (http://HOST:PORT); "
+                                 "the model flags are then unused")
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="with --url: Poisson arrivals at this many requests/s (inf: all at once)")
+    p.add_argument("--max-concurrency", type=_int_flag(lambda n: n >= 1, "1 or more"), default=None,
+                   help="with --url: requests in flight at most")
+    p.add_argument("--served-model-name", help="with --url: the model to ask for (default: the server's first)")
+    p.add_argument("--api-key", help="with --url: sent as 'Authorization: Bearer KEY'")
     p.add_argument("--num-prompts", type=int, default=64, help="random prompts")
     p.add_argument("--input-len", type=int, default=128, help="mean prompt length of the random prompts")
     p.add_argument("--output-len", type=int, default=128, help="tokens generated per request")
@@ -366,10 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     quantize.add_command(command)
 
-    from . import perplexity, quant_bench  # they import this module's helpers
+    from . import perplexity, quant_bench, serve  # they import this module's helpers
 
     perplexity.add_command(command)
     quant_bench.add_command(command)
+    serve.add_command(command)
     return parser
 
 
