@@ -145,8 +145,9 @@ def measurements(target: Path, draft: Path, copy: float | None, plan: Plan, **ll
     gc.collect()  # the engines' reference cycles hold their KV caches and graph pools
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    # A draft as costly as the target never pays: the adaptive rule would not draft, so k is fixed here.
     self_spec = LLM(target, draft_model=target, num_speculative_tokens=k, max_num_seqs=1,
-                    kv_cache_bytes=plan.target_kv_bytes, **llm_kwargs)
+                    adaptive_speculation=False, kv_cache_bytes=plan.target_kv_bytes, **llm_kwargs)
     start = time.perf_counter()
     out = self_spec.generate([PROMPT], SamplingParams(max_tokens=plan.decode_tokens, temperature=0, ignore_eos=True),
                              use_tqdm=False)[0]

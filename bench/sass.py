@@ -1,6 +1,6 @@
 """The decode loops' cost read from the machine code compiled for a GPU target, without a GPU.
 
-    python bench/sass.py [--target cuda:90] [--types Q4_K,Q8_0] [--paths skinny,splitk,gemm,dequant] [--m 1,16]
+    python bench/sass.py [--target cuda:90] [--types Q4_K,Q8_0] [--paths skinny,splitk,gemm,dequant,moe] [--m 1,16]
                          [--dtype bfloat16] [--check] [--no-append]
 
 Each matmul path compiles at every autotune config of its backend's table (tests/compile_check.py's compile-only
@@ -33,6 +33,12 @@ The "gemv" path is the decode step's own kernel (kernels/qgemv.py, M <= 16, the 
 of its loop covers one block of each row (256-element types) or 8 blocks (32-element types), so weight bytes per pass are
 BLOCK_N x that x block bytes. With --check, the ratio of its best M = 16 loop to its best M = 1 loop per byte is
 printed for each type where both compiled (at most 1.3 is the aim: M rows should not multiply the decoding).
+
+The "moe" path is the fused MoE op's grouped product (kernels/moe.py) over MOE_EXPERTS experts of a 4096 x 4096
+weight each, --m giving its rows per expert tile (1: one token-expert pair per program, the decode form; 16; 32 or
+64: prefill tiles); both of its launches are read, "gate+up" (two weights, one loop each: a pass covers one block
+of one weight's rows, as the gemv path's) and "down". Its passes cover as many bytes as the gemv path's for the
+types it decodes by words, BLOCK_N x BLOCK_K elements for the others.
 
 --check (CUDA targets) exits 1 when any selected decode type's best M=1 decode loop (gemv where the type has it, else
 skinny) exceeds 0.25 warp instructions per weight byte or spills, naming each; those variants compile whatever
@@ -75,10 +81,11 @@ BYTES_PER_SM_CLOCK = HBM_BYTES_PER_S / (SMS * CLOCK_HZ)  # ~18.4
 CHECK_IPB = 0.25  # DESIGN.md's bound on a decode loop
 
 DECODE_TYPES = ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "IQ4_XS")
-PATHS = ("gemv", "skinny", "splitk", "gemm", "dequant")
+PATHS = ("gemv", "skinny", "splitk", "gemm", "dequant", "moe")
 GEMV_STEP_BLOCKS = 8  # qgemv's steps of the 32-element types: 8 blocks per row
 N = K = 4096
 GEMM_M = 256  # gemm's configs are pruned to BLOCK_M <= max(32, M): at 256 every one compiles
+MOE_EXPERTS, MOE_TOP_K = 2, 2  # the moe path's experts (each W's shape) and experts per token
 WIDTHS = (8, 16, 32, 64, 128)
 
 
@@ -354,7 +361,7 @@ def compile_rows(target_text: str, jobs: list[Job], dtype: torch.dtype) -> list[
 
     def record(fn, *args, **kwargs):
         kernel = launch(fn, *args, **kwargs)
-        if fn.fn.__name__ in ("_qmatmul_kernel", "_dequant_kernel", "_qgemv_kernel"):
+        if fn.fn.__name__ in ("_qmatmul_kernel", "_dequant_kernel", "_qgemv_kernel", "_moe_kernel"):
             compiled.setdefault(kernel.hash, (kernel, kwargs))  # the autotuner's final launch repeats a config
         return kernel
 
@@ -367,6 +374,12 @@ def compile_rows(target_text: str, jobs: list[Job], dtype: torch.dtype) -> list[
         raw = cc.raw_weight(t, N, K)
         if job.path == "dequant":
             cc.dequant.dequantize(raw, t, (N, K), dtype)
+        elif job.path == "moe":
+            cc.moe._tuned.cache_clear()
+            w = cc.raw_weight(t, MOE_EXPERTS * N, K)
+            # planar: the layout does not change the code, and no relaid copy is made
+            cc.moe.fused_moe(torch.zeros(job.m, K, dtype=dtype), torch.zeros(job.m, MOE_EXPERTS), MOE_TOP_K, w, w, w,
+                             (t, t, t), N, planar=True, block_m=job.m)
         elif job.path == "gemv":
             cc.qgemv._tuned.cache_clear()
             cc.qmatmul.qmatmul(torch.zeros(job.m, K, dtype=dtype), raw, t, (N, K), path="gemv")
@@ -384,15 +397,15 @@ def read(job: Job, kernel, kw: dict, backend: str) -> Row:
     traits = TYPE_TRAITS[GGMLType[job.type]]
     if job.path == "dequant":
         config, tile_m, elements = f"TILE{kw['TILE']} w{meta.num_warps}", 0, kw["TILE"] * traits.block_elements
-    elif "BLOCK_K" not in kw:  # qgemv: the gemv path, and the gemm path of the types it decodes by words
+    elif "BLOCK_K" not in kw or kw.get("WORDS"):  # qgemv's decoders: gemv, gemm of their types, moe of their types
         # a pass covers one block of each row (K-quants) or a step of 8 blocks (32-element types)
         blocks = 1 if traits.block_elements == 256 else GEMV_STEP_BLOCKS
         tile_m = kw["BLOCK_M"]
-        tile = f"M{tile_m} " if job.path == "gemm" else ""
+        tile = f"M{tile_m} " if job.path == "gemm" else _moe_part(kw) if job.path == "moe" else ""
         config, elements = f"{tile}N{kw['BLOCK_N']} w{meta.num_warps}", kw["BLOCK_N"] * blocks * traits.block_elements
     else:
         tile_m = kw["BLOCK_M"]
-        tile = f"M{tile_m} " if job.path == "gemm" else ""
+        tile = f"M{tile_m} " if job.path == "gemm" else _moe_part(kw) if job.path == "moe" else ""
         config = f"{tile}N{kw['BLOCK_N']} K{kw['BLOCK_K']} w{meta.num_warps} s{meta.num_stages}"
         elements = kw["BLOCK_N"] * kw["BLOCK_K"]
     weight_bytes = elements * traits.block_bytes / traits.block_elements
@@ -402,6 +415,11 @@ def read(job: Job, kernel, kw: dict, backend: str) -> Row:
         instrs, (regs, *spill) = parse_amdgcn(kernel.asm["amdgcn"]), amdgcn_report(kernel.asm["amdgcn"])
     return Row(job, config, meta.num_warps, profile(instrs, whole_kernel=job.path == "dequant"), regs,
                tuple(spill), meta.shared, weight_bytes, elements, tile_m)
+
+
+def _moe_part(kw: dict) -> str:
+    """The moe kernel's launch in a config's name: the gate and up product with its activation, or down."""
+    return "down " if kw["ACT"] == "none" else "gate+up "
 
 
 # The report.
@@ -481,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="cuda:90", help="cuda:<sm> or hip:<gfx arch>, e.g. hip:gfx942")
     parser.add_argument("--types", default=",".join(DECODE_TYPES), help="comma-separated GGUF types (%(default)s)")
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated (%(default)s)")
-    parser.add_argument("--m", default="1", help="comma-separated rows of x for skinny and splitk, e.g. 1,16")
+    parser.add_argument("--m", default="1", help="comma-separated rows of x for gemv, skinny and splitk, rows per "
+                        "expert tile for moe (1, 16, 32, 64), e.g. 1,16")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--check", action="store_true",
                         help=f"exit 1 if a selected decode type's best M=1 decode loop is over {CHECK_IPB} ipb or "
@@ -498,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--check reads the SASS of a CUDA target")
     ms = [int(m) for m in args.m.split(",")]
     jobs = [Job(t, p, None if p == "dequant" else GEMM_M if p == "gemm" else m)
-            for t in types for p in paths for m in (ms if p in ("gemv", "skinny", "splitk") else ms[:1])
+            for t in types for p in paths for m in (ms if p in ("gemv", "skinny", "splitk", "moe") else ms[:1])
             if p != "gemv" or (GGMLType[t] in GEMV_TYPES and m <= 16)]
     checked = tuple(t for t in types if t in DECODE_TYPES) if args.check else ()
     jobs += [job for job in (Job(t, decode_path(t), 1) for t in checked) if job not in jobs]

@@ -4,8 +4,9 @@ from .activations import gelu_mul, silu_mul
 from .dequant import dequantize
 from .flash_attention import flash_attention
 from .kv_store import kv_store
+from .moe import fused_moe
 from .paged_decode import paged_decode
-from .qmatmul import qmatmul, qmatmul_many
+from .qmatmul import qmatmul, qmatmul_act, qmatmul_add_norm, qmatmul_many
 from .rmsnorm import rmsnorm
 from .rope import rope, rope_inv_freq
 from .rope_kv_store import rope_kv_store
@@ -13,10 +14,13 @@ from .rope_kv_store import rope_kv_store
 __all__ = [
     "dequantize",
     "flash_attention",
+    "fused_moe",
     "gelu_mul",
     "kv_store",
     "paged_decode",
     "qmatmul",
+    "qmatmul_act",
+    "qmatmul_add_norm",
     "qmatmul_many",
     "rmsnorm",
     "rope",

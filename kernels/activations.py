@@ -5,7 +5,8 @@
 
 Convention: two inputs, gate and up, each [..., d]. A fused gate-up projection's output [n, 2 * d] is
 passed as its two halves `x[:, :d], x[:, d:]` (views, no copy); separate projections pass their outputs.
-Math in float32, output in the inputs' dtype.
+Math in float32, output in the inputs' dtype. `activate` is the activation itself, which qgemv's gate/up product
+applies in its epilogue too (the same bits as this kernel).
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ _BLOCK = 1024
 
 
 @triton.jit
+def activate(g, ACT: tl.constexpr):
+    """silu(g) (ACT "silu") or llama.cpp's tanh gelu (ACT "gelu") of float32 g."""
+    if ACT == "silu":
+        return g / (1.0 + tl.exp(-g))
+    return 0.5 * g * (1.0 + tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+
+
+@triton.jit
 def _act_mul_kernel(gate_ptr, up_ptr, out_ptr, gate_row_stride, up_row_stride, out_row_stride, n_cols,
                     ACT: tl.constexpr, BLOCK: tl.constexpr):
     """Program (row, j): columns [j * BLOCK, (j + 1) * BLOCK) of one row."""
@@ -28,11 +37,7 @@ def _act_mul_kernel(gate_ptr, up_ptr, out_ptr, gate_row_stride, up_row_stride, o
     mask = cols < n_cols
     g = tl.load(gate_ptr + row * gate_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + row * up_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    if ACT == "silu":
-        a = g / (1.0 + tl.exp(-g))
-    else:
-        a = 0.5 * g * (1.0 + tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
-    tl.store(out_ptr + row * out_row_stride + cols, (a * u).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * out_row_stride + cols, (activate(g, ACT) * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _act_mul(act: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

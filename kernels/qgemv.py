@@ -33,6 +33,12 @@ layout of `planar.py` (their file blocks are 2-byte aligned). Split-K: program (
 tile to arrive (an atomic counter per tile) adds them in range order, so a split product is one launch and the
 same bits every run. Up to three weights of one type and K (q, k and v; gate and up) share a launch: the grid
 spans their row tiles, each program reading its own tensor, and the outputs are columns of one result.
+
+Fused epilogues (the loop over the weight is the same code): the residual add of a product and the sums of squares
+of an RMSNorm after it (NORM_OUT, leaving a `rmsnorm.PendingNorm`), the norm's rstd scaling the rows of the next
+product (NORM_IN: (y * rstd) @ W^T = rstd * (y @ W^T)), and act(gate) * up of a gate/up launch (ACT: gate tile t
+and up tile t count their arrivals at one counter, and the last of their programs, over all K ranges, combines
+them). A decoder layer then launches q/k/v, RoPE + KV store, attention, o, gate/up and down: 6 launches, not 9.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ import triton.language as tl
 from ..gguf.quant_tables import IQ4NL_VALUES
 from ..gguf.types import TYPE_TRAITS, GGMLType
 from ._common import ARRIVAL_COUNTERS, arrival_counters, backend, dot, f32_dot
+from .activations import activate
+from .rmsnorm import rms_rstd, store_sumsq
 
 GEMV_TYPES = frozenset({GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q4_0,
                         GGMLType.Q5_0, GGMLType.IQ4_XS})
@@ -426,14 +434,18 @@ def _iq4_xs_block(acc, w_ptr, row, b, x_ptr, table_ptr, xm, x_stride, BLOCK_M: t
 
 
 @triton.jit(do_not_specialize=["M", "m_bucket", "split_blocks"])
-def _qgemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, table_ptr, out_ptr, part_ptr, count_ptr, M, m_bucket, N0, N1, N2,
-                  nb, x_row_stride, row_bytes, split_blocks, SPLIT: tl.constexpr,
-                  TYPE: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DENORMAL: tl.constexpr, F32: tl.constexpr):
+def _qgemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, table_ptr, out_ptr, part_ptr, count_ptr, residual_ptr, norm_w_ptr,
+                  h_ptr, sumsq_ptr, eps, M, m_bucket, N0, N1, N2, nb, x_row_stride, row_bytes, split_blocks,
+                  SPLIT: tl.constexpr, TYPE: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, DENORMAL: tl.constexpr, F32: tl.constexpr, NORM_IN: tl.constexpr,
+                  NORM_OUT: tl.constexpr, ACT: tl.constexpr):
     """out[m, n] = x[m] . row n of [W0; W1; W2] (N0 + N1 + N2 rows: up to three weights of one type and K, each
     its own tensor), for rows m of x in tile program_id(2). SPLIT: program (pid, s) covers blocks
     [s * split_blocks, + split_blocks) of the nb in a row, its partial sums in part[s], the tile's count of
-    arrived ranges at count_ptr (0 before and after). m_bucket is not read: it is the autotune key standing for M."""
+    arrived ranges at count_ptr (0 before and after). m_bucket is not read: it is the autotune key standing for M.
+    Fused (see `_store` and `_finish`): NORM_IN, x is a PendingNorm's y, out's rows times its rstd (chunk sums
+    at sumsq_ptr); NORM_OUT, out is a PendingNorm of x . W0 + residual; ACT, out [M, N0] = act(x . W0) * (x . W1).
+    """
     pid = tl.program_id(0)
     split = tl.program_id(1)
     m_first = tl.program_id(2) * BLOCK_M
@@ -445,9 +457,8 @@ def _qgemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, table_ptr, out_ptr, part_ptr, c
     w_ptr = tl.where(in2, w2_ptr, tl.where(in1, w1_ptr, w0_ptr))
     n_weight = tl.where(in2, N2, tl.where(in1, N1, N0))
     n_first = tl.where(in2, N0 + N1, tl.where(in1, N0, 0))  # the weight's first column of out
-    n = (pid - tl.where(in2, tiles01, tl.where(in1, tiles0, 0))) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_in = n < n_weight
-    N = N0 + N1 + N2
+    tile = pid - tl.where(in2, tiles01, tl.where(in1, tiles0, 0))  # row tile within its weight
+    n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     # rows of W past the weight's last read that row, and rows of x past M row M - 1: the loads need no masks (nor
     # the predicate registers masks take), and those rows are not stored
     row = tl.minimum(n, n_weight - 1).to(tl.int64) * row_bytes
@@ -480,38 +491,102 @@ def _qgemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, table_ptr, out_ptr, part_ptr, c
         for b in range(b0, b1, _BLOCKS_PER_STEP):
             acc = _q32_block(acc, w_ptr, row, b, b1, nb, x_ptr, xm, x_row_stride, TYPE, LANES, DENORMAL,
                              BLOCK_M, F32)
+    QK: tl.constexpr = 32 if TYPE == "Q4_0" or TYPE == "Q5_0" or TYPE == "Q8_0" else 256
+    m = m_first + tl.arange(0, BLOCK_M)
+    # the tile's rows of x and columns of out as index tiles that broadcast to its shape
     if BLOCK_M == 1:  # one row of x: 1-D, as light on registers as the loop
-        _finish(tl.sum(acc, axis=1), out_ptr, part_ptr, count_ptr, n_first + n, n_in, M * N, SPLIT)
+        res = tl.sum(acc, axis=1)
+        m2 = m
+        n2 = n
+        if NORM_IN:  # linear in x: the row's rstd scales the sums of this range
+            res *= rms_rstd(sumsq_ptr, xm, nb * QK, eps)
     else:
         if DENORMAL and TYPE != "IQ4_XS":  # IQ4_XS's values come from a table, unscaled
             acc *= 2.0 ** _T
-        m = m_first + tl.arange(0, BLOCK_M)
+        res = acc
+        if NORM_IN:
+            rstd = rms_rstd(sumsq_ptr, xm, nb * QK, eps)
         if W_LEFT:
-            _finish(acc, out_ptr, part_ptr, count_ptr, m[None, :].to(tl.int64) * N + n_first + n[:, None],
-                    (m < M)[None, :] & n_in[:, None], M * N, SPLIT)
+            m2 = m[None, :]
+            n2 = n[:, None]
+            if NORM_IN:
+                res *= rstd[None, :]
         else:
-            _finish(acc, out_ptr, part_ptr, count_ptr, m[:, None].to(tl.int64) * N + n_first + n[None, :],
-                    (m < M)[:, None] & n_in[None, :], M * N, SPLIT)
+            m2 = m[:, None]
+            n2 = n[None, :]
+            if NORM_IN:
+                res *= rstd[:, None]
+    if ACT != "":  # gate tile t and up tile t meet at counter t of their row tile
+        counter = count_ptr + tile + tl.program_id(2) * tiles0
+    else:
+        counter = count_ptr + pid + tl.program_id(2) * tl.num_programs(0)
+    _finish(res, m, m2, n2, n_first, n_weight, tile * BLOCK_N, M, N0 + N1 + N2, N0, out_ptr, part_ptr, counter,
+            residual_ptr, norm_w_ptr, h_ptr, sumsq_ptr, SPLIT, NORM_OUT, ACT, W_LEFT)
 
 
 @triton.jit
-def _finish(res, out_ptr, part_ptr, count_ptr, offs, mask, numel, SPLIT: tl.constexpr):
-    """Store res (a tile of out at offs), or with SPLIT, its range's partial sums: the program that arrives last at
-    the tile's counter adds all ranges' in range order (the same bits every run, no second launch) and sets the
-    counter back to 0."""
-    if SPLIT:
+def _finish(res, m, m2, n2, n_first, n_weight, col0, M, N, N0, out_ptr, part_ptr, counter, residual_ptr, norm_w_ptr,
+            h_ptr, sumsq_ptr, SPLIT: tl.constexpr, NORM_OUT: tl.constexpr, ACT: tl.constexpr,
+            W_LEFT: tl.constexpr):
+    """Store res, the tile [rows m2, columns n_first + n2] of the [M, N] product (`_store`); or with SPLIT or ACT,
+    store it in part[program_id(1)] and count its arrival: the program that arrives last at the counter (all K
+    ranges; with ACT, of both the gate and the up tile) adds all ranges in range order (the same bits every run,
+    no second launch), stores the result (ACT: act(gate) * up, each rounded to out's dtype first, as separate
+    launches round them) and sets the counter back to 0."""
+    mask = (m2 < M) & (n2 < n_weight)
+    offs = m2.to(tl.int64) * N + n_first + n2
+    if SPLIT or ACT != "":
+        numel = M * N
         tl.store(part_ptr + tl.program_id(1).to(tl.int64) * numel + offs, res, mask=mask)
         tl.debug_barrier()  # every thread's partial sums stored before the arrival is counted
-        counter = count_ptr + tl.program_id(0) + tl.program_id(2) * tl.num_programs(0)
         splits = tl.num_programs(1)
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == splits - 1:
-            total = tl.zeros(res.shape, tl.float32)
-            for s in range(splits):  # .cg: from L2, where the other programs' stores are
-                total += tl.load(part_ptr + s * numel + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+        arrivals = 2 * splits if ACT != "" else splits
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == arrivals - 1:
+            if ACT != "":
+                gate_offs = offs - n_first
+                dt = out_ptr.dtype.element_ty
+                g = _sum_parts(part_ptr, gate_offs, mask, numel, splits).to(dt).to(tl.float32)
+                u = _sum_parts(part_ptr, gate_offs + N0, mask, numel, splits).to(dt).to(tl.float32)
+                tl.store(out_ptr + m2.to(tl.int64) * N0 + n2, (activate(g, ACT) * u).to(dt), mask=mask)
+            else:
+                _store(_sum_parts(part_ptr, offs, mask, numel, splits), m, m2, n2, offs, mask, col0, M, N, out_ptr,
+                       residual_ptr, norm_w_ptr, h_ptr, sumsq_ptr, NORM_OUT, W_LEFT)
             tl.store(counter, 0)
     else:
-        tl.store(out_ptr + offs, res.to(out_ptr.dtype.element_ty), mask=mask)
+        _store(res, m, m2, n2, offs, mask, col0, M, N, out_ptr, residual_ptr, norm_w_ptr, h_ptr, sumsq_ptr, NORM_OUT,
+               W_LEFT)
+
+
+@triton.jit
+def _sum_parts(part_ptr, offs, mask, numel, splits):
+    """The sum of the K ranges' partial sums at offs, in range order."""
+    total = tl.zeros(offs.shape, tl.float32)
+    for s in range(splits):  # .cg: from L2, where the other programs' stores are
+        total += tl.load(part_ptr + s * numel + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
+def _store(res, m, m2, n2, offs, mask, col0, M, N, out_ptr, residual_ptr, norm_w_ptr, h_ptr, sumsq_ptr,
+           NORM_OUT: tl.constexpr, W_LEFT: tl.constexpr):
+    """out[offs] = res in out's dtype; NORM_OUT (one weight, N columns, the tile's from col0): h = that + residual,
+    stored at h_ptr, and out = h * norm_w with the sums of h^2 per chunk of columns (a PendingNorm, see
+    rmsnorm.py)."""
+    dt = out_ptr.dtype.element_ty
+    if NORM_OUT:
+        h = res.to(dt).to(tl.float32) + tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        h = tl.where(mask, h, 0.0)
+        tl.store(h_ptr + offs, h.to(dt), mask=mask)
+        w = tl.load(norm_w_ptr + n2, mask=n2 < N, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, (h * w).to(dt), mask=mask)
+        if m.shape[0] == 1:  # the tile as [rows, columns]
+            store_sumsq(sumsq_ptr, h[None, :], m, M, col0, N)
+        elif W_LEFT:
+            store_sumsq(sumsq_ptr, tl.trans(h), m, M, col0, N)
+        else:
+            store_sumsq(sumsq_ptr, h, m, M, col0, N)
+    else:
+        tl.store(out_ptr + offs, res.to(dt), mask=mask)
 
 
 # GEMM tiles (BLOCK_M, BLOCK_N) that spill on sm_90 for these types (bench/sass.py, Triton 3.9 or 3.6). Q8_0's
@@ -571,8 +646,23 @@ def gemv_splits(ggml_type: GGMLType, N: int, K: int, sms: int, splits: int | Non
     return triton.cdiv(triton.cdiv(nb, min(splits, nb)), step) * step
 
 
+def act_fits(M: int, N0: int, device: torch.device) -> bool:
+    """Whether a gate/up product (`qgemv`'s act) of M rows of x and N0 rows per weight finds an arrival counter for
+    each pair of tiles, at the smallest tiles of the backend's configs."""
+    be = backend(device)
+    if M > MAX_M:
+        tiles = triton.cdiv(N0, min(c[1] for c in _GEMM_CONFIGS[be])) * triton.cdiv(M, min(c[0] for c in
+                                                                                          _GEMM_CONFIGS[be]))
+    else:
+        tiles = triton.cdiv(N0, min(c[0] for c in (_CONFIGS if M == 1 else _DOT_CONFIGS)[be]))
+    return tiles <= ARRIVAL_COUNTERS
+
+
 def qgemv(x: torch.Tensor, raws: Sequence[torch.Tensor], ggml_type: GGMLType, shapes: Sequence[tuple[int, int]],
-          out: torch.Tensor, split_blocks: int, *, denormal: bool | None = None) -> torch.Tensor:
+          out: torch.Tensor, split_blocks: int, *, denormal: bool | None = None,
+          norm_in: tuple[torch.Tensor, float] | None = None,
+          norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+          act: str | None = None) -> torch.Tensor:
     """out = x [M, K] @ [W0; W1; W2]^T for one to three weights (one launch), K cut into ranges of split_blocks
     blocks (as many as nb / split_blocks: see `gemv_splits`).
 
@@ -580,10 +670,20 @@ def qgemv(x: torch.Tensor, raws: Sequence[torch.Tensor], ggml_type: GGMLType, sh
     `shapes[i]` (Ni, K), of one type in GEMV_TYPES, as `raws[i]` bytes: the planar layout (`planar.to_planar`) for
     the types it covers, else the file's; 16-byte aligned. out: [M, sum Ni], any float dtype. denormal: the field
     decoding (default: the backend's, see the module docstring). Arguments are checked by `qmatmul`, the public
-    entry point. Split launches count their arrivals in `arrival_counters`.
+    entry point. Split launches count their arrivals in `arrival_counters`. Fused variants (rmsnorm.PendingNorm):
+    - norm_in (sumsq, eps): x is a PendingNorm's y, sumsq its chunk sums; out's rows are scaled by its rstd.
+    - norm_out (residual, norm_w, h, sumsq), one weight: h = x @ W0^T rounded to out's dtype, + residual (both
+      [M, N0], out's dtype) is stored in h, and out [M, N0] with sumsq [M, cdiv(N0, RMS_CHUNK)] float32 are the
+      PendingNorm of rmsnorm(h, norm_w).
+    - act ("silu" or "gelu"), two weights of one shape (gate, up): out [M, N0] = act(gate) * up, each product
+      rounded to out's dtype first (as `activations.silu_mul` of the two products); see `act_fits`.
     """
     if not 1 <= len(raws) <= 3 or len(shapes) != len(raws):
         raise ValueError(f"qgemv takes one to three weights with a shape each, got {len(raws)} and {len(shapes)}")
+    if act is not None and (len(shapes) != 2 or shapes[0] != shapes[1] or norm_out is not None):
+        raise ValueError(f"qgemv's act takes two weights of one shape (gate, up), got {list(shapes)}")
+    if norm_out is not None and (len(shapes) != 1 or norm_in is not None):
+        raise ValueError("qgemv's norm_out takes one weight, and no norm_in")
     M = x.shape[0]
     K = shapes[0][1]
     traits = TYPE_TRAITS[ggml_type]
@@ -596,14 +696,18 @@ def qgemv(x: torch.Tensor, raws: Sequence[torch.Tensor], ggml_type: GGMLType, sh
     if splits > 1 and (block_m is None or sum(triton.cdiv(n, 16) for n in ns) > ARRIVAL_COUNTERS):
         raise ValueError(f"qgemv splits K for at most {MAX_M} rows of x and {16 * ARRIVAL_COUNTERS} rows of W, got "
                          f"{M} and {sum(ns)}")
-    part = torch.empty((splits, *out.shape), dtype=torch.float32, device=x.device) if splits > 1 else out
+    if act is not None and not act_fits(M, ns[0], x.device):
+        raise ValueError(f"qgemv's act has too few arrival counters for {M} rows of x and {ns[0]} rows per weight")
+    part = torch.empty((splits, M, sum(ns)), dtype=torch.float32, device=x.device) if splits > 1 or act else out
+    residual, norm_w, h, sumsq = norm_out or (out, out, out, norm_in[0] if norm_in else out)
     tile = {} if block_m is None else {"BLOCK_M": block_m}
     _tuned(be, block_m)[lambda meta: (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in ns), splits,
                                       triton.cdiv(M, meta["BLOCK_M"]))](
-        x, *ws, _value_table(ggml_type, x.device), out, part, arrival_counters(x.device), M,
-        min(triton.next_power_of_2(M), _M_BUCKET_CAP), *ns, nb, x.stride(0), nb * traits.block_bytes, split_blocks,
+        x, *ws, _value_table(ggml_type, x.device), out, part, arrival_counters(x.device), residual, norm_w, h, sumsq,
+        norm_in[1] if norm_in else 0.0, M, min(triton.next_power_of_2(M), _M_BUCKET_CAP), *ns, nb, x.stride(0),
+        nb * traits.block_bytes, split_blocks,
         SPLIT=splits > 1, TYPE=ggml_type.name, BLOCK_BYTES=traits.block_bytes,
         DENORMAL=be != "hip" and (M == 1 or x.dtype != torch.float16) if denormal is None else denormal,
-        F32=f32_dot(x), **tile,
+        F32=f32_dot(x), NORM_IN=norm_in is not None, NORM_OUT=norm_out is not None, ACT=act or "", **tile,
     )
     return out

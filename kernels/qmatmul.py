@@ -30,6 +30,11 @@ Five paths, picked by `_choose_path` from per-backend thresholds (or forced with
 
 Weights of the types in `planar.PLANAR_TYPES` may come in the planar layout (`planar=True`), which qgemv reads
 with 16-byte loads (given the file's layout, it relays a copy); the element decoders read either layout.
+
+Fused into the products on qgemv's word decoders (where `fusable` says so; the callers fall back to separate
+launches elsewhere): the RMSNorm between two matmuls (`qmatmul_add_norm` adds the residual and leaves a
+`rmsnorm.PendingNorm`, which `qmatmul` / `qmatmul_many` take as x), and the gated activation of a gate/up pair
+(`qmatmul_act`). Their epilogues only: the loop over the weight is the same code.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ from ._common import FLOAT_DTYPES, backend, check_float, check_last_dim_contiguo
 from .blocks import decode_block, decode_planar, decode_table_tensor
 from .dequant import dequantize
 from .planar import PLANAR_TYPES, check_planar, from_planar, to_planar
-from .qgemv import GEMV_TYPES, MAX_M, gemv_fits, gemv_splits, qgemv
+from .qgemv import GEMV_TYPES, MAX_M, act_fits, gemv_fits, gemv_splits, qgemv
+from .rmsnorm import RMS_CHUNK, PendingNorm
 
 PATHS = ("gemv", "skinny", "splitk", "gemm", "dequant")
 _FLOAT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
@@ -190,7 +196,7 @@ def _split_count(N: int, K: int, device: torch.device) -> int:
 
 
 def qmatmul(
-    x: torch.Tensor,
+    x: torch.Tensor | PendingNorm,
     raw: torch.Tensor,
     ggml_type: int,
     shape: Sequence[int],
@@ -207,7 +213,9 @@ def qmatmul(
     split_k: K ranges of the "splitk" and "gemv" paths (default from N, K and the SM count).
     The result is accumulated in float32 and stored in `out_dtype` (default x's dtype).
     planar: raw is in `planar.to_planar`'s layout (only for the types of `planar.PLANAR_TYPES`).
+    x may be a PendingNorm (its rows y * rstd) where `fusable` holds.
     """
+    x, norm_in = _norm_in(x)
     t = _check(x, raw, ggml_type, shape)
     if planar:
         check_planar(t)
@@ -233,7 +241,9 @@ def qmatmul(
     if K == 0:
         return out.zero_()
     if _word_path(t, path, K):
-        return _gemv(x, [raw], t, [(N, K)], out, planar, split_k)
+        return _gemv(x, [raw], t, [(N, K)], out, planar, split_k, norm_in=norm_in)
+    if norm_in is not None:
+        raise ValueError(f"{t.name}: path {path!r} takes no PendingNorm (see `fusable`)")
     if path == "dequant":
         # torch.mm writes its operands' dtype: another output dtype multiplies in that dtype instead.
         return torch.mm(x.to(out_dtype), dequantize(raw, t, (N, K), out_dtype, planar=planar).t(), out=out)
@@ -262,7 +272,7 @@ def qmatmul(
 
 
 def qmatmul_many(
-    x: torch.Tensor,
+    x: torch.Tensor | PendingNorm,
     raws: Sequence[torch.Tensor],
     ggml_type: int,
     shapes: Sequence[Sequence[int]],
@@ -273,21 +283,90 @@ def qmatmul_many(
     """[x @ W^T for each weight W]: `qmatmul` of one x with one to three weights of one type and K (q, k and v; gate
     and up). Where the dispatch picks qgemv's kernel for them ("gemv", and "gemm" for its types), one launch computes
     all of them over the weights as they are (no concatenated copy), into views of one [M, sum N] tensor; else one
-    qmatmul each."""
+    qmatmul each. x may be a PendingNorm where `fusable` holds for each weight."""
     if not 1 <= len(raws) <= 3 or len(shapes) != len(raws):
         raise ValueError(f"qmatmul_many takes one to three weights with a shape each, got {len(raws)} and "
                          f"{len(shapes)}")
-    t = [_check(x, raw, ggml_type, shape) for raw, shape in zip(raws, shapes)][0]
-    M, K = x.shape
+    xt, norm_in = _norm_in(x)
+    t = [_check(xt, raw, ggml_type, shape) for raw, shape in zip(raws, shapes)][0]
+    M, K = xt.shape
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     ns = [shape[0] for shape in shapes]
     if planar:
         check_planar(t)
-    if M == 0 or K == 0 or not _word_path(t, _choose_path(t, M, sum(ns), K, x.device), K):
+    if M == 0 or K == 0 or not _word_path(t, _choose_path(t, M, sum(ns), K, xt.device), K):
         return [qmatmul(x, raw, t, shape, out_dtype=out_dtype, planar=planar) for raw, shape in zip(raws, shapes)]
-    out = torch.empty((M, sum(ns)), dtype=out_dtype or x.dtype, device=x.device)
-    return list(_gemv(x, raws, t, [(n, K) for n in ns], out, planar, None).split(ns, dim=1))
+    out = torch.empty((M, sum(ns)), dtype=out_dtype or xt.dtype, device=xt.device)
+    return list(_gemv(xt, raws, t, [(n, K) for n in ns], out, planar, None, norm_in=norm_in).split(ns, dim=1))
+
+
+def fusable(ggml_type: int, M: int, N: int, K: int, device: torch.device, *, act: bool = False) -> bool:
+    """Whether an [M, K] x (N, K) product of this type runs on qgemv's word decoders, which take a PendingNorm as x
+    and fuse `qmatmul_add_norm`'s epilogue, and with act, `qmatmul_act`'s (N: gate's and up's columns together)."""
+    t = GGMLType(ggml_type)
+    if M == 0 or K == 0 or not _word_path(t, _choose_path(t, M, N, K, device), K):
+        return False
+    return not act or act_fits(M, N // 2, device)
+
+
+def qmatmul_add_norm(x: torch.Tensor | PendingNorm, raw: torch.Tensor, ggml_type: int, shape: Sequence[int],
+                     residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, *,
+                     planar: bool = False) -> tuple[PendingNorm, torch.Tensor]:
+    """h = x @ W^T (rounded to x's dtype) + residual, and rmsnorm(h, norm_weight, eps) left pending for the next
+    product (one launch): returns (PendingNorm of h, h). residual: [M, N] in x's dtype, last dim contiguous;
+    norm_weight: [N], any float dtype. `fusable` must hold."""
+    xt, norm_in = _norm_in(x)
+    t = _check(xt, raw, ggml_type, shape)
+    if planar:
+        check_planar(t)
+    M, K = xt.shape
+    N = shape[0]
+    check_float(residual=residual, norm_weight=norm_weight)
+    if residual.shape != (M, N) or residual.dtype != xt.dtype or not residual.is_contiguous():
+        raise ValueError(f"residual must be contiguous {xt.dtype} [{M}, {N}], got {residual.dtype} "
+                         f"{tuple(residual.shape)}")
+    if norm_weight.shape != (N,) or not norm_weight.is_contiguous():
+        raise ValueError(f"norm_weight must be contiguous [{N}], got {tuple(norm_weight.shape)}")
+    if not fusable(t, M, N, K, xt.device):
+        raise ValueError(f"{t.name}: no fused product for {M} rows of {K} (see `fusable`)")
+    y = torch.empty((M, N), dtype=xt.dtype, device=xt.device)
+    h = torch.empty_like(y)
+    sumsq = torch.empty((M, triton.cdiv(N, RMS_CHUNK)), dtype=torch.float32, device=xt.device)
+    _gemv(xt, [raw], t, [(N, K)], y, planar, None, norm_in=norm_in, norm_out=(residual, norm_weight, h, sumsq))
+    return PendingNorm(y, sumsq, eps), h
+
+
+def qmatmul_act(x: torch.Tensor | PendingNorm, raws: Sequence[torch.Tensor], ggml_type: int, shape: Sequence[int],
+                activation: str, *, planar: bool = False) -> torch.Tensor:
+    """act(x @ gate^T) * (x @ up^T) in one launch, raws = (gate, up), both of `shape` (N, K): [M, N] in x's dtype,
+    the two products rounded to it first (as `activations.silu_mul` / `gelu_mul` of them). activation: "silu" or
+    "gelu". `fusable` must hold for 2N columns."""
+    if activation not in ("silu", "gelu") or len(raws) != 2:
+        raise ValueError(f"qmatmul_act takes a gate and an up weight and 'silu' or 'gelu', got {len(raws)} "
+                         f"weights and {activation!r}")
+    xt, norm_in = _norm_in(x)
+    t = [_check(xt, raw, ggml_type, shape) for raw in raws][0]
+    if planar:
+        check_planar(t)
+    M, K = xt.shape
+    N = shape[0]
+    if not fusable(t, M, 2 * N, K, xt.device, act=True):
+        raise ValueError(f"{t.name}: no fused product for {M} rows of {K} (see `fusable`)")
+    out = torch.empty((M, N), dtype=xt.dtype, device=xt.device)
+    return _gemv(xt, raws, t, [(N, K)] * 2, out, planar, None, norm_in=norm_in, act=activation)
+
+
+def _norm_in(x: torch.Tensor | PendingNorm) -> tuple[torch.Tensor, tuple | None]:
+    """x's tensor, and qgemv's norm_in for a PendingNorm x (checked against it)."""
+    if not isinstance(x, PendingNorm):
+        return x, None
+    y, sumsq = x.y, x.sumsq
+    if sumsq.dtype != torch.float32 or not sumsq.is_contiguous() or y.dim() != 2 or \
+            sumsq.shape != (y.shape[0], triton.cdiv(y.shape[1], RMS_CHUNK)) or sumsq.device != y.device:
+        raise ValueError(f"a PendingNorm's sumsq must be contiguous float32 [M, cdiv(K, {RMS_CHUNK})] beside y, got "
+                         f"{sumsq.dtype} {tuple(sumsq.shape)} for y {tuple(y.shape)}")
+    return y, (sumsq, x.eps)
 
 
 def _word_path(t: GGMLType, path: str, K: int) -> bool:
@@ -296,16 +375,17 @@ def _word_path(t: GGMLType, path: str, K: int) -> bool:
 
 
 def _gemv(x: torch.Tensor, raws: Sequence[torch.Tensor], t: GGMLType, shapes: list[tuple[int, int]],
-          out: torch.Tensor, planar: bool, split_k: int | None) -> torch.Tensor:
-    """The "gemv" path (or qgemv's GEMM tiles, for more than MAX_M rows) for one to three weights, into out
-    [M, sum N]."""
+          out: torch.Tensor, planar: bool, split_k: int | None, **fused) -> torch.Tensor:
+    """The "gemv" path (or qgemv's GEMM tiles, for more than MAX_M rows) for one to three weights, into out; fused:
+    qgemv's norm_in, norm_out, act."""
     if t in PLANAR_TYPES and not planar:
         raws = [to_planar(raw, t, shape) for raw, shape in zip(raws, shapes)]
     # the word loads need at least 4-byte alignment; a fresh tensor has 256
     raws = [raw.clone() if raw.data_ptr() % 16 else raw for raw in raws]
-    M, N = out.shape
-    K = shapes[0][1]
-    return qgemv(x, raws, t, shapes, out, gemv_splits(t, N, K, sm_count(x.device), 1 if M > MAX_M else split_k))
+    M = x.shape[0]
+    N, K = sum(s[0] for s in shapes), shapes[0][1]
+    return qgemv(x, raws, t, shapes, out, gemv_splits(t, N, K, sm_count(x.device), 1 if M > MAX_M else split_k),
+                 **fused)
 
 
 def _add_splits(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

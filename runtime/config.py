@@ -45,6 +45,13 @@ class ModelConfig:
     final_softcap: float | None = None
     attn_scale: float = 0.0  # 0: 1 / sqrt(head_dim)
     embed_scale: float = 1.0
+    # Mixture of experts (runtime/models/moe.py); n_expert 0: the dense FFN
+    n_expert: int = 0
+    n_expert_used: int = 0  # experts each token is routed to
+    expert_ffn: int = 0  # rows of each expert's gate and up
+    shared_expert_ffn: int = 0  # rows of the shared expert's gate and up (qwen2moe)
+    expert_weights_norm: bool = False  # the chosen experts' weights divided by their sum
+    expert_weights_scale: float = 1.0  # the chosen experts' weights times this
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "v_head_dim", "ffn", "vocab_size"):
@@ -56,6 +63,13 @@ class ModelConfig:
             raise ValueError(f"{self.arch}: key length {self.head_dim} != value length {self.v_head_dim} is not supported")
         if not 0 < self.rope.dim <= self.head_dim or self.rope.dim % 2:
             raise ValueError(f"{self.arch}: rope dimension {self.rope.dim} must be even and <= head_dim {self.head_dim}")
+        if self.n_expert:
+            if not 0 < self.n_expert_used <= self.n_expert:
+                raise ValueError(f"{self.arch}: {self.arch}.expert_used_count {self.n_expert_used} must be in "
+                                 f"1..{self.arch}.expert_count ({self.n_expert})")
+            if self.expert_ffn <= 0:
+                raise ValueError(f"{self.arch}: {self.arch}.expert_feed_forward_length must be positive, "
+                                 f"got {self.expert_ffn}")
         if len(self.swa_layers) != self.n_layers:
             self.swa_layers = (False,) * self.n_layers if not self.sliding_window else self.swa_layers
         if self.attn_scale == 0.0:
@@ -112,6 +126,27 @@ class ModelConfig:
         rope_local = None
         if spec.rope_local_base and window:
             rope_local = RopeConfig(dim=rope.dim, base=spec.rope_local_base, neox=rope.neox)
+        ffn = get("feed_forward_length")
+        moe = {}
+        n_expert = get("expert_count") if spec.moe == "always" else get("expert_count", 0) if spec.moe else 0
+        if spec.moe == "always" and n_expert <= 0:
+            raise ValueError(f"{f.path}: {arch}.expert_count must be positive, got {n_expert}")
+        if n_expert:
+            n_used = get("expert_used_count")
+            norm = md.get(f"{arch}.expert_weights_norm", spec.moe_normalize)
+            if not isinstance(norm, bool):
+                raise ValueError(f"{f.path}: {arch}.expert_weights_norm must be bool, got {norm!r}")
+            moe = dict(
+                n_expert=n_expert,
+                n_expert_used=n_used,
+                # as llama.cpp reads it: Mixtral's experts have the dense FFN's width; the MoE architectures' have
+                # their own, or split the dense one among the experts used
+                expert_ffn=ffn if spec.moe == "optional" else get("expert_feed_forward_length",
+                                                                  ffn // n_used if n_used > 0 else 0),
+                shared_expert_ffn=get("expert_shared_feed_forward_length", ffn) if spec.shared_expert else 0,
+                expert_weights_norm=norm,
+                expert_weights_scale=get("expert_weights_scale", 0.0, float) or 1.0,  # 0, as absent, means 1
+            )
         return cls(
             arch=arch,
             n_layers=n_layers,
@@ -120,7 +155,7 @@ class ModelConfig:
             n_kv_heads=get("attention.head_count_kv", n_heads),
             head_dim=head_dim,
             v_head_dim=get("attention.value_length", head_dim),
-            ffn=get("feed_forward_length"),
+            ffn=ffn,
             vocab_size=vocab,
             context_length=get("context_length", 2048),
             rms_eps=get("attention.layer_norm_rms_epsilon", 1e-6, float),
@@ -133,4 +168,5 @@ class ModelConfig:
             embed_scale=float(hidden) ** 0.5 if spec.scale_embeddings else 1.0,
             attn_scale=(hidden // n_heads) ** -0.5
             if n_layers == spec.hidden_scaled_layers and 0 < n_heads <= hidden else 0.0,
+            **moe,
         )

@@ -62,8 +62,11 @@ class LLM:
     context size does.
     Speculative decoding: `draft_model` (a GGUF with the same vocabulary) proposes up to
     `num_speculative_tokens` tokens per step, stopping early when its top probability is below
-    `draft_p_min`; proposals shorter than `draft_min` are dropped. The output distribution is the
-    target's own. `cuda_graphs`: replay decode steps as CUDA graphs (CUDA with the Triton kernels).
+    `draft_p_min`; proposals shorter than `draft_min` are dropped. With `adaptive_speculation` (the default)
+    each sequence drafts as many tokens as pay at its running acceptance rate, given the draft's cost (its
+    share of the target's weight bytes), down to none when drafting does not pay; otherwise always
+    `num_speculative_tokens`. The output distribution is the target's own. `cuda_graphs`: replay decode
+    steps as CUDA graphs (CUDA with the Triton kernels).
     Start-up: with `warm_up` (default on CUDA) the constructor compiles and tunes every kernel shape the
     engine's steps use and captures every decode graph, printing one line per phase on stderr, so that no
     request pays for compilation. Compiled kernels and tuning results persist in
@@ -76,7 +79,8 @@ class LLM:
                  kv_cache_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
                  enable_prefix_caching: bool = True, seed: int | None = None,
                  draft_model: str | os.PathLike | None = None, num_speculative_tokens: int = 4,
-                 draft_p_min: float = 0.0, draft_min: int = 1, cuda_graphs: bool = True,
+                 draft_p_min: float = 0.0, draft_min: int = 1, adaptive_speculation: bool = True,
+                 cuda_graphs: bool = True,
                  warm_up: bool | None = None, cache_dir: str | os.PathLike | None = None):
         self.path = Path(model) if model is not None else default_model_path()
         self.device = resolve_device(device)
@@ -95,15 +99,18 @@ class LLM:
         max_len = min(max_model_len or self.config.context_length, self.config.context_length)
         self.model = self._load(self.gguf, self.config, max_len)
         self.draft: tuple[ModelConfig, DecoderModel] | None = None
+        draft_cost = 0.0
         if draft_model is not None:
             draft = GGUFFile(draft_model)
+            draft_cost = _weight_bytes(draft) / max(_weight_bytes(self.gguf), 1)
             draft_config = ModelConfig.from_gguf(draft)
             if draft.metadata.get("tokenizer.ggml.tokens") != self.gguf.metadata.get("tokenizer.ggml.tokens"):
                 raise ValueError(f"draft model {draft_model} does not share the vocabulary of {self.path}")
             self.draft = (draft_config, self._load(draft, draft_config, max_len))
         self.block_size = block_size
         self.scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_len,
-                                                num_speculative_tokens if draft_model is not None else 0)
+                                                num_speculative_tokens if draft_model is not None else 0,
+                                                draft_cost, adaptive_speculation)
         self.runner = ModelRunner(self.model, self.config, self.device, block_size, max_len, cuda_graphs)
         self.draft_runner = (ModelRunner(self.draft[1], self.draft[0], self.device, block_size, max_len, cuda_graphs)
                              if self.draft else None)
@@ -311,6 +318,13 @@ class LLM:
         finally:
             engine.abort(rid)
             engine.pop_finished()
+
+
+def _weight_bytes(f: GGUFFile) -> int:
+    """Bytes a decode step reads: every tensor, less the token embedding unless it is the output matrix too (a
+    step reads only a few of its rows)."""
+    untied = "output.weight" in f.tensors
+    return sum(t.nbytes for name, t in f.tensors.items() if not (untied and name == "token_embd.weight"))
 
 
 def _log(line: str) -> None:

@@ -49,6 +49,11 @@ class SyntheticModel:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     tie_embeddings: bool = True
+    # Mixture of experts: experts per layer (None: 4 for the MoE architectures, 0 for a dense FFN; llama takes either)
+    n_expert: int | None = None
+    n_expert_used: int = 2
+    expert_ffn: int = 32  # the MoE architectures' expert width (llama's experts have `ffn` rows, as llama.cpp reads)
+    shared_expert_ffn: int = 48  # qwen2moe's shared expert
     seed: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)  # extra keys, e.g. rope scaling
     tensors: dict[str, np.ndarray] = field(default_factory=dict)  # extra float32 tensors, e.g. rope_freqs
@@ -58,6 +63,12 @@ class SyntheticModel:
             raise ValueError(f"unknown architecture {self.arch!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
         if self.vocab < len(SPECIAL_TOKENS) + 1:
             raise ValueError(f"vocab must hold the {len(SPECIAL_TOKENS)} special tokens and at least one other")
+        moe = ARCHITECTURES[self.arch].moe
+        if self.n_expert is None:
+            self.n_expert = 4 if moe == "always" else 0
+        if moe == "always" and self.n_expert <= 0 or not moe and self.n_expert:
+            raise ValueError(f"{self.arch} takes {'a positive number of' if moe else 'no'} experts, "
+                             f"got n_expert={self.n_expert}")
 
 
 def _vocabulary(n: int) -> tuple[list[str], list[int]]:
@@ -118,6 +129,28 @@ def random_tensor(shape: tuple[int, ...], t: GGMLType, rng: np.random.Generator)
     return np.take(rows, rng.integers(0, pool_size, n_blocks)).view(np.uint8).reshape(n_blocks, t.block_bytes)
 
 
+def _experts(p: str, m: SyntheticModel, rng: np.random.Generator) -> list[TensorData | tuple[str, tuple[int, ...]]]:
+    """Layer p's mixture of experts: float32 routers (llama.cpp's quantizer keeps them so) and the 3-D expert
+    weights, [n_expert, rows, columns] in PyTorch order, in the model's weight type."""
+    spec = ARCHITECTURES[m.arch]
+    n_ff = m.ffn if spec.moe == "optional" else m.expert_ffn
+    out: list[TensorData | tuple[str, tuple[int, ...]]] = [
+        TensorData(p + "ffn_gate_inp.weight", GGMLType.F32, (m.n_expert, m.hidden),
+                   random_tensor((m.n_expert, m.hidden), GGMLType.F32, rng)),
+        (p + "ffn_gate_exps.weight", (m.n_expert, n_ff, m.hidden)),
+        (p + "ffn_up_exps.weight", (m.n_expert, n_ff, m.hidden)),
+        (p + "ffn_down_exps.weight", (m.n_expert, m.hidden, n_ff)),
+    ]
+    if spec.shared_expert:
+        n_sh = m.shared_expert_ffn
+        out += [TensorData(p + "ffn_gate_inp_shexp.weight", GGMLType.F32, (m.hidden,),
+                           random_tensor((m.hidden,), GGMLType.F32, rng)),
+                (p + "ffn_gate_shexp.weight", (n_sh, m.hidden)),
+                (p + "ffn_up_shexp.weight", (n_sh, m.hidden)),
+                (p + "ffn_down_shexp.weight", (m.hidden, n_sh))]
+    return out
+
+
 def write_synthetic_model(path: str | os.PathLike, m: SyntheticModel) -> None:
     """Write the model `m` describes to `path`."""
     spec = ARCHITECTURES[m.arch]
@@ -154,6 +187,13 @@ def write_synthetic_model(path: str | os.PathLike, m: SyntheticModel) -> None:
         md[f"{a}.attn_logit_softcapping"] = float(m.attn_softcap)
     if m.final_softcap:
         md[f"{a}.final_logit_softcapping"] = float(m.final_softcap)
+    if m.n_expert:
+        md[f"{a}.expert_count"] = Typed(GGUFValueType.UINT32, m.n_expert)
+        md[f"{a}.expert_used_count"] = Typed(GGUFValueType.UINT32, m.n_expert_used)
+        if spec.moe == "always":
+            md[f"{a}.expert_feed_forward_length"] = Typed(GGUFValueType.UINT32, m.expert_ffn)
+        if spec.shared_expert:
+            md[f"{a}.expert_shared_feed_forward_length"] = Typed(GGUFValueType.UINT32, m.shared_expert_ffn)
     md |= m.metadata
 
     wt = m.weight_type
@@ -183,12 +223,14 @@ def write_synthetic_model(path: str | os.PathLike, m: SyntheticModel) -> None:
         if spec.post_norms:
             out.append(norm(p + "post_attention_norm.weight", m.hidden))
         out.append(norm(p + "ffn_norm.weight", m.hidden))
-        if spec.fused_gate_up:
-            out.append((p + "ffn_up.weight", (2 * m.ffn, m.hidden)))
+        if m.n_expert:
+            out += _experts(p, m, rng)
+        elif spec.fused_gate_up:
+            out += [(p + "ffn_up.weight", (2 * m.ffn, m.hidden)), (p + "ffn_down.weight", (m.hidden, m.ffn))]
         else:
             out += [(p + "ffn_gate.weight", (m.ffn, m.hidden)),
-                    (p + "ffn_up.weight", (m.ffn, m.hidden))]
-        out.append((p + "ffn_down.weight", (m.hidden, m.ffn)))
+                    (p + "ffn_up.weight", (m.ffn, m.hidden)),
+                    (p + "ffn_down.weight", (m.hidden, m.ffn))]
         if spec.post_norms:
             out.append(norm(p + "post_ffw_norm.weight", m.hidden))
     out.append(norm("output_norm.weight", m.hidden))

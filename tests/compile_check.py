@@ -41,6 +41,8 @@ _common, dequant, flash_attention, kv_store, paged_decode, qgemv, qmatmul, rmsno
                  "rope", "rope_kv_store"))
 KERNEL_MODULES = (_common, importlib.import_module("ggtriton.kernels.activations"), dequant, flash_attention,
                   kv_store, paged_decode, qgemv, qmatmul, rmsnorm, rope, rope_kv_store)
+moe = importlib.import_module("ggtriton.kernels.moe")
+KERNEL_MODULES += (moe,)
 
 # Shared memory one block may use (the opt-in maximum): H100/H200, A100, L4/4090, MI300.
 SHARED_LIMIT = {("cuda", 90): 232448, ("cuda", 80): 166912, ("cuda", 89): 101376, ("hip", "gfx942"): 65536}
@@ -137,6 +139,16 @@ def launches(quick: bool):
                     lambda t=t, k=k, d=dtype, m=m, p=planar, s=splits: qmatmul.qmatmul(
                         torch.zeros(m, 4 * k, dtype=d), raw_weight(t, 64, 4 * k), t, (64, 4 * k), path="gemv",
                         planar=p, split_k=s)
+            if qgemv.gemv_fits(t, 4 * k):
+                # the fused epilogues: residual add and norm sums (one row), act(gate) * up of a PendingNorm's rows
+                # (16 rows, K split: the last of both tiles' ranges combines)
+                yield f"qmatmul_add_norm {t.name} {dtype} M=1", lambda t=t, k=k, d=dtype, p=planar: \
+                    qmatmul.qmatmul_add_norm(torch.zeros(1, 4 * k, dtype=d), raw_weight(t, 64, 4 * k), t, (64, 4 * k),
+                                             torch.zeros(1, 64, dtype=d), torch.ones(64), 1e-6, planar=p)
+                yield f"qmatmul_act {t.name} {dtype} M=16 norm_in", lambda t=t, k=k, d=dtype, p=planar: \
+                    qmatmul.qmatmul_act(rmsnorm.PendingNorm(torch.zeros(16, 4 * k, dtype=d), torch.zeros(
+                        16, 4 * k // rmsnorm.RMS_CHUNK), 1e-6), [raw_weight(t, 64, 4 * k)] * 2, t, (64, 4 * k),
+                        "silu", planar=p)
             if planar:
                 yield f"qmatmul {t.name} {dtype} M=16 skinny planar", lambda t=t, k=k, d=dtype: qmatmul.qmatmul(
                     torch.zeros(16, 4 * k, dtype=d), raw_weight(t, 64, 4 * k), t, (64, 4 * k), path="skinny",
@@ -177,6 +189,16 @@ def launches(quick: bool):
             yield f"rope_kv_store neox={neox} {dtype}", lambda a=a, n=neox: rope_kv_store.rope_kv_store(
                 a["q"][:8], a["q"][:8, :2], a["q"][:8, 2:4], a["k"], a["v"], torch.arange(8, dtype=torch.int64),
                 torch.arange(8, dtype=torch.int32), rope.rope_inv_freq(128, 10000.0)[0], neox=n)
+    # the fused MoE op: every type at each tile form (quick: the word decoders at decode, the element decoders with
+    # tensor-core tiles), gpt-oss's activation on the 16-row form
+    for t, block_m in [(GGMLType.Q4_K, 1), (GGMLType.MXFP4, 16)] if quick else [
+            (t, m) for t in types for m in (1, 16, 64)]:
+        k = max(256, TYPE_TRAITS[t].block_elements)
+        for dtype in dtypes:
+            act = "swiglu_oai" if block_m == 16 else "silu"
+            yield f"fused_moe {t.name} {dtype} M={block_m} {act}", lambda t=t, k=k, d=dtype, m=block_m, a=act: \
+                moe.fused_moe(torch.zeros(m, k, dtype=d), torch.zeros(m, 4), 2, *[raw_weight(t, 4 * k, k)] * 3,
+                              (t, t, t), k, activation=a, block_m=m)
 
 
 def attention_args(head_dim: int, group: int, dtype: torch.dtype, page: int) -> dict[str, torch.Tensor]:

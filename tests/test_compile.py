@@ -14,7 +14,8 @@ import pytest
 
 KERNELS = ("_act_mul_kernel", "_dequant_kernel", "_flash_attention_kernel", "_kv_store_kernel",
            "_paged_decode_kernel", "_qgemv_kernel", "_qmatmul_kernel", "_rmsnorm_kernel",
-           "_rope_kernel", "_rope_kv_store_kernel", "_splitk_reduce_kernel")
+           "_rope_kernel", "_rope_kv_store_kernel", "_splitk_reduce_kernel", "_moe_kernel", "_route_kernel",
+           "_align_kernel", "_combine_kernel")
 
 
 CHECKS = {

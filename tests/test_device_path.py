@@ -198,11 +198,12 @@ def test_draft_catch_up_stays_within_the_step_budget(tiny, monkeypatch):
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     opts = dict(device="cpu", kv_cache_bytes=1 << 22)
     alone = LLM(tiny, **opts).generate(prompts, params, use_tqdm=False)
-    spec = LLM(tiny, **opts, draft_model=tiny, num_speculative_tokens=3, max_num_batched_tokens=32)
+    spec = LLM(tiny, **opts, draft_model=tiny, num_speculative_tokens=3, max_num_batched_tokens=32,
+               adaptive_speculation=False)
     forwards = []
     run = ModelRunner.run
-    monkeypatch.setattr(ModelRunner, "run", lambda self, chunks: forwards.append(
-        (self is spec.draft_runner, sum(len(c.tokens) for c in chunks))) or run(self, chunks))
+    monkeypatch.setattr(ModelRunner, "run", lambda self, chunks, *rest: forwards.append(
+        (self is spec.draft_runner, sum(len(c.tokens) for c in chunks))) or run(self, chunks, *rest))
     outputs = spec.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in outputs] == [o.token_ids for o in alone]
     draft = [n for is_draft, n in forwards if is_draft]

@@ -138,8 +138,8 @@ def test_generate_chat_and_batch_commands(tiny, tmp_path, capsys, monkeypatch):
     assert main(["bench", "-m", str(tiny), "--num-prompts", "3", "--input-len", "8", "--output-len", "4",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["output_tokens"] == 12
-    assert main(["generate", "-m", str(tiny), "-md", str(tiny), "--draft-max", "3", "-p", "hello", "-n", "9",
-                 "--temp", "0", "--ignore-eos"]) == 0
+    assert main(["generate", "-m", str(tiny), "-md", str(tiny), "--draft-max", "3", "--draft-fixed", "-p", "hello",
+                 "-n", "9", "--temp", "0", "--ignore-eos"]) == 0
     assert "draft acceptance 100%" in capsys.readouterr().err  # the model drafting for itself
     assert main(["generate", "-m", str(tmp_path / "missing.gguf"), "-p", "x"]) == 1
     assert "cannot open" in capsys.readouterr().err

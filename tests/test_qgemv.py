@@ -8,10 +8,12 @@ import torch
 
 from ggtriton.gguf import TYPE_TRAITS, GGMLType
 from ggtriton.gguf.quants import dequantize as dequantize_reference
-from ggtriton.kernels import dequantize, qmatmul, qmatmul_many
+from ggtriton.kernels import dequantize, gelu_mul, qmatmul, qmatmul_many, rmsnorm, silu_mul
 from ggtriton.kernels.planar import PLANAR_TYPES, from_planar, to_planar
 from ggtriton.kernels._common import arrival_counters
 from ggtriton.kernels.qgemv import _STEP, GEMV_TYPES, gemv_fits, gemv_splits, qgemv
+from ggtriton.kernels.qmatmul import fusable, qmatmul_act, qmatmul_add_norm
+from ggtriton.kernels.rmsnorm import RMS_CHUNK, PendingNorm, pending_norm_ref
 from quant_weights import weight
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
@@ -176,3 +178,121 @@ def test_many_weights_fall_back_to_one_launch_each(device) -> None:
         qmatmul_many(x, raws * 2, GGMLType.Q4_1, shapes * 2)
     with pytest.raises(ValueError, match=r"x must be \[M, 32\]"):
         qmatmul_many(x, raws, GGMLType.Q4_1, [(20, 64), (24, 32)])
+
+
+# Fused epilogues: rmsnorm between two products (the residual add and the norm's sums of squares in the first one's,
+# the rstd scaling in the second's) and act(gate) * up in a gate/up product. M = 37: GEMM tiles.
+FUSED_TYPES = [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0]
+
+
+def rms64(h: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    h = h.double()
+    return h / (h.square().mean(-1, keepdim=True) + eps).sqrt() * w.double()
+
+
+def fused_k(ggml_type: GGMLType) -> int:
+    return blocks_k(ggml_type, 2 if TYPE_TRAITS[ggml_type].block_elements == 256 else 6)
+
+
+@pytest.mark.parametrize(("m", "dtype"), [(1, torch.float32), (5, torch.float32), (37, torch.float32),
+                                          (1, torch.bfloat16), (16, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("ggml_type", FUSED_TYPES, ids=lambda t: t.name)
+def test_add_norm_in_the_epilogue(ggml_type: GGMLType, m: int, dtype: torch.dtype, device) -> None:
+    # 45 columns: a partial row tile and a partial last chunk of sums of squares. h is the same bits as the product
+    # and the rmsnorm kernel's residual add; the pending rows are rmsnorm's up to where rstd is applied.
+    n, k = 45, fused_k(ggml_type)
+    gen = torch.Generator().manual_seed(m)
+    raw = weight(ggml_type, n, k, device, seed=1)
+    planar = ggml_type in PLANAR_TYPES
+    w = layout(raw, ggml_type, (n, k))
+    x = torch.randn(m, k, generator=gen).to(device, dtype)
+    residual = torch.randn(m, n, generator=gen).to(device, dtype)
+    norm_w = (torch.rand(n, generator=gen) + 0.5).to(device)
+    assert fusable(ggml_type, m, n, k, x.device)
+    p, h = qmatmul_add_norm(x, w, ggml_type, (n, k), residual, norm_w, 1e-5, planar=planar)
+    assert p.y.shape == h.shape == (m, n) and p.y.dtype == h.dtype == dtype
+    assert p.sumsq.shape == (m, -(-n // RMS_CHUNK)) and p.eps == 1e-5
+    a = qmatmul(x, w, ggml_type, (n, k), planar=planar)
+    assert torch.equal(h, rmsnorm(a, norm_w, 1e-5, residual)[1])
+    again, h2 = qmatmul_add_norm(x, w, ggml_type, (n, k), residual, norm_w, 1e-5, planar=planar)
+    assert torch.equal(h2, h) and torch.equal(again.y, p.y) and torch.equal(again.sumsq, p.sumsq)
+    assert not arrival_counters(x.device).any()
+    h_ref = x.double() @ dequantize_reference(raw, ggml_type, (n, k)).double().t().to(device) + residual.double()
+    assert ((h.double() - h_ref).norm() / h_ref.norm()).item() <= TOL[dtype]
+    ref = rms64(h_ref, norm_w, 1e-5)
+    assert ((pending_norm_ref(p).double() - ref).norm() / ref.norm()).item() <= TOL[dtype]
+
+
+@pytest.mark.parametrize(("m", "splits"), [(1, 1), (1, 2), (5, 2), (16, 1), (37, 1)], ids=str)
+@pytest.mark.parametrize("ggml_type", FUSED_TYPES, ids=lambda t: t.name)
+def test_pending_norm_as_x(ggml_type: GGMLType, m: int, splits: int, device) -> None:
+    # a producer's PendingNorm read by q, k and v of unequal heights in one launch, and by one weight with K split
+    # into ranges: the rows' rstd scales each range's sums
+    hidden = fused_k(ggml_type)
+    gen = torch.Generator().manual_seed(m)
+    x0 = torch.randn(m, hidden, generator=gen).to(device)
+    residual = torch.randn(m, hidden, generator=gen).to(device)
+    norm_w = (torch.rand(hidden, generator=gen) + 0.5).to(device)
+    raw0 = weight(ggml_type, hidden, hidden, device, seed=7)
+    planar = ggml_type in PLANAR_TYPES
+    p, h = qmatmul_add_norm(x0, layout(raw0, ggml_type, (hidden, hidden)), ggml_type, (hidden, hidden), residual,
+                            norm_w, 1e-6, planar=planar)
+    x = rms64(h, norm_w, 1e-6)
+    shapes = [(40, hidden), (9, hidden), (23, hidden)]
+    raws = [weight(ggml_type, *s, device, seed=i) for i, s in enumerate(shapes)]
+    ws = [layout(r, ggml_type, s) for r, s in zip(raws, shapes)]
+    outs = qmatmul_many(p, ws, ggml_type, shapes, planar=planar)
+    if m <= 16:
+        outs[0] = qmatmul(p, ws[0], ggml_type, shapes[0], path="gemv", split_k=splits, planar=planar)
+    assert not arrival_counters(x.device).any()
+    for out, raw, shape in zip(outs, raws, shapes):
+        ref = x @ dequantize_reference(raw, ggml_type, shape).double().t().to(device)
+        assert ((out.double() - ref).norm() / ref.norm()).item() <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize(("m", "blocks", "act"), [(1, 1, "silu"), (1, 3, "silu"), (5, 3, "gelu"), (16, 1, "gelu"),
+                                                   (37, 3, "silu")], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("ggml_type", FUSED_TYPES, ids=lambda t: t.name)
+def test_act_in_the_gate_up_epilogue(ggml_type: GGMLType, dtype: torch.dtype, m: int, blocks: int, act: str,
+                                     device) -> None:
+    # 37 rows per weight: partial row tiles; 3 blocks: K ranges (one SM's worth of programs splits K), whose sums
+    # the last of both tiles' programs adds. The same bits as the two products and the activation kernel.
+    n, k = 37, blocks_k(ggml_type, blocks if TYPE_TRAITS[ggml_type].block_elements == 256 else 8 * blocks)
+    if not gemv_fits(ggml_type, k):  # Q6_K: rows of an even count of blocks
+        k += blocks_k(ggml_type, 1)
+    gen = torch.Generator().manual_seed(blocks)
+    raws = [weight(ggml_type, n, k, device, seed=s) for s in (2, 3)]
+    ws = [layout(r, ggml_type, (n, k)) for r in raws]
+    planar = ggml_type in PLANAR_TYPES
+    x = torch.randn(m, k, generator=gen).to(device, dtype)
+    out = qmatmul_act(x, ws, ggml_type, (n, k), act, planar=planar)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert not arrival_counters(x.device).any()
+    gate, up = qmatmul_many(x, ws, ggml_type, [(n, k)] * 2, planar=planar)
+    assert torch.equal(out, (silu_mul if act == "silu" else gelu_mul)(gate, up))
+    g, u = (x.double() @ dequantize_reference(r, ggml_type, (n, k)).double().t().to(device) for r in raws)
+    a = torch.nn.functional.silu(g) if act == "silu" else torch.nn.functional.gelu(g, approximate="tanh")
+    ref = a * u
+    # 16-bit x: the product of two products, each rounded to 16 bits
+    assert ((out.double() - ref).norm() / ref.norm()).item() <= TOL[dtype] * (1 if dtype == torch.float32 else 2)
+
+
+def test_fused_bad_input(device) -> None:
+    k = 256
+    raw = weight(GGMLType.Q4_K, 32, k, device)
+    x = torch.randn(2, k, device=device)
+    with pytest.raises(ValueError, match="'silu' or 'gelu'"):
+        qmatmul_act(x, [raw, raw], GGMLType.Q4_K, (32, k), "relu")
+    with pytest.raises(ValueError, match="sumsq must be contiguous float32"):
+        qmatmul(PendingNorm(x, torch.zeros(2, 3, device=device), 1e-6), raw, GGMLType.Q4_K, (32, k))
+    with pytest.raises(ValueError, match=r"residual must be contiguous torch.float32 \[2, 32\]"):
+        qmatmul_add_norm(x, raw, GGMLType.Q4_K, (32, k), x, torch.ones(32, device=device), 1e-6)
+    q4_1 = weight(GGMLType.Q4_1, 32, k, device)  # no word decoder: no fused product
+    assert not fusable(GGMLType.Q4_1, 2, 32, k, x.device)
+    with pytest.raises(ValueError, match="Q4_1: no fused product"):
+        qmatmul_add_norm(x, q4_1, GGMLType.Q4_1, (32, k), torch.zeros(2, 32, device=device),
+                         torch.ones(32, device=device), 1e-6)
+    p = PendingNorm(x, torch.zeros(2, k // RMS_CHUNK, device=device), 1e-6)
+    with pytest.raises(ValueError, match="Q4_1: path 'splitk' takes no PendingNorm"):
+        qmatmul(p, q4_1, GGMLType.Q4_1, (32, k))

@@ -140,13 +140,13 @@ def test_preemption_frees_the_newest_and_recomputes_it(check_books):
 def test_truncate_rolls_back_and_keeps_hashes_valid():
     bm = BlockManager(8, 4, watermark=0.0)
     seq = Sequence("s", list(range(10)), SamplingParams())
-    bm.allocate(seq)
+    assert bm.allocate(seq) == 0
     seq.num_computed_tokens = 10
     bm.register_computed(seq)
     assert seq.num_hashed_blocks == 2
-    bm.truncate(seq, 6)  # back into the second page: it will be overwritten, so it loses its hash
+    assert bm.truncate(seq, 6, 10) == 6  # back into the second page: it will be overwritten, so it loses its hash
     del seq.token_ids[6:]
-    assert len(seq.block_table) == 2 and seq.num_computed_tokens == 6 and seq.num_hashed_blocks == 1
+    assert len(seq.block_table) == 2 and seq.num_hashed_blocks == 1
     second = bm.blocks[seq.block_table[1]]
     assert second.hash is None and all(bm.blocks[b].hash == h for h, b in bm.cached.items())
     first_hash = chain_hash(None, (0, 1, 2, 3))
@@ -160,11 +160,11 @@ def test_truncate_into_a_shared_page_takes_a_private_copy():
     a.num_computed_tokens = 9
     bm.register_computed(a)
     b = Sequence("b", list(range(9)), SamplingParams())
-    bm.allocate(b)
+    assert bm.allocate(b) == 8
     shared = b.block_table[1]
     assert bm.blocks[shared].ref_count == 2
-    bm.truncate(b, 6)
-    assert b.block_table[1] != shared and b.num_computed_tokens == 4
+    assert bm.truncate(b, 6, 8) == 4
+    assert b.block_table[1] != shared
     assert bm.blocks[shared].ref_count == 1 and bm.blocks[shared].hash is not None
 
 

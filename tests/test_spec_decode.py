@@ -3,6 +3,8 @@ target's, and no page leaked when speculation meets preemption and abort."""
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -33,19 +35,30 @@ def requantized(src, dst) -> None:
 
 
 def test_greedy_output_is_the_targets(smollm2_path, tmp_path, device):
+    """Greedy output with a draft is the target's own, token for token (float32), also when pages run out
+    (preemption and recomputation) and prompts share cached pages."""
     draft = tmp_path / "draft-q4_0.gguf"
     requantized(smollm2_path, draft)
     words = "the lighthouse keeper wrote about ships and weather every evening by the sea".split()
-    prompts = [" ".join(words[i % 7 : i % 7 + 2 + i % 9]).capitalize() for i in range(32)]
+    shared = "In the spring the engineer began to build a lighthouse on the northern headland, and"
+    prompts = [(f"{shared} " if i % 3 == 0 else "") + " ".join(words[i % 7 : i % 7 + 2 + i % 9]).capitalize()
+               for i in range(32)]
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    opts = dict(device=device, dtype=torch.float32, kv_cache_bytes=1 << 30, warm_up=False)
-    alone = LLM(smollm2_path, **opts).generate(prompts, params, use_tqdm=False)
-    spec = LLM(smollm2_path, **opts, draft_model=draft, num_speculative_tokens=4)
+    opts = dict(device=device, dtype=torch.float32, warm_up=False)
+    alone = LLM(smollm2_path, **opts, kv_cache_bytes=1 << 30).generate(prompts, params, use_tqdm=False)
+    # A cache of 24 pages of 4 tokens cannot hold the sequences a 64-token step admits as they grow by their
+    # lookahead: some are preempted.
+    page = 4 * 30 * 2 * 3 * 64 * 4  # tokens x layers x (K, V) x KV heads x head size x float32, per model
+    spec = LLM(smollm2_path, **opts, draft_model=draft, num_speculative_tokens=4, adaptive_speculation=False,
+               block_size=4, kv_cache_bytes=24 * 2 * page, max_num_batched_tokens=64)
     outputs = spec.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in outputs] == [o.token_ids for o in alone]
+    sched = spec.engine.scheduler
+    assert sched.num_preemptions > 0 and sched.block_manager.num_prefix_hit_tokens > 0
     rates = [o.metrics["acceptance_rate"] for o in outputs]
     assert 0.5 < float(np.mean(rates)) < 1.0, "a close draft: most drafts accepted, some rejected"
     assert all(o.metrics["mean_accepted_length"] > 0 for o in outputs)
+    assert all(o.metrics["steps_per_token"] < 1 for o in outputs)
 
 
 def test_draft_with_another_vocabulary_is_refused(smollm2_path, tmp_path):
@@ -69,19 +82,28 @@ def tiny_pair(tmp_path_factory):
     return target, draft
 
 
-def processed(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
-    """The sampling distribution, from its definition, in float64."""
-    x = logits.astype(np.float64) / temperature
+def processed(logits: np.ndarray, params: SamplingParams, prompt: list[int], output: list[int]) -> np.ndarray:
+    """The sampling distribution after `prompt` and `output`, from its definition, in float64: penalties,
+    temperature, top-k, top-p (on the top-k mass), min-p."""
+    x = logits.astype(np.float64).copy()
+    for t in set(prompt) | set(output):
+        r = params.repetition_penalty
+        x[t] = x[t] / r if x[t] > 0 else x[t] * r
+    for t in set(output):
+        x[t] -= params.presence_penalty + params.frequency_penalty * output.count(t)
+    x /= params.temperature
     p = np.exp(x - x.max())
     p /= p.sum()
     order = np.argsort(-p, kind="stable")
     keep = np.zeros_like(p, dtype=bool)
     total = 0.0
+    top_k = params.top_k
     for rank, t in enumerate(order):
-        if (top_k and rank >= top_k) or total >= top_p * p[order[: top_k or len(p)]].sum():
+        if (top_k and rank >= top_k) or total >= params.top_p * p[order[: top_k or len(p)]].sum():
             break
         keep[t] = True
         total += p[t]
+    keep &= p >= params.min_p * p.max()
     p = np.where(keep, p, 0.0)
     return p / p.sum()
 
@@ -99,27 +121,126 @@ def chi_square_p_value(observed: np.ndarray, expected: np.ndarray) -> float:
                                          torch.tensor(stat / 2, dtype=torch.float64)))
 
 
-@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8)])
-def test_sampled_tokens_follow_the_target(tiny_pair, temperature, top_k, top_p, device):
+SAMPLED = [SamplingParams(temperature=1.0),
+           SamplingParams(temperature=0.7, top_k=5, min_p=0.05, repetition_penalty=1.3),
+           SamplingParams(temperature=1.3, top_p=0.8, presence_penalty=0.5, frequency_penalty=0.3)]
+
+
+@pytest.mark.parametrize("params", SAMPLED, ids=["plain", "top_k-min_p-repetition", "top_p-presence-frequency"])
+def test_every_position_follows_the_target(tiny_pair, params, device):
+    """Four tokens per request: the first sampled after the prompt, the next two drafted and verified, the
+    fourth the bonus (or the target's token after a rejection). The exact joint distribution of the four comes
+    from the target's logits over every prefix; each position's pair with the token before it is tested
+    against it, so drafts, residuals and the bonus are all checked over the whole distribution."""
     target_path, draft_path = tiny_pair
     prompt = [1, 2, 3]
     opts = dict(device=device, dtype=torch.float32, kv_cache_bytes=1 << 30, warm_up=False)
     target = LLM(target_path, **opts)
-    first = processed(target.logits(prompt)[-1].numpy(), temperature, top_k, top_p)
-    joint = np.stack([first[a] * processed(target.logits(prompt + [a])[-1].numpy(), temperature, top_k, top_p)
-                      for a in range(VOCAB)])
+    prefixes = [list(p) for p in itertools.product(range(VOCAB), repeat=3)]
+    last = {}  # the target's next-token logits after prompt + prefix, for every prefix of up to 3 tokens
+    for length in range(4):
+        seqs = [prompt + list(p) for p in itertools.product(range(VOCAB), repeat=length)]
+        rows = {}
+        for i, pos, part in target.score(seqs, first=len(prompt) + length - 1):
+            rows[i] = part[-1].cpu().numpy()
+        for i, seq in enumerate(seqs):
+            last[tuple(seq[len(prompt):])] = rows[i]
+    joint = np.zeros((VOCAB,) * 4)
+    for p in prefixes:
+        prob = 1.0
+        for j in range(3):
+            prob *= processed(last[tuple(p[:j])], params, prompt, p[:j])[p[j]]
+        joint[tuple(p)] = prob * processed(last[tuple(p)], params, prompt, p)
     n = 3000
-    spec = LLM(target_path, **opts, draft_model=draft_path, num_speculative_tokens=3)
-    params = [SamplingParams(max_tokens=3, temperature=temperature, top_k=top_k, top_p=top_p, seed=s,
-                             ignore_eos=True) for s in range(n)]
-    outputs = spec.generate([prompt] * n, params, use_tqdm=False)
-    pairs = np.zeros((VOCAB, VOCAB))
-    for o in outputs:
-        pairs[o.token_ids[0], o.token_ids[1]] += 1
-    assert pairs[joint == 0].sum() == 0, "a token the filters drop was emitted"
-    assert chi_square_p_value(pairs.reshape(-1), n * joint.reshape(-1)) > 1e-3
+    spec = LLM(target_path, **opts, draft_model=draft_path, num_speculative_tokens=2, adaptive_speculation=False)
+    outputs = spec.generate([prompt] * n, [replace(params, max_tokens=4, seed=s, ignore_eos=True) for s in range(n)],
+                            use_tqdm=False)
+    tokens = np.array([o.token_ids for o in outputs])
+    assert all(o.metrics["steps_per_token"] == 0.5 for o in outputs if o.metrics["mean_accepted_length"] == 2)
+    for j in range(1, 4):
+        expected = joint.sum(axis=tuple(a for a in range(4) if a not in (j - 1, j)))
+        observed = np.zeros((VOCAB, VOCAB))
+        np.add.at(observed, (tokens[:, j - 1], tokens[:, j]), 1)
+        assert observed[expected == 0].sum() == 0, f"position {j + 1}: a token the filters drop was emitted"
+        assert chi_square_p_value(observed.reshape(-1), n * expected.reshape(-1)) > 1e-3, f"position {j + 1}"
     rate = np.mean([o.metrics["acceptance_rate"] for o in outputs])
     assert 0 < rate < 1  # both accepted and rejected drafts were exercised
+
+
+def test_a_step_reads_the_device_once(tiny_pair, monkeypatch):
+    """Outside the forward passes, a step reads results back from the device at one point only, whatever its
+    mix: prefill chunks, plain and speculative decodes, log-probabilities, prompt log-probabilities, seeds."""
+    target_path, draft_path = tiny_pair
+    llm = LLM(target_path, device="cpu", draft_model=draft_path, num_speculative_tokens=3, kv_cache_bytes=1 << 24,
+              adaptive_speculation=False, max_num_batched_tokens=16)
+    engine = llm.engine
+    rng = np.random.default_rng(0)
+    mix = [SamplingParams(max_tokens=9, temperature=0), SamplingParams(max_tokens=7, temperature=0.9, seed=3),
+           SamplingParams(max_tokens=8, temperature=0.8, top_k=4, min_p=0.1, repetition_penalty=1.2, logprobs=2),
+           SamplingParams(max_tokens=6, temperature=1.0, prompt_logprobs=1, presence_penalty=0.4)]
+    for i in range(8):
+        engine.add_request(rng.integers(0, VOCAB, 3 + 4 * i).tolist(), replace(mix[i % 4], ignore_eos=True))
+    reads: list[str] = []
+    forward = [0]
+
+    def counted(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if not forward[0]:
+                reads.append(name)
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    for runner in (llm.runner, llm.draft_runner):
+        def run(*args, _run=runner.run, **kwargs):
+            forward[0] += 1
+            try:
+                return _run(*args, **kwargs)
+            finally:
+                forward[0] -= 1
+        monkeypatch.setattr(runner, "run", run)
+    steps = verifying = 0
+    while engine.has_unfinished():
+        reads.clear()
+        engine.step()
+        steps += 1
+        verifying += any(r.seq.spec.verify_steps for r in engine.requests.values())
+        assert reads in ([], ["tolist"]), f"step {steps}: {reads}"
+    assert verifying  # speculative steps were among them
+
+
+def test_lookahead_follows_acceptance():
+    """The expected-tokens-per-time rule: a good, cheap draft drafts the most; a poor or costly one none,
+    except for a one-token probe every `probe_every` steps."""
+    from ggtriton.runtime.engine.sequence import SpecState
+
+    good = SpecState()
+    for _ in range(20):
+        good.verified(4, 4)
+    assert good.acceptance > 0.95 and good.lookahead(4, 0.05) == 4
+    poor = SpecState()
+    for _ in range(20):
+        poor.verified(4, 0)
+    assert poor.acceptance < 0.25  # the prior fades: a short memory follows the text
+    choices = [poor.lookahead(4, 0.3) for _ in range(2 * SpecState.probe_every)]
+    assert choices.count(1) >= 1 and set(choices) <= {0, 1}
+    assert SpecState().lookahead(4, 1.0) == 0  # a draft as costly as the target never pays (but probes)
+
+
+def test_adaptive_speculation_drafts_less_with_a_costly_draft(tiny_pair):
+    """Drafting with the target itself (cost 1) does not pay: adaptive speculation leaves it to probes, while
+    a fixed lookahead drafts every step; both give the same greedy text."""
+    target_path, _ = tiny_pair
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    opts = dict(device="cpu", draft_model=target_path, num_speculative_tokens=3, kv_cache_bytes=1 << 24)
+    adaptive = LLM(target_path, **opts).generate([[1, 2, 3]], params, use_tqdm=False)[0]
+    fixed = LLM(target_path, **opts, adaptive_speculation=False).generate([[1, 2, 3]], params, use_tqdm=False)[0]
+    assert adaptive.token_ids == fixed.token_ids
+    assert fixed.metrics["steps_per_token"] < 0.5  # self-drafting: every draft is accepted
+    assert adaptive.metrics["steps_per_token"] > 0.8
 
 
 # --- bookkeeping under speculation, preemption and abort ----------------------------------------------

@@ -107,18 +107,19 @@ class BlockManager:
         needed = self.blocks_for(seq.num_tokens) - len(hits) + reused_free
         return self.num_free_blocks - needed >= self.watermark_blocks
 
-    def allocate(self, seq: Sequence) -> None:
-        """Pages for all of a waiting sequence's tokens, sharing cached prefix pages."""
+    def allocate(self, seq: Sequence) -> int:
+        """Pages for all of a waiting sequence's tokens, sharing cached prefix pages. Returns how many leading
+        tokens the shared pages already hold (the sequence's progress is the scheduler's to set)."""
         if seq.block_table:
             raise ValueError(f"{seq!r} already holds pages")
         hits = self._prefix_hits(seq)
         for block_id in hits:
             self._ref(block_id)
         seq.block_table = hits + [self._take_free() for _ in range(self.blocks_for(seq.num_tokens) - len(hits))]
-        seq.num_computed_tokens = len(hits) * self.block_size
-        self.num_prefix_hit_tokens += seq.num_computed_tokens
-        seq.num_draft_computed_tokens = 0  # a shared page holds the target's K/V, not necessarily the draft's
         seq.num_hashed_blocks = len(hits)
+        cached = len(hits) * self.block_size
+        self.num_prefix_hit_tokens += cached
+        return cached
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether the sequence's pages can be extended to hold `num_tokens` tokens."""
@@ -137,16 +138,15 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free[block_id] = None
         seq.block_table = []
-        seq.num_computed_tokens = 0
-        seq.num_draft_computed_tokens = 0
         seq.num_hashed_blocks = 0
 
-    def truncate(self, seq: Sequence, num_tokens: int) -> None:
-        """Shrink a sequence's cache to its first `num_tokens` tokens (rejected draft tokens roll back).
+    def truncate(self, seq: Sequence, num_tokens: int, computed: int) -> int:
+        """Shrink a sequence's pages to those of its first `num_tokens` tokens (rejected draft tokens roll back);
+        returns how many of its first `computed` tokens still have their K/V in its pages.
 
-        Pages past the end are released. The page the new end falls in will be overwritten: it loses
-        its hash, and if other sequences share it, this sequence gets a fresh page and recomputes the
-        page's kept tokens.
+        Pages past the end are released. The page the new end falls in will be overwritten: it loses its
+        hash, and if other sequences share it, this sequence gets a fresh page and must recompute the page's
+        kept tokens.
         """
         bs = self.block_size
         keep = self.blocks_for(num_tokens)
@@ -156,7 +156,7 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free[block_id] = None
         del seq.block_table[keep:]
-        seq.num_computed_tokens = min(seq.num_computed_tokens, num_tokens)
+        valid = min(computed, num_tokens)
         if num_tokens % bs and keep:
             last = self.blocks[seq.block_table[-1]]
             if last.ref_count > 1:
@@ -164,8 +164,8 @@ class BlockManager:
                     raise RuntimeError(f"no free page to take a private copy of a shared page of {seq!r}")
                 last.ref_count -= 1
                 seq.block_table[-1] = self._take_free()
-                seq.num_computed_tokens = min(seq.num_computed_tokens, (keep - 1) * bs)
+                valid = min(valid, (keep - 1) * bs)
             else:
                 self._unhash(last)
-        seq.num_hashed_blocks = min(seq.num_hashed_blocks, seq.num_computed_tokens // bs)
-        seq.num_draft_computed_tokens = min(seq.num_draft_computed_tokens, seq.num_computed_tokens)
+        seq.num_hashed_blocks = min(seq.num_hashed_blocks, valid // bs)
+        return valid

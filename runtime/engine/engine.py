@@ -13,10 +13,10 @@ from ggtriton.gguf.tokenizer import IncrementalDetokenizer
 
 from ..sampling_params import RequestOutput, SamplingParams
 from .model_runner import Chunk, ModelRunner
-from .sampler import Sampler, logprob_entries, make_generator
+from .sampler import Sampler, logprob_dict, logprob_table, make_generator, read_samples
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Sequence
-from .spec_decode import SpecDecoder
+from .spec_decode import Proposal, SpecDecoder
 
 
 @dataclass(eq=False)
@@ -33,9 +33,7 @@ class Request:
     logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None  # index p: of prompt token p (None at 0)
     token_times: list[float] = field(default_factory=list)
-    drafted: int = 0  # draft tokens proposed for this request (speculative decoding)
-    accepted: int = 0  # ... and accepted by the target
-    verify_steps: int = 0
+    decode_steps: int = 0  # steps that gave it tokens: one per token, fewer when drafts are accepted
 
     @property
     def finished(self) -> bool:
@@ -46,9 +44,12 @@ class Request:
         if self.token_times:
             m["first_token"] = self.token_times[0]
             m["last_token"] = self.token_times[-1]
-        if self.verify_steps:
-            m["acceptance_rate"] = self.accepted / max(self.drafted, 1)
-            m["mean_accepted_length"] = self.accepted / self.verify_steps
+        if self.decode_steps:
+            m["steps_per_token"] = self.decode_steps / max(self.seq.num_output_tokens, 1)
+        spec = self.seq.spec
+        if spec.verify_steps:
+            m["acceptance_rate"] = spec.accepted / max(spec.drafted, 1)
+            m["mean_accepted_length"] = spec.accepted / spec.verify_steps
         return RequestOutput(self.seq.request_id, self.prompt, self.seq.prompt_token_ids, self.text,
                              self.seq.output_token_ids, self.seq.finish_reason or "", self.logprobs,
                              self.prompt_logprobs, m)
@@ -97,57 +98,72 @@ class Engine:
         self.scheduler.abort(request_id)
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns the requests that finished in it."""
+        """Run one step; returns the requests that finished in it.
+
+        Whatever the step computes on the device (sampled tokens, log-probabilities, drafts and their
+        verification) is read back once, at its end (`to_host`): the device runs the step's passes back to
+        back without waiting for the host.
+        """
         scheduled = self.scheduler.schedule()
         if not scheduled:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("no request can be scheduled: the KV cache is too small for the waiting ones")
             return []
         speculative = [s for s in scheduled if s.num_lookahead] if self.spec else []
-        proposals = {}
+        proposal = None
         if speculative:
-            props = self.spec.propose([s.seq for s in speculative], [s.num_lookahead for s in speculative],
-                                      [self.requests[s.seq.request_id].generator for s in speculative])
-            proposals = {id(s): p for s, p in zip(speculative, props) if p.drafts}
-        chunks = []
+            proposal = self.spec.propose([s.seq for s in speculative], [s.num_lookahead for s in speculative],
+                                         [self.requests[s.seq.request_id].generator for s in speculative])
+        verifying = {id(s) for s in speculative}
+        chunks, draft_rows, packed = [], [], 0
         for s in scheduled:
             tokens = s.seq.token_ids[s.start : s.start + s.num_new_tokens]
-            prop = proposals.get(id(s))
-            if prop:
-                chunks.append(Chunk(s.seq, s.start, tokens + prop.drafts, 1 + len(prop.drafts)))
+            if id(s) in verifying:  # the drafts' places, filled on the device
+                draft_rows += range(packed + len(tokens), packed + len(tokens) + s.num_lookahead)
+                chunks.append(Chunk(s.seq, s.start, tokens + [0] * s.num_lookahead, 1 + s.num_lookahead))
             elif self._scores_prompt(s):
                 chunks.append(Chunk(s.seq, s.start, tokens, len(tokens)))
             else:
                 chunks.append(Chunk(s.seq, s.start, tokens, int(s.completes)))
-        logits = self.runner.run(chunks)
+            packed += len(chunks[-1].tokens)
+        logits = self.runner.run(chunks, proposal.device_tokens(draft_rows) if proposal else None)
         self.scheduler.step_done(scheduled)
         self.num_steps += 1
         sample_rows, verify_rows, prompt_rows, row = [], [], [], 0
         for s, c in zip(scheduled, chunks):
-            if id(s) in proposals:
+            if id(s) in verifying:
                 verify_rows.extend(range(row, row + c.n_logits))
             elif s.completes:
                 sample_rows.append(row + c.n_logits - 1)
-            if self._scores_prompt(s) and id(s) not in proposals:
+            if self._scores_prompt(s) and id(s) not in verifying:
                 prompt_rows.append((s, row))
             row += c.n_logits
-        if prompt_rows:
-            self._score_prompts(prompt_rows, logits)
-        finished = []
-        plain = [s for s in scheduled if s.completes and id(s) not in proposals]
+        plain = [s.seq for s in scheduled if s.completes and id(s) not in verifying]
+        plain_reqs = [self.requests[seq.request_id] for seq in plain]
+        parts = {}  # what the step reads back, computed on the device
         if plain:
-            seqs = [s.seq for s in plain]
-            reqs = [self.requests[seq.request_id] for seq in seqs]
-            sampled = self.sampler.sample(logits[sample_rows], [s.params for s in seqs],
-                                          [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
-                                          [r.generator for r in reqs])
-            now = time.perf_counter()
-            for req, token, logprobs in zip(reqs, sampled.token_ids, sampled.logprobs):
+            parts["sampled"] = self.sampler.sample_on_device(
+                logits[sample_rows], [seq.params for seq in plain], [seq.prompt_token_ids for seq in plain],
+                [seq.output_token_ids for seq in plain], [r.generator for r in plain_reqs])
+        if prompt_rows:
+            parts["prompt"], prompt_slots = self._prompt_logprobs(prompt_rows, logits)
+        if proposal:
+            parts["verified"] = self.spec.verify(proposal, logits[verify_rows])
+        host = to_host(parts)
+        now = time.perf_counter()
+        if prompt_rows:
+            for (req, position, count), row_values in zip(prompt_slots, host["prompt"]):
+                req.prompt_logprobs[position] = logprob_dict(row_values, count)
+        finished = []
+        if plain:
+            sampled = read_samples(host["sampled"], [seq.params for seq in plain])
+            for req, token, logprobs in zip(plain_reqs, sampled.token_ids, sampled.logprobs):
                 req.token_times.append(now)
+                req.decode_steps += 1
                 if self._append(req, token, logprobs):
                     finished.append(req.output())
-        if proposals:
-            finished += self._verified([s for s in scheduled if id(s) in proposals], proposals, logits[verify_rows])
+        if proposal:
+            finished += self._verified(proposal, host["verified"], now)
         return finished
 
     @staticmethod
@@ -156,49 +172,40 @@ class Engine:
         log-probabilities: every row of the chunk gets logits."""
         return s.seq.params.prompt_logprobs is not None and s.start < s.seq.num_prompt_tokens - 1
 
-    def _score_prompts(self, chunks: list[tuple[ScheduledSeq, int]], logits: torch.Tensor) -> None:
-        """Log-probabilities of the prompt tokens that the chunks' rows (from their first row on) predict."""
-        rows, targets, counts, slots = [], [], [], []
+    def _prompt_logprobs(self, chunks: list[tuple[ScheduledSeq, int]],
+                         logits: torch.Tensor) -> tuple[torch.Tensor, list[tuple[Request, int, int]]]:
+        """Log-probabilities of the prompt tokens that the chunks' rows (from their first row on) predict, as
+        `logprob_table` rows on the device, and where each row goes: (request, prompt position, top count)."""
+        rows, targets, slots = [], [], []
         for s, first in chunks:
             seq = s.seq
             req = self.requests[seq.request_id]
             for j in range(min(s.num_new_tokens, seq.num_prompt_tokens - 1 - s.start)):
                 rows.append(first + j)
                 targets.append(seq.token_ids[s.start + j + 1])
-                counts.append(seq.params.prompt_logprobs)
-                slots.append((req, s.start + j + 1))
-        index = torch.tensor(rows, device=logits.device)
-        entries = logprob_entries(torch.log_softmax(logits[index].float(), dim=1),
-                                  torch.tensor(targets, device=logits.device), counts)
-        for (req, position), entry in zip(slots, entries):
-            req.prompt_logprobs[position] = entry
+                slots.append((req, s.start + j + 1, seq.params.prompt_logprobs))
+        table = logprob_table(torch.log_softmax(logits[rows].float(), dim=1),
+                              torch.tensor(targets, device=logits.device), max(c for _, _, c in slots))
+        return table, slots
 
-    def _verified(self, spec: list[ScheduledSeq], proposals: dict, logits) -> list[RequestOutput]:
-        """Accept drafts against the target's logits; append what each sequence gains."""
-        seqs = [s.seq for s in spec]
-        reqs = [self.requests[seq.request_id] for seq in seqs]
-        props = [proposals[id(s)] for s in spec]
-        gains = self.spec.verify(seqs, props, logits, [r.generator for r in reqs])
-        now = time.perf_counter()
+    def _verified(self, proposal: Proposal, outcome: list[list[float]], now: float) -> list[RequestOutput]:
+        """Append what each verified sequence gains (its accepted drafts, then the target's token); roll the
+        rest back: the caches hold valid K/V up to its last accepted draft."""
         finished = []
-        bm = self.scheduler.block_manager
-        for s, req, prop, tokens in zip(spec, reqs, props, gains):
-            req.drafted += len(prop.drafts)
-            req.accepted += len(tokens) - 1
-            req.verify_steps += 1
+        for seq, row in zip(proposal.seqs, outcome):
+            accepted, taken = int(row[0]), int(row[1])
+            req = self.requests[seq.request_id]
+            seq.spec.verified(taken, accepted)
+            req.decode_steps += 1
             done = False
-            for token in tokens:
+            for token in row[2 : 3 + accepted]:
                 req.token_times.append(now)
-                if self._append(req, token, None):
+                if self._append(req, int(token), None):
                     finished.append(req.output())
                     done = True
                     break
             if not done:
-                # The target's cache is valid up to the last accepted draft; the rejected drafts' slots
-                # are overwritten later, and pages past the sequence's end go back.
-                s.seq.num_computed_tokens = s.seq.num_tokens - 1
-                bm.truncate(s.seq, s.seq.num_tokens)
-                bm.register_computed(s.seq)
+                self.scheduler.rollback(seq, seq.num_tokens - 1)
         return finished
 
     def _append(self, req: Request, token: int, logprobs: dict[int, float] | None) -> bool:
@@ -251,3 +258,16 @@ class Engine:
     def pop_finished(self) -> None:
         """Forget finished requests (their outputs have been handed out)."""
         self.requests = {rid: r for rid, r in self.requests.items() if not r.finished}
+
+
+def to_host(parts: dict[str, torch.Tensor]) -> dict[str, list[list[float]]]:
+    """The one point where a step waits for the device: its 2-D results read back in a single transfer."""
+    if not parts:
+        return {}
+    flat = torch.cat([t.reshape(-1).double() for t in parts.values()]).tolist()
+    out, at = {}, 0
+    for name, t in parts.items():
+        rows, width = t.shape
+        out[name] = [flat[at + r * width : at + (r + 1) * width] for r in range(rows)]
+        at += rows * width
+    return out

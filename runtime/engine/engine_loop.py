@@ -168,9 +168,10 @@ class EngineLoop:
             req = engine.requests[rid]
             tokens = req.seq.output_token_ids[f.sent:]
             text = texts.get(rid, "")
-            self._drafted += req.drafted - f.drafted
-            self._accepted += req.accepted - f.accepted
-            f.drafted, f.accepted = req.drafted, req.accepted
+            spec = req.seq.spec
+            self._drafted += spec.drafted - f.drafted
+            self._accepted += spec.accepted - f.accepted
+            f.drafted, f.accepted = spec.drafted, spec.accepted
             if not (tokens or text or req.finished):
                 continue
             logprobs = req.logprobs[f.sent:] if req.logprobs is not None else None

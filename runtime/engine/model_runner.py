@@ -55,6 +55,15 @@ class Chunk:
 
 
 @dataclass
+class DeviceTokens:
+    """Token ids of a step that stay on the device (drafts, never read back): `ids` [len(rows)] replace the
+    placeholders at `rows` of the step's packed tokens."""
+
+    rows: list[int]
+    ids: torch.Tensor
+
+
+@dataclass
 class _Graph:
     replay: Callable[[], object]
     batch: ForwardBatch  # the static inputs the graph reads
@@ -190,13 +199,14 @@ class ModelRunner:
         return len(sizes)
 
     @torch.inference_mode()
-    def run(self, chunks: list[Chunk]) -> torch.Tensor:
+    def run(self, chunks: list[Chunk], device_tokens: DeviceTokens | None = None) -> torch.Tensor:
         """Compute the chunks; float32 logits [sum of n_logits, vocab], chunk by chunk in order."""
         if (self.cuda_graphs and 0 < len(chunks) <= GRAPH_BATCH_SIZES[-1]
                 and all(len(c.tokens) == 1 and c.n_logits == 1 for c in chunks)):
-            return self._replay(chunks)
+            return self._replay(chunks, device_tokens)
         batch = ForwardBatch.build([c.tokens for c in chunks], [c.start for c in chunks],
                                    [c.seq.block_table for c in chunks], self.block_size, self.device)
+        self._place(batch.input_ids, device_tokens)
         hidden = self.model.forward(batch, self.kv_caches)
         rows, end = [], 0
         for c in chunks:
@@ -206,7 +216,12 @@ class ModelRunner:
             return torch.empty(0, self.config.vocab_size, device=self.device)
         return self.model.logits(hidden[torch.tensor(rows, device=self.device)])
 
-    def _replay(self, chunks: list[Chunk]) -> torch.Tensor:
+    def _place(self, input_ids: torch.Tensor, device_tokens: DeviceTokens | None) -> None:
+        if device_tokens is not None and device_tokens.rows:
+            rows = torch.tensor(device_tokens.rows, dtype=torch.int64).to(self.device, non_blocking=True)
+            input_ids.index_copy_(0, rows, device_tokens.ids.to(input_ids.dtype))
+
+    def _replay(self, chunks: list[Chunk], device_tokens: DeviceTokens | None) -> torch.Tensor:
         n = len(chunks)
         size = next(b for b in GRAPH_BATCH_SIZES if b >= n)
         g = self._graphs.get(size) or self._capture(size)
@@ -214,6 +229,7 @@ class ModelRunner:
                                   [c.seq.block_table for c in chunks], self.block_size, torch.device("cpu"))
         s = g.batch
         s.input_ids[:n].copy_(host.input_ids, non_blocking=True)
+        self._place(s.input_ids, device_tokens)
         s.positions[:n].copy_(host.positions, non_blocking=True)
         s.slot_mapping[:n].copy_(host.slot_mapping, non_blocking=True)
         s.context_lens[:n].copy_(host.context_lens, non_blocking=True)

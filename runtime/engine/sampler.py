@@ -68,30 +68,38 @@ def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torc
                             accumulate=True)
 
 
+Drafted = tuple[torch.Tensor, torch.Tensor]  # int64 [B, n] token ids on the device, bool [B, n]: which count
+
+
 def apply_penalties(logits: torch.Tensor, prompt_token_ids: list[list[int]],
                     output_token_ids: list[list[int]], repetition: torch.Tensor, presence: torch.Tensor,
-                    frequency: torch.Tensor) -> torch.Tensor:
-    """Penalized copy of `logits` [B, V]; the penalties are [B] tensors (1, 0, 0 = off).
+                    frequency: torch.Tensor, drafted: Drafted | None = None) -> torch.Tensor:
+    """Penalized copy of `logits` [B, V]; the penalties are [B] tensors (1, 0, 0 = off). `drafted`: output
+    tokens still on the device (speculative drafts), counted where their mask is set.
 
     Repetition (HF/vLLM): for a token in the prompt or the output, logit > 0 -> logit / r, else logit * r.
     Presence and frequency (OpenAI/vLLM), output tokens only: logit -= presence * (count > 0) + frequency * count.
     """
     vocab = logits.shape[1]
     out_counts = _counts(output_token_ids, vocab, logits.device)
+    if drafted is not None and drafted[0].numel():
+        ids, mask = drafted
+        out_counts = out_counts.scatter_add(1, ids, mask.to(out_counts.dtype))
     seen = (_counts(prompt_token_ids, vocab, logits.device) > 0) | (out_counts > 0)
     r = repetition[:, None]
     logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
     return logits - presence[:, None] * (out_counts > 0) - frequency[:, None] * out_counts
 
 
-def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+def filter_probs(probs: torch.Tensor, params: list[SamplingParams], top_k: torch.Tensor, top_p: torch.Tensor,
                  min_p: torch.Tensor) -> torch.Tensor:
     """`probs` [B, V] with the tokens that top-k, then top-p, then min-p drop set to 0 (not renormalized).
 
-    top_k [B] (0 = off, larger than V = off), top_p [B] (1 = off), min_p [B] (0 = off).
+    top_k [B] (0 = off, larger than V = off), top_p [B] (1 = off), min_p [B] (0 = off): the rows' `params`
+    as tensors; the params themselves say, without reading the device, which filters any row uses.
     """
     keep = torch.ones_like(probs, dtype=torch.bool)
-    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+    if any(p.top_k > 0 or p.top_p < 1 for p in params):
         sorted_p, order = probs.sort(dim=1, descending=True)
         rank = torch.arange(probs.shape[1], device=probs.device)
         k = torch.where(top_k > 0, top_k, probs.shape[1])
@@ -104,7 +112,7 @@ def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
         reached = (cum - sorted_p) >= top_p[:, None] * cum[:, -1:]
         keep_sorted &= ~reached | (top_p[:, None] >= 1)
         keep = keep.scatter(1, order, keep_sorted)
-    if bool((min_p > 0).any()):
+    if any(p.min_p > 0 for p in params):
         keep &= probs >= min_p[:, None] * probs.amax(dim=1, keepdim=True)
     return probs * keep
 
@@ -153,7 +161,15 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], prompt_token_ids: list[list[int]],
                output_token_ids: list[list[int]], generators: list[torch.Generator | None]) -> SamplerOutput:
-        """Next token of each row of `logits` [B, V].
+        """Next token of each row of `logits` [B, V] (see `sample_on_device`), read back to the host."""
+        return read_samples(self.sample_on_device(logits, params, prompt_token_ids, output_token_ids, generators)
+                            .tolist(), params)
+
+    def sample_on_device(self, logits: torch.Tensor, params: list[SamplingParams], prompt_token_ids: list[list[int]],
+                         output_token_ids: list[list[int]], generators: list[torch.Generator | None]) -> torch.Tensor:
+        """Next token of each row of `logits` [B, V], and its log-probabilities if any row asks: float64 rows
+        (see `logprob_table`; `read_samples` makes them `SamplerOutput`), left on the device so that a step
+        reads everything back at once.
 
         Per row: its params, its prompt ids and its output ids so far (for the penalties), and its
         generator (`make_generator(params.seed, logits.device)` for a seeded request, else None).
@@ -162,9 +178,9 @@ class Sampler:
         if not len(params) == len(prompt_token_ids) == len(output_token_ids) == len(generators) == batch:
             raise ValueError(f"sampler: {batch} logit rows but {len(params)} params, {len(prompt_token_ids)} "
                              f"prompts, {len(output_token_ids)} outputs, {len(generators)} generators")
-        if batch == 0:
-            return SamplerOutput([], [])
         device = logits.device
+        if batch == 0:
+            return torch.empty(0, 1, dtype=torch.float64, device=device)
         logits = apply_logit_bias(logits.float(), params)
 
         # One host-to-device copy for all per-row parameters.
@@ -186,56 +202,56 @@ class Sampler:
         scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
         tokens = logits.argmax(dim=1)
 
-        sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if sampled_rows:
-            probs = filter_probs(torch.softmax(scaled, dim=1), top_k.long(), top_p, min_p)
+        if not all(p.greedy for p in params):
+            probs = filter_probs(torch.softmax(scaled, dim=1), params, top_k.long(), top_p, min_p)
             race = self.race(probs, generators)
             tokens = torch.where(greedy, tokens, race)
+        n_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        if n_top is None:
+            return tokens[:, None].double()
+        return logprob_table(torch.log_softmax(scaled, dim=1), tokens, n_top)
 
-        if all(p.logprobs is None for p in params):
-            return SamplerOutput(tokens.tolist(), [None] * batch)
-        return SamplerOutput(tokens.tolist(), logprob_entries(torch.log_softmax(scaled, dim=1), tokens,
-                                                              [p.logprobs for p in params]))
 
-
-def logprob_entries(logprobs: torch.Tensor, chosen: torch.Tensor, counts: list[int | None]) -> list[dict[int, float] | None]:
-    """Per row of `logprobs` [R, V]: None where its count is None, else {token: logprob} of the row's
-    `chosen` token first, then its top `count` tokens. One device-to-host transfer."""
-    n_top = max((c for c in counts if c is not None), default=None)
-    if n_top is None:
-        return [None] * len(counts)
+def logprob_table(logprobs: torch.Tensor, chosen: torch.Tensor, n_top: int) -> torch.Tensor:
+    """float64 [R, 2 + 2n] on the device: per row of `logprobs` [R, V], the `chosen` token and its log-prob,
+    then the ids and log-probs of its n = min(n_top, V) most likely tokens. float64 holds token ids and
+    float32 log-probs exactly, so one transfer carries both."""
     top_lp, top_ids = logprobs.topk(min(n_top, logprobs.shape[1]), dim=1)
     chosen_lp = logprobs.gather(1, chosen[:, None])
-    # float64 holds token ids exactly and float32 log-probs exactly.
-    packed = torch.cat([chosen[:, None].double(), chosen_lp.double(), top_ids.double(), top_lp.double()],
-                       dim=1).tolist()
-    n = top_ids.shape[1]
-    out: list[dict[int, float] | None] = []
-    for count, row in zip(counts, packed):
-        if count is None:
-            out.append(None)
-            continue
-        entry = {int(row[0]): row[1]}
-        for t, lp in zip(row[2:2 + min(count, n)], row[2 + n:2 + n + min(count, n)]):
-            entry.setdefault(int(t), lp)
-        out.append(entry)
-    return out
+    return torch.cat([chosen[:, None].double(), chosen_lp.double(), top_ids.double(), top_lp.double()], dim=1)
+
+
+def logprob_dict(row: list[float], count: int) -> dict[int, float]:
+    """{token: logprob} of a `logprob_table` row: the chosen token first, then its top `count` tokens."""
+    n = (len(row) - 2) // 2
+    entry = {int(row[0]): row[1]}
+    for t, lp in zip(row[2:2 + min(count, n)], row[2 + n:2 + n + min(count, n)]):
+        entry.setdefault(int(t), lp)
+    return entry
+
+
+def read_samples(rows: list[list[float]], params: list[SamplingParams]) -> SamplerOutput:
+    """`SamplerOutput` of `Sampler.sample_on_device`'s rows, read back."""
+    return SamplerOutput([int(r[0]) for r in rows],
+                         [None if p.logprobs is None else logprob_dict(r, p.logprobs) for r, p in zip(rows, params)])
 
 
 def token_probs(logits: torch.Tensor, params: list[SamplingParams], prompt_token_ids: list[list[int]],
-                output_token_ids: list[list[int]]) -> torch.Tensor:
-    """The distribution each row of `logits` [B, V] is sampled from, as probabilities [B, V]: penalties,
-    temperature, then top-k, top-p and min-p, renormalized; a greedy row is one-hot on its argmax.
-    Speculative decoding compares the draft's and the target's distributions in this form."""
+                output_token_ids: list[list[int]], drafted: Drafted | None = None) -> torch.Tensor:
+    """The distribution each row of `logits` [B, V] is sampled from, as probabilities [B, V]: penalties
+    (over the output ids and the `drafted` tokens still on the device), temperature, then top-k, top-p and
+    min-p, renormalized; a greedy row is one-hot on its argmax. Speculative decoding compares the draft's and
+    the target's distributions in this form."""
     device = logits.device
     table = torch.tensor([[p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
                            p.frequency_penalty] for p in params], dtype=torch.float32, device=device)
     temperature, top_k, top_p, min_p, repetition, presence, frequency = table.unbind(1)
     logits = apply_logit_bias(logits.float(), params)
     if any(p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params):
-        logits = apply_penalties(logits, prompt_token_ids, output_token_ids, repetition, presence, frequency)
+        logits = apply_penalties(logits, prompt_token_ids, output_token_ids, repetition, presence, frequency,
+                                 drafted)
     greedy = temperature == 0
-    probs = filter_probs(torch.softmax(logits / torch.where(greedy, 1.0, temperature)[:, None], dim=1),
+    probs = filter_probs(torch.softmax(logits / torch.where(greedy, 1.0, temperature)[:, None], dim=1), params,
                          top_k.long(), top_p, min_p)
     probs = probs / probs.sum(dim=1, keepdim=True)
     one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=1, keepdim=True), 1.0)

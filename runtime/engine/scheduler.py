@@ -25,6 +25,11 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
     num_speculative_tokens: int = 0
+    # Speculative decoding: a draft step's cost relative to a target decode step (the draft's share of the
+    # target's weight bytes), and whether each sequence's lookahead adapts to its acceptance (else it is
+    # always num_speculative_tokens).
+    draft_cost: float = 0.0
+    adaptive_lookahead: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -104,7 +109,8 @@ class Scheduler:
             if not bm.can_allocate(seq):
                 break
             self.waiting.popleft()
-            bm.allocate(seq)
+            seq.num_computed_tokens = bm.allocate(seq)
+            seq.spec.truncate(0)  # shared pages hold the target's K/V, not necessarily the draft's
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -113,20 +119,31 @@ class Scheduler:
         return out
 
     def _lookahead(self, seq: Sequence, budget: int) -> int:
-        """Draft tokens a decoding sequence may verify this step: within the budget, and never past its
-        max_tokens or the model's context (drafts beyond them would be thrown away)."""
+        """Draft tokens a decoding sequence verifies this step: within the budget, never past its max_tokens or
+        the model's context (drafts beyond them would be thrown away), and as many as pay at its acceptance
+        (`SpecState.lookahead`) unless the lookahead is fixed."""
         if seq.num_tokens - seq.num_computed_tokens != 1 or seq.params.logprobs is not None:
             return 0  # only decodes speculate, and not those that report per-token log-probabilities
         room = min(seq.params.max_tokens - seq.num_output_tokens, self.config.max_model_len - seq.num_tokens) - 1
-        return max(0, min(self.config.num_speculative_tokens, budget - 1, room))
+        k_max = max(0, min(self.config.num_speculative_tokens, budget - 1, room))
+        if not self.config.adaptive_lookahead or k_max == 0:
+            return k_max
+        return seq.spec.lookahead(k_max, self.config.draft_cost)
 
     def preempt(self, seq: Sequence) -> None:
         """Release a running sequence's pages and requeue it first: it is recomputed when readmitted."""
         self.running.remove(seq)
-        self.block_manager.free_blocks(seq)
+        self._release(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def _release(self, seq: Sequence) -> None:
+        self.block_manager.free_blocks(seq)
+        seq.num_computed_tokens = 0
+        seq.spec.truncate(0)
+
+    # --- progress: the one place that moves a sequence's computed tokens --------------------------------
 
     def step_done(self, scheduled: list[ScheduledSeq]) -> None:
         """The step computed its tokens: advance each sequence and register its newly full pages."""
@@ -134,9 +151,17 @@ class Scheduler:
             s.seq.num_computed_tokens = s.start + s.num_new_tokens
             self.block_manager.register_computed(s.seq)
 
+    def rollback(self, seq: Sequence, computed: int) -> None:
+        """After a verification: the sequence's first `computed` tokens have valid K/V (its rejected drafts'
+        do not). Pages past its last token go back, and so does its progress, in both models' caches."""
+        valid = self.block_manager.truncate(seq, seq.num_tokens, computed)
+        seq.num_computed_tokens = valid
+        seq.spec.truncate(valid)
+        self.block_manager.register_computed(seq)
+
     def finish(self, seq: Sequence, reason: str) -> None:
         self.running.remove(seq)
-        self.block_manager.free_blocks(seq)
+        self._release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 

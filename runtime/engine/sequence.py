@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+from dataclasses import dataclass
 
 from ..sampling_params import SamplingParams
 
@@ -12,6 +13,65 @@ class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
     FINISHED = enum.auto()
+
+
+@dataclass
+class SpecState:
+    """Everything speculative decoding keeps about a sequence, in one place.
+
+    `draft_computed`: tokens whose K/V are in the draft model's cache. `acceptance`: the running estimate of
+    the chance that a draft token is accepted, a decayed count of accepted over verified draft tokens with a
+    prior, which picks the sequence's lookahead (`Scheduler`). The totals feed `RequestOutput.metrics`.
+    """
+
+    prior = 0.7  # acceptance assumed before any verification, worth `prior_weight` verified drafts
+    prior_weight = 2.0
+    decay = 0.8  # weight of the past per verification: the estimate follows a changing text
+    probe_every = 16
+
+    draft_computed: int = 0
+    accepted_recent: float = 0.0
+    verified_recent: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
+    verify_steps: int = 0
+    idle_steps: int = 0  # decode steps in a row without drafting (the estimate said it would not pay)
+
+    @property
+    def acceptance(self) -> float:
+        return (self.accepted_recent + self.prior * self.prior_weight) / (self.verified_recent + self.prior_weight)
+
+    def verified(self, drafted: int, accepted: int) -> None:
+        """A verification of `drafted` draft tokens accepted the first `accepted` of them."""
+        trials = accepted + (accepted < drafted)  # drafts after the first rejection were never judged
+        self.accepted_recent = self.decay * self.accepted_recent + accepted
+        self.verified_recent = self.decay * self.verified_recent + trials
+        self.drafted += drafted
+        self.accepted += accepted
+        self.verify_steps += 1
+        self.idle_steps = 0
+
+    def lookahead(self, k_max: int, draft_cost: float) -> int:
+        """Draft tokens to propose this step, at most `k_max`: the k that maximizes the expected tokens per
+        unit of time, (1 - a^(k+1)) / (1 - a) tokens for one verify pass (about one decode step while decode
+        is bound by the weights' bandwidth) plus k draft steps of `draft_cost` each, against one token per
+        step without drafting. When drafting does not pay, the sequence decodes plainly, and every
+        `probe_every` steps drafts one token to find out whether it pays again."""
+        a = min(self.acceptance, 1 - 1e-9)
+        best_k, best = 0, 1.0
+        for k in range(1, k_max + 1):
+            rate = (1 - a ** (k + 1)) / (1 - a) / (1 + k * draft_cost)
+            if rate > best:
+                best_k, best = k, rate
+        if best_k == 0 and k_max > 0:
+            self.idle_steps += 1
+            if self.idle_steps >= self.probe_every:
+                return 1
+        return best_k
+
+    def truncate(self, num_tokens: int) -> None:
+        """The draft's cache holds at most the first `num_tokens` tokens now (pages freed or rewritten)."""
+        self.draft_computed = min(self.draft_computed, num_tokens)
 
 
 class Sequence:
@@ -32,7 +92,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
-        self.num_draft_computed_tokens = 0  # tokens in the draft model's cache (speculative decoding)
+        self.spec = SpecState()
         self.num_hashed_blocks = 0  # leading full pages registered in the prefix cache
         self.finish_reason: str | None = None
 

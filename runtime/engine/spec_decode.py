@@ -2,14 +2,20 @@
 
 Per decoding sequence with lookahead k: the draft first catches up on the tokens its cache lacks (the
 whole prompt on the first step) and proposes d_1 from its distribution q_1, then feeds d_i to propose
-d_{i+1}, up to k tokens (fewer when its top probability falls below `p_min`). The target scores the
-last token and the drafts in one forward, giving p_1 .. p_{k+1}. Draft d_i is accepted with probability
-min(1, p_i(d_i) / q_i(d_i)); at the first rejection the token is drawn from the residual
-max(0, p_i - q_i) (renormalized), and if every draft is accepted a bonus token is drawn from p_{k+1}
-(Leviathan et al. 2023; Chen et al. 2023): the output follows the target's distribution exactly. Both
-p and q are the distributions the sampler would draw from (penalties over the tokens before each
-position, temperature, top-k, top-p, min-p); for greedy requests they are one-hot, so acceptance is
-prefix matching against the target's argmax.
+d_{i+1}, up to k tokens. The target scores the last token and the drafts in one forward, giving
+p_1 .. p_{k+1}. Draft d_i is accepted with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection
+the token is drawn from the residual max(0, p_i - q_i) (renormalized), and if every draft is accepted a
+bonus token is drawn from p_{k+1} (Leviathan et al. 2023; Chen et al. 2023): the output follows the
+target's distribution exactly. Both p and q are the distributions the sampler would draw from (penalties
+over the tokens before each position, drafts included, temperature, top-k, top-p, min-p); for greedy
+requests they are one-hot, so acceptance is prefix matching against the target's argmax.
+
+Everything between the step's forward passes stays on the device: drafts are sampled there and fed to the
+next draft step and to the target's verify pass as device tensors, and the acceptance, the residual and
+the bonus are computed there. The host learns the outcome once, with the rest of the step's results
+(`Engine`). Drafts past the first whose draft distribution was less confident than `p_min`, and proposals
+shorter than `min_drafts`, are not taken: the target still scores their positions (the shapes are fixed
+before anything is read back) but treats them as rejected without a residual, drawing from its own p.
 """
 
 from __future__ import annotations
@@ -18,15 +24,31 @@ from dataclasses import dataclass
 
 import torch
 
-from .model_runner import Chunk, ModelRunner
+from .model_runner import Chunk, DeviceTokens, ModelRunner
 from .sampler import Sampler, token_probs
 from .sequence import Sequence
 
 
 @dataclass
 class Proposal:
-    drafts: list[int]
-    probs: torch.Tensor  # [len(drafts), V]: q_i, the draft's distribution each d_i was drawn from
+    """The drafts of a step's speculating sequences, on the device. Sequence b drafted `lookahead[b]`
+    tokens, `tokens[b, :lookahead[b]]`, each drawn from `probs[b, i]` (q_{i+1}); the first `valid[b]` count."""
+
+    seqs: list[Sequence]
+    lookahead: list[int]
+    tokens: torch.Tensor  # int64 [B, k_max]
+    probs: torch.Tensor  # float32 [B, k_max, V]
+    valid: torch.Tensor  # int64 [B]
+    generators: list[torch.Generator | None]
+
+    def device_tokens(self, rows: list[int]) -> DeviceTokens:
+        """The drafts as the inputs of a verify pass whose packed rows for them are `rows`, in order."""
+        b, i = self._draft_index()
+        return DeviceTokens(rows, self.tokens[b, i])
+
+    def _draft_index(self) -> tuple[list[int], list[int]]:
+        pairs = [(b, i) for b, k in enumerate(self.lookahead) for i in range(k)]
+        return [b for b, _ in pairs], [i for _, i in pairs]
 
 
 class SpecDecoder:
@@ -48,7 +70,7 @@ class SpecDecoder:
         budget = self.max_batched_tokens
         pieces = []
         for seq in seqs:
-            start = seq.num_draft_computed_tokens
+            start = seq.spec.draft_computed
             tokens = seq.token_ids[start:]
             for i in range(0, len(tokens), budget):
                 pieces.append(Chunk(seq, start + i, tokens[i : i + budget], int(i + budget >= len(tokens))))
@@ -63,82 +85,77 @@ class SpecDecoder:
         return torch.cat(logits)
 
     def propose(self, seqs: list[Sequence], lookahead: list[int],
-                generators: list[torch.Generator | None]) -> list[Proposal]:
-        """Up to lookahead[i] draft tokens for each sequence, from the draft model."""
-        drafts: list[list[int]] = [[] for _ in seqs]
-        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
-        active = list(range(len(seqs)))
-        step = 0
-        while active:
-            if step == 0:  # everything the draft's cache lacks, up to the last (uncomputed) token
-                logits = self._catch_up(seqs)
+                generators: list[torch.Generator | None]) -> Proposal:
+        """lookahead[b] draft tokens for each sequence (at least one each), sampled on the device."""
+        k_max, n = max(lookahead), len(seqs)
+        device = self.draft.device
+        tokens = torch.zeros(n, k_max, dtype=torch.int64, device=device)
+        probs = torch.zeros(n, k_max, self.draft.config.vocab_size, device=device)
+        valid = torch.zeros(n, dtype=torch.int64, device=device)
+        confident = torch.ones(n, dtype=torch.bool, device=device)  # every draft distribution so far was
+        logits = self._catch_up(seqs)
+        for j in range(k_max):
+            rows = [b for b in range(n) if lookahead[b] > j]
+            index = torch.tensor(rows, device=device)
+            if j:
+                logits = self.draft.run([Chunk(seqs[b], seqs[b].num_tokens + j - 1, [0], 1) for b in rows],
+                                        DeviceTokens(list(range(len(rows))), tokens[index, j - 1]))
             else:
-                logits = self.draft.run([Chunk(seqs[i], seqs[i].num_tokens + step - 1, drafts[i][-1:], 1)
-                                         for i in active])
-            for i in active:
-                seqs[i].num_draft_computed_tokens = seqs[i].num_tokens + step
-            q = token_probs(logits, [seqs[i].params for i in active], [seqs[i].prompt_token_ids for i in active],
-                            [seqs[i].output_token_ids + drafts[i] for i in active])
-            tokens = self.sampler.race(q, [generators[i] for i in active]).tolist()
-            top = torch.softmax(logits, dim=1).amax(dim=1).tolist()  # the draft's own confidence
-            still = []
-            for row, i in enumerate(active):
-                drafts[i].append(tokens[row])
-                probs[i].append(q[row])
-                if len(drafts[i]) < lookahead[i] and top[row] >= self.p_min:
-                    still.append(i)
-            active = still
-            step += 1
-        out = []
-        for d, p in zip(drafts, probs):
-            if len(d) < self.min_drafts:
-                d, p = [], []
-            out.append(Proposal(d, torch.stack(p) if p else torch.empty(0)))
-        return out
+                logits = logits[index]
+            for b in rows:
+                seqs[b].spec.draft_computed = seqs[b].num_tokens + j
+            q = token_probs(logits, [seqs[b].params for b in rows], [seqs[b].prompt_token_ids for b in rows],
+                            [seqs[b].output_token_ids for b in rows],
+                            (tokens[index, :j], torch.ones(len(rows), j, dtype=torch.bool, device=device)))
+            tokens[index, j] = self.sampler.race(q, [generators[b] for b in rows])
+            probs[index, j] = q
+            valid[index] += confident[index].long()
+            if self.p_min > 0:  # the draft's own confidence in the distribution it just drew from
+                confident[index] &= torch.softmax(logits.float(), dim=1).amax(dim=1) >= self.p_min
+        if self.min_drafts > 1:
+            valid = torch.where(valid >= self.min_drafts, valid, 0)
+        return Proposal(seqs, lookahead, tokens, probs, valid, generators)
 
-    def verify(self, seqs: list[Sequence], proposals: list[Proposal], target_logits: torch.Tensor,
-               generators: list[torch.Generator | None]) -> list[list[int]]:
-        """The tokens each sequence gains: its accepted drafts, then one token from the target.
+    def verify(self, proposal: Proposal, target_logits: torch.Tensor) -> torch.Tensor:
+        """The outcome of each sequence's verification, on the device: float64 [B, 2 + k_max + 1] rows of
+        (m accepted drafts, drafts taken, then m + 1 tokens: the accepted drafts and one token of the target's).
 
-        target_logits: the target's logits at the last token and at each draft, sequence after sequence
-        ([sum of len(drafts) + 1, V]).
+        target_logits: the target's logits at the last token and at each draft position, sequence after
+        sequence ([sum of lookahead + 1, V]).
         """
-        params, prompts, histories, gens, draft_rows = [], [], [], [], []
-        for seq, prop, g in zip(seqs, proposals, generators):
-            draft_rows += range(len(params), len(params) + len(prop.drafts))
-            for i in range(len(prop.drafts) + 1):
-                params.append(seq.params)
-                prompts.append(seq.prompt_token_ids)
-                histories.append(seq.output_token_ids + prop.drafts[:i])
-                gens.append(g)
-        p = token_probs(target_logits, params, prompts, histories)
-        device = p.device
-        accept = torch.zeros(len(params), dtype=torch.bool, device=device)
-        if draft_rows:
-            idx = torch.tensor(draft_rows, device=device)
-            draft_tokens = torch.tensor([t for prop in proposals for t in prop.drafts], device=device)
-            q = torch.cat([prop.probs for prop in proposals if prop.drafts]).to(device)
-            p_d = p[idx].gather(1, draft_tokens[:, None])[:, 0]
-            q_d = q.gather(1, draft_tokens[:, None])[:, 0]
-            u = self.sampler.uniform(len(params), device, gens)[idx]
-            accept[idx] = u * q_d < p_d  # u < p / q without dividing by a zero q
-        accepted = accept.tolist()
-        # Per sequence: the first rejected row, or its last row (the bonus position) when all pass.
-        final_rows, counts, row = [], [], 0
-        for prop in proposals:
-            n = len(prop.drafts)
-            a = next((i for i in range(n) if not accepted[row + i]), n)
-            final_rows.append(row + a)
-            counts.append(a)
-            row += n + 1
-        last = torch.tensor(final_rows, device=device)
-        dist = p[last]
-        rejected = [i for i, (a, prop) in enumerate(zip(counts, proposals)) if a < len(prop.drafts)]
-        if rejected:
-            q_rows = torch.stack([proposals[i].probs[counts[i]] for i in rejected]).to(device)
-            residual = (dist[rejected] - q_rows).clamp_min(0)
-            # p == q leaves no residual mass: the target's own distribution is then the right one.
-            empty = residual.sum(dim=1, keepdim=True) <= 0
-            dist[rejected] = torch.where(empty, dist[rejected], residual)
-        final = self.sampler.race(dist, [gens[r] for r in final_rows]).tolist()
-        return [prop.drafts[:a] + [x] for prop, a, x in zip(proposals, counts, final)]
+        seqs, lookahead = proposal.seqs, proposal.lookahead
+        n, k_max = len(seqs), max(lookahead)
+        device = target_logits.device
+        # Row r of the target's logits: sequence rb[r], after ri[r] of its drafts.
+        rb = [b for b, k in enumerate(lookahead) for _ in range(k + 1)]
+        ri = [i for k in lookahead for i in range(k + 1)]
+        rb_t, ri_t = torch.tensor(rb, device=device), torch.tensor(ri, device=device)
+        before = torch.arange(k_max, device=device)[None, :] < ri_t[:, None]
+        p = token_probs(target_logits, [seqs[b].params for b in rb], [seqs[b].prompt_token_ids for b in rb],
+                        [seqs[b].output_token_ids for b in rb], (proposal.tokens[rb_t], before))
+        # Draft i + 1 of sequence b is judged at row start[b] + i: accept it with probability min(1, p / q).
+        db, di = proposal._draft_index()
+        start = [0]
+        for k in lookahead[:-1]:
+            start.append(start[-1] + k + 1)
+        draft_rows = torch.tensor([start[b] + i for b, i in zip(db, di)], device=device)
+        db_t, di_t = torch.tensor(db, device=device), torch.tensor(di, device=device)
+        d = proposal.tokens[db_t, di_t]
+        p_d = p[draft_rows].gather(1, d[:, None])[:, 0]
+        q_d = proposal.probs[db_t, di_t].gather(1, d[:, None])[:, 0]
+        u = self.sampler.uniform(len(db), device, [proposal.generators[b] for b in db])
+        accept = torch.zeros(n, k_max, dtype=torch.bool, device=device)
+        accept[db_t, di_t] = (u * q_d < p_d) & (di_t < proposal.valid[db_t])  # u < p / q without dividing by q = 0
+        m = accept.long().cumprod(dim=1).sum(dim=1)  # drafts accepted before the first rejection
+        # The last token comes from p at row start + m: the residual max(0, p - q) after a real rejection,
+        # p itself after all drafts taken were accepted (or when p == q leaves no residual mass).
+        final = p[torch.tensor(start, device=device) + m]
+        rejected = m < proposal.valid
+        q_at = proposal.probs[torch.arange(n, device=device), m.clamp_max(k_max - 1)]
+        residual = (final - q_at).clamp_min(0)
+        use_residual = rejected & (residual.sum(dim=1) > 0)
+        final = torch.where(use_residual[:, None], residual, final)
+        last = self.sampler.race(final, proposal.generators)
+        gained = torch.cat([proposal.tokens, torch.zeros(n, 1, dtype=torch.int64, device=device)], dim=1)
+        gained.scatter_(1, m[:, None], last[:, None])
+        return torch.cat([m[:, None], proposal.valid[:, None], gained], dim=1).double()

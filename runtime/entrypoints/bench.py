@@ -103,13 +103,16 @@ def run_bench(llm: LLM, requests: list[BenchRequest], seed: int = 0, progress: b
 
 
 def _spec_metrics(reqs) -> dict[str, float]:
-    """Speculative decoding: share of draft tokens accepted, and tokens accepted per verify step."""
-    drafted = sum(r.drafted for r in reqs)
-    steps = sum(r.verify_steps for r in reqs)
-    if not steps:
-        return {}
-    return {"acceptance_rate": sum(r.accepted for r in reqs) / max(drafted, 1),
-            "mean_accepted_length": sum(r.accepted for r in reqs) / steps}
+    """Decode steps per generated token (below 1 when speculation pays); with speculative decoding, the share
+    of draft tokens accepted and tokens accepted per verify step."""
+    tokens = sum(r.seq.num_output_tokens for r in reqs)
+    out = {"steps_per_token": sum(r.decode_steps for r in reqs) / max(tokens, 1)}
+    specs = [r.seq.spec for r in reqs]
+    steps = sum(s.verify_steps for s in specs)
+    if steps:
+        out |= {"acceptance_rate": sum(s.accepted for s in specs) / max(sum(s.drafted for s in specs), 1),
+                "mean_accepted_length": sum(s.accepted for s in specs) / steps}
+    return out
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -121,6 +124,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"  total tokens/s      {r['total_tokens_per_s']:.1f}",
         "  TTFT ms             p50 {p50:.1f}  p90 {p90:.1f}  p99 {p99:.1f}".format(**r["ttft_ms"]),
         "  ITL ms              p50 {p50:.1f}  p90 {p90:.1f}  p99 {p99:.1f}".format(**r["itl_ms"]),
+        f"  steps per token     {r['steps_per_token']:.3f}",
         *([f"  draft acceptance    {r['acceptance_rate']:.1%}, {r['mean_accepted_length']:.2f} tokens per step"]
           if "acceptance_rate" in r else []),
     ])

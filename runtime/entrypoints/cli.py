@@ -65,6 +65,7 @@ def _llm(args: argparse.Namespace):
     llm = LLM(_model_path(args.model), device=args.device, backend=args.backend, max_model_len=args.ctx_size or None,
               max_num_seqs=args.parallel, seed=args.seed, draft_model=args.draft_model,
               num_speculative_tokens=args.draft_max, draft_min=args.draft_min, draft_p_min=args.draft_p_min,
+              adaptive_speculation=not args.draft_fixed,
               cache_dir=args.cache_dir)
     context = llm.config.context_length
     if args.ctx_size == 0:
@@ -309,6 +310,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-min", type=int, default=1, help="fewer drafts than this are not verified")
     p.add_argument("--draft-p-min", type=float, default=0.0,
                    help="stop drafting when the draft's top probability falls below this")
+    p.add_argument("--draft-fixed", action="store_true",
+                   help="always draft --draft-max tokens (default: as many as pay at each sequence's acceptance)")
 
 
 def _sampling_flags(p: argparse.ArgumentParser, n_predict: int) -> None:

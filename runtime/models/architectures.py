@@ -1,7 +1,8 @@
 """The decoder-only architectures, each described once: what differs between them is data, not code.
 
 Tensor names are llama.cpp's GGUF names (`blk.{i}.attn_q.weight` ...). Every architecture shares the
-block: norm -> attention -> (post-norm) -> residual -> norm -> gated FFN -> (post-norm) -> residual.
+block: norm -> attention -> (post-norm) -> residual -> norm -> gated FFN -> (post-norm) -> residual, where
+the gated FFN of a mixture-of-experts model is the mixture of runtime/models/moe.py.
 """
 
 from __future__ import annotations
@@ -25,13 +26,22 @@ class Architecture:
     # The model of this many layers (Gemma's 27B) scales attention by 1 / sqrt(hidden / n_heads), not by
     # 1 / sqrt(head_dim): its checkpoint was trained so, and llama.cpp knows it only by its depth.
     hidden_scaled_layers: int = 0
+    # Mixture-of-experts FFN (ffn_gate_inp, ffn_{gate,up,down}_exps): "" none; "optional": when the file has an
+    # expert_count (llama: Mixtral); "always". Routing is llama.cpp's for these architectures: a softmax over the
+    # experts, the top expert_used_count taken, their weights normalized when `moe_normalize` (or the file's
+    # expert_weights_norm) says so.
+    moe: str = ""
+    moe_normalize: bool = False  # the chosen experts' weights divided by their sum
+    shared_expert: bool = False  # ffn_{gate,up,down}_shexp beside the experts, gated by sigmoid(ffn_gate_inp_shexp)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     # Llama 2/3, Mistral, SmolLM: the converter permutes Q/K rows for the "normal" rotation.
-    "llama": Architecture(rope_neox=False),
+    "llama": Architecture(rope_neox=False, moe="optional", moe_normalize=True),
     "qwen2": Architecture(rope_neox=True, qkv_bias=True),
     "qwen3": Architecture(rope_neox=True, qk_norm=True),
+    "qwen2moe": Architecture(rope_neox=True, qkv_bias=True, moe="always", shared_expert=True),
+    "qwen3moe": Architecture(rope_neox=True, qk_norm=True, moe="always", moe_normalize=True),
     "gemma2": Architecture(rope_neox=True, activation="gelu", post_norms=True, scale_embeddings=True, softcaps=True,
                            swa_pattern=2, hidden_scaled_layers=46),
     "gemma3": Architecture(rope_neox=True, activation="gelu", post_norms=True, scale_embeddings=True, qk_norm=True,

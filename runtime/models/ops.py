@@ -8,6 +8,11 @@ backend multiplies with the fused dequantize-matmul kernel, which picks its own 
 tiled GEMM, or dequantize then cuBLAS) by the number of rows. At load the Triton backend relays the
 weights of the 2-byte aligned formats (Q4_0, Q5_0, Q8_0, Q6_K) into the planar layout its GEMV reads
 with 16-byte loads: the same bytes, moved within each row.
+
+Fewer launches on the Triton backend where the matmul kernel takes them (`fuses_norm`, `gated`): an RMSNorm
+between two products runs in their epilogues (`linear_add_norm` leaves a `PendingNorm`, which `linear` and
+`linears` take as x), and a gated activation in the gate/up product's. Elsewhere the same calls run the
+separate ops.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ from ggtriton.kernels.activations import gelu_mul_ref, silu_mul_ref
 from ggtriton.kernels.flash_attention import flash_attention_ref
 from ggtriton.kernels.planar import PLANAR_TYPES, to_planar
 from ggtriton.kernels.qgemv import gemv_fits
+from ggtriton.kernels.qmatmul import fusable
 from ggtriton.kernels.paged_decode import paged_decode_ref
-from ggtriton.kernels.rmsnorm import rmsnorm_ref
+from ggtriton.kernels.rmsnorm import PendingNorm, rmsnorm_ref
 from ggtriton.kernels.rope_kv_store import rope_kv_store_ref
 
+from .moe import moe_dense
 from .weights import QuantWeight
 
 BACKENDS = ("triton", "torch")
@@ -65,39 +72,80 @@ class Ops:
 
     def preload(self, weights: Iterable[QuantWeight]) -> int:
         """Prepare every weight now, so no step pays for it: dense copies (torch backend), or the planar layout
-        of the matrices the GEMV reads in it (Triton backend). Returns the bytes relaid."""
+        of the matrices the GEMV reads in it and of the 3-D expert tensors, which only the fused MoE kernel reads,
+        with either of its decoders (Triton backend). Returns the bytes relaid."""
         relaid = 0
         for w in weights:
             if self.backend == "torch":
                 self._dense(w)
-            elif not w.planar and w.ggml_type in PLANAR_TYPES and len(w.shape) == 2 and \
-                    gemv_fits(w.ggml_type, w.shape[1]):
+            elif not w.planar and w.ggml_type in PLANAR_TYPES and (
+                    len(w.shape) == 3 or len(w.shape) == 2 and gemv_fits(w.ggml_type, w.shape[1])):
                 w.raw = to_planar(w.raw, w.ggml_type, w.shape)
                 w.planar = True
                 relaid += w.raw.numel()
         return relaid
 
-    def linear(self, x: torch.Tensor, w: QuantWeight, bias: QuantWeight | None = None, *,
+    def linear(self, x: torch.Tensor | PendingNorm, w: QuantWeight, bias: QuantWeight | None = None, *,
                out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """x [T, K] @ W[N, K]^T (+ bias), W in its GGUF blocks; float32 sums stored in `out_dtype` (default
-        x's dtype)."""
+        x's dtype). x is a PendingNorm only where `fuses_norm` said so."""
         if self.backend == "triton":
-            out = kernels.qmatmul(x.contiguous(), w.raw, w.ggml_type, w.shape, out_dtype=out_dtype, planar=w.planar)
+            out = kernels.qmatmul(_contiguous(x), w.raw, w.ggml_type, w.shape, out_dtype=out_dtype, planar=w.planar)
         else:
             dtype = out_dtype or x.dtype
             out = x.to(dtype) @ self._dense(w).t().to(dtype)
         return self._biased(out, bias)
 
-    def linears(self, x: torch.Tensor, ws: Sequence[QuantWeight],
+    def linears(self, x: torch.Tensor | PendingNorm, ws: Sequence[QuantWeight],
                 biases: Sequence[QuantWeight | None] | None = None) -> list[torch.Tensor]:
         """[x @ W^T (+ bias) for each W] of q, k and v, or gate and up: one launch on the Triton backend where the
-        weights share a type, K and layout and the kernel takes them together (see `kernels.qmatmul_many`)."""
+        weights share a type, K and layout and the kernel takes them together (see `kernels.qmatmul_many`). x is
+        a PendingNorm only where `fuses_norm` said so."""
         biases = biases or [None] * len(ws)
-        if self.backend != "triton" or len({(w.ggml_type, w.shape[1:], w.planar) for w in ws}) != 1:
+        if self.backend != "triton" or not _one_launch(ws):
             return [self.linear(x, w, b) for w, b in zip(ws, biases)]
-        outs = kernels.qmatmul_many(x.contiguous(), [w.raw for w in ws], ws[0].ggml_type, [w.shape for w in ws],
+        outs = kernels.qmatmul_many(_contiguous(x), [w.raw for w in ws], ws[0].ggml_type, [w.shape for w in ws],
                                     planar=ws[0].planar)
         return [self._biased(out, b) for out, b in zip(outs, biases)]
+
+    def fuses_norm(self, rows: int, producer: QuantWeight, consumers: Sequence[QuantWeight] | None) -> bool:
+        """Whether `linear_add_norm` may leave the RMSNorm after `producer` pending for `consumers` (the next
+        products, one launch or one each; None: no product follows) at `rows` rows: the Triton backend, and
+        the fused kernel's path for every weight."""
+        return self.backend == "triton" and consumers is not None and all(
+            fusable(w.ggml_type, rows, w.shape[0], w.shape[1], w.raw.device) for w in (producer, *consumers))
+
+    def linear_add_norm(self, x: torch.Tensor | PendingNorm, w: QuantWeight, residual: torch.Tensor,
+                        norm_weight: torch.Tensor, eps: float) -> tuple[PendingNorm, torch.Tensor]:
+        """(rmsnorm(h, norm_weight) left pending, h) for h = x @ W^T + residual, in one launch; only where
+        `fuses_norm` said so."""
+        return kernels.qmatmul_add_norm(_contiguous(x), w.raw, w.ggml_type, w.shape, residual, norm_weight, eps,
+                                        planar=w.planar)
+
+    def gated(self, activation: str, x: torch.Tensor | PendingNorm, gate: QuantWeight,
+              up: QuantWeight) -> torch.Tensor:
+        """act(x @ gate^T) * (x @ up^T): one launch on the Triton backend where the kernel takes both weights
+        together (`kernels.qmatmul_act`), else the two products and `act_mul`."""
+        rows = len(x.y) if isinstance(x, PendingNorm) else len(x)
+        if self.backend == "triton" and _one_launch([gate, up]) and gate.shape == up.shape and fusable(
+                gate.ggml_type, rows, 2 * gate.shape[0], gate.shape[1], gate.raw.device, act=True):
+            return kernels.qmatmul_act(_contiguous(x), [gate.raw, up.raw], gate.ggml_type, gate.shape, activation,
+                                       planar=gate.planar)
+        return self.act_mul(activation, *self.linears(x, [gate, up]))
+
+    def moe(self, x: torch.Tensor, router_logits: torch.Tensor, top_k: int, gate: QuantWeight, up: QuantWeight,
+            down: QuantWeight, *, normalize: bool, scale: float, activation: str) -> torch.Tensor:
+        """The routed experts of a mixture of experts (runtime/models/moe.py) for x [T, hidden] and float32
+        router_logits [T, n_expert]: the fused kernel over the experts' blocks on the Triton backend, which reads
+        only the chosen experts (`preload` relaid every expert tensor of a planar type, or none was), the dense
+        copies on the torch backend."""
+        if self.backend == "triton":
+            return kernels.fused_moe(x.contiguous(), router_logits, top_k, gate.raw, up.raw, down.raw,
+                                     (gate.ggml_type, up.ggml_type, down.ggml_type), gate.shape[1],
+                                     normalize=normalize, scale=scale, activation=activation,
+                                     planar=gate.planar or down.planar)
+        return moe_dense(x, router_logits, top_k, self._dense(gate), self._dense(up), self._dense(down),
+                         normalize=normalize, scale=scale, act_mul=self._act[activation])
 
     def _biased(self, out: torch.Tensor, bias: QuantWeight | None) -> torch.Tensor:
         if bias is not None:
@@ -123,7 +171,6 @@ class Ops:
                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self._rmsnorm(x, weight, eps, residual)
 
-
     def act_mul(self, activation: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return self._act[activation](gate, up)
 
@@ -142,3 +189,13 @@ class Ops:
         kwargs = {"max_seqlen_q": batch.max_seqlen_q} if self.backend == "triton" else {}
         return self._prefill(q, k_cache, v_cache, batch.block_tables, batch.cu_seqlens_q, batch.context_lens,
                              scale=scale, sliding_window=sliding_window, soft_cap=soft_cap, **kwargs)
+
+
+def _one_launch(ws: Sequence[QuantWeight]) -> bool:
+    """Whether the weights share a type, K and layout: what one launch of qgemv's kernel takes."""
+    return len({(w.ggml_type, w.shape[1:], w.planar) for w in ws}) == 1
+
+
+def _contiguous(x: torch.Tensor | PendingNorm) -> torch.Tensor | PendingNorm:
+    """x with a contiguous last dim for the kernels (a PendingNorm's y is made so)."""
+    return x if isinstance(x, PendingNorm) else x.contiguous()
