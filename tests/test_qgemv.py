@@ -250,9 +250,9 @@ def test_pending_norm_as_x(ggml_type: GGMLType, m: int, splits: int, device) -> 
         assert ((out.double() - ref).norm() / ref.norm()).item() <= TOL[torch.float32]
 
 
-@pytest.mark.parametrize(("m", "blocks", "act"), [(1, 1, "silu"), (1, 3, "silu"), (5, 3, "gelu"), (16, 1, "gelu"),
-                                                   (37, 3, "silu")], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("dtype", "m", "blocks", "act"), [
+    (torch.float32, 1, 1, "silu"), (torch.bfloat16, 1, 3, "silu"), (torch.float32, 5, 3, "gelu"),
+    (torch.bfloat16, 16, 1, "gelu"), (torch.float32, 37, 3, "silu"), (torch.bfloat16, 37, 3, "silu")], ids=str)
 @pytest.mark.parametrize("ggml_type", FUSED_TYPES, ids=lambda t: t.name)
 def test_act_in_the_gate_up_epilogue(ggml_type: GGMLType, dtype: torch.dtype, m: int, blocks: int, act: str,
                                      device) -> None:
