@@ -51,7 +51,7 @@ from gpu_timing import copy_gbps, device, device_name, matmul_tflops, quick_auto
 
 TOL = 1e-2  # relative error allowed with bf16 operands (DESIGN.md, Numerics)
 NO_TIMING = "timing needs CUDA"
-QTYPES = ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "IQ4_XS", "BF16", "F16")
+QTYPES = ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "IQ4_XS", "MXFP4", "BF16", "F16")
 
 
 @dataclass(frozen=True)
@@ -436,6 +436,57 @@ def graphs_check(ctx: Context) -> Callable[[Recorder], None]:
     return run
 
 
+def speculation_check(ctx: Context) -> Callable[[Recorder], None]:
+    """Speculative decoding on the device: the check model drafting for itself, every step's verify pass and
+    draft steps replayed as graphs, under `torch.cuda.set_sync_debug_mode("error")` everywhere but the step's
+    one read-back (`engine.to_host`). Greedy agreement with plain decoding is reported, not required: in
+    bfloat16 the verify pass's k + 1 rows round differently from one decode row."""
+
+    def run(rec: Recorder) -> None:
+        name = "speculative decoding: one sync per step, verify graphs"
+        if not torch.cuda.is_available():
+            rec.add(name, "SKIP", why="needs CUDA")
+            return
+        from ggtriton.runtime.engine import engine as engine_module
+
+        path = ctx.model("check-llama", ctx.sizes.check_model)
+        prompts = [list(range(10, 10 + n)) for n in (5, 9, 14)]
+        params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (24, 16, 8)]
+        opts = dict(device="cuda", kv_cache_bytes=1 << 28, cache_dir=ctx.cache_dir)
+        plain = [o.token_ids for o in LLM(path, **opts).generate(prompts, params, use_tqdm=False)]
+        llm = LLM(path, draft_model=path, num_speculative_tokens=3, adaptive_speculation=False, **opts)
+        read_back = engine_module.to_host
+
+        def allowed(parts):
+            torch.cuda.set_sync_debug_mode(0)
+            try:
+                return read_back(parts)
+            finally:
+                torch.cuda.set_sync_debug_mode("error")
+
+        engine_module.to_host = allowed
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+        except RuntimeError as e:
+            rec.add(name, "FAIL", f"a host sync outside the read-back: {str(e).splitlines()[0][:200]}")
+            return
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            engine_module.to_host = read_back
+        spec = [o.token_ids for o in outputs]
+        same = sum(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(spec, plain))
+        verify = sorted({q for _, q in llm.runner._graphs})
+        steps = sum(o.metrics["steps_per_token"] * len(o.token_ids) for o in outputs) / sum(map(len, spec))
+        ok = max(verify) == 4
+        rec.add(name, "PASS" if ok else "FAIL",
+                f"greedy agreement {same / sum(map(len, plain)):.0%}, {steps:.2f} steps per token",
+                f"graphs of q = {verify} tokens per sequence; 3 prompts drafting 3 tokens",
+                value=dict(agreement=same / sum(map(len, plain)), steps_per_token=steps, spec=spec, plain=plain))
+
+    return run
+
+
 def correctness(rec: Recorder, ctx: Context) -> None:
     """The checks, dealt to the shards by estimated cost (mostly compiles), each shard taking its own in
     order of value; every shard runs its share in parallel with the others."""
@@ -443,6 +494,7 @@ def correctness(rec: Recorder, ctx: Context) -> None:
     jobs: list[tuple[str, float, Callable[[Recorder], None]]] = [
         ("model: Triton against torch", 20, model_check(ctx)),
         ("CUDA graphs against eager", 10, graphs_check(ctx)),
+        ("speculative decoding: one sync per step, verify graphs", 12, speculation_check(ctx)),
     ]
     for name in QTYPES:
         t = GGMLType[name]

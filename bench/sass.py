@@ -80,7 +80,7 @@ HBM_BYTES_PER_S = 4.8e12  # HBM3e peak (the measured copy, the planning figure, 
 BYTES_PER_SM_CLOCK = HBM_BYTES_PER_S / (SMS * CLOCK_HZ)  # ~18.4
 CHECK_IPB = 0.25  # DESIGN.md's bound on a decode loop
 
-DECODE_TYPES = ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "IQ4_XS")
+DECODE_TYPES = ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "IQ4_XS", "MXFP4")
 PATHS = ("gemv", "skinny", "splitk", "gemm", "dequant", "moe")
 GEMV_STEP_BLOCKS = 8  # qgemv's steps of the 32-element types: 8 blocks per row
 N = K = 4096

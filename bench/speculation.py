@@ -5,10 +5,11 @@
 Times, per batch size, the target's decode step (one token per sequence), its verify pass (k + 1 tokens per
 sequence) and the draft's decode step, each after `--context` cached tokens. With acceptance a, a verify
 step yields (1 - a^(k+1)) / (1 - a) tokens for k draft steps and one verify pass, against one token per
-decode step: the modelled speed-up is tokens * decode / (verify + k * draft). Also prints the lookahead the
-engine's adaptive rule (`SpecState.lookahead`, which models the verify pass as one decode step) picks at
-each acceptance for this draft's cost. Without `--draft`, the draft is the target's first `--draft-layers`
-layers (same vocabulary, a tenth or so of its bytes): its acceptance is not measured, only its cost.
+decode step: the modelled speed-up is tokens * decode / (verify + k * draft). Also prints the drafts the
+engine's adaptive rule (`step_cost.choose_lookahead`) picks under these measured costs at each acceptance and
+batch, with its modelled speed-up (never below 1x by construction: it drafts nothing when nothing pays).
+Without `--draft`, the draft is the target's first `--draft-layers` layers (same vocabulary, a tenth or so of
+its bytes): its acceptance is not measured, only its cost.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from ggtriton.gguf.bundled import default_model_path
 from ggtriton.gguf.writer import TensorData, typed_metadata, write_gguf
 from ggtriton.runtime import LLM, SamplingParams
 from ggtriton.runtime.engine.model_runner import Chunk
-from ggtriton.runtime.engine.sequence import Sequence, SpecState
+from ggtriton.runtime.engine.sequence import Sequence
+from ggtriton.runtime.engine.step_cost import StepCost, choose_lookahead
 
 
 def first_layers(src: Path, dst: Path, n_layers: int) -> None:
@@ -83,27 +85,39 @@ def main() -> None:
         batches = [int(b) for b in args.batches.split(",")]
         target = LLM(target_path, device=args.device, kv_cache_bytes=1, warm_up=False)
         draft = LLM(draft_path, device=args.device, kv_cache_bytes=1, warm_up=False)
-        cost = draft_path.stat().st_size / target_path.stat().st_size
+        share = draft_path.stat().st_size / target_path.stat().st_size
         k = args.k
         draft_name = draft_path.name if args.draft else f"its first {args.draft_layers} layers"
-        print(f"target {target_path.name}, draft {draft_name} ({cost:.0%} of its bytes) on {target.device} ({target.backend}), k = {k}, context {args.context}, "
-              f"torch {torch.__version__}")
+        print(f"target {target_path.name}, draft {draft_name} ({share:.0%} of its bytes) on {target.device} "
+              f"({target.backend}), k = {k}, context {args.context}, torch {torch.__version__}")
         print("| batch | decode ms | verify k+1 ms | draft step ms | verify / decode | "
               "speed-up a=0.5 | a=0.7 | a=0.9 |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        measured = {}
         for batch in batches:
             decode = pass_ms(target, batch, 1, args.context, args.reps)
             verify = pass_ms(target, batch, k + 1, args.context, args.reps)
             step = pass_ms(draft, batch, 1, args.context, args.reps)
+            measured[batch] = decode, verify, step
             gains = [(1 - a ** (k + 1)) / (1 - a) * decode / (verify + k * step) for a in (0.5, 0.7, 0.9)]
             print(f"| {batch} | {decode:.1f} | {verify:.1f} | {step:.1f} | {verify / decode:.2f} | "
                   + " | ".join(f"{g:.2f}x" for g in gains) + " |")
-        picks = []
-        for a in (0.3, 0.5, 0.7, 0.9):
-            s = SpecState(accepted_recent=1000 * a, verified_recent=1000)
-            picks.append(f"a={a}: k={s.lookahead(k, cost)}")
-        print(f"adaptive lookahead at draft cost {cost:.2f}: " + ", ".join(picks))
-
+        # The engine's choice (`choose_lookahead`) under these measured costs, every sequence at acceptance a.
+        unit = measured[batches[0]][0]
+        points = {}
+        for b, (decode, verify, _) in measured.items():
+            points[b], points[b * (k + 1)] = decode / unit, verify / unit
+        cost = StepCost(sorted(points.items()), [(b, step / unit) for b, (_, _, step) in measured.items()])
+        print("\n| batch | acceptance | drafts chosen | modelled speed-up |\n|---:|---:|---:|---:|")
+        for batch in batches:
+            for a in (0.3, 0.5, 0.7, 0.9):
+                ks = choose_lookahead([a] * batch, [k] * batch, cost)
+                depth = max(ks)
+                tokens = sum((1 - a ** (n + 1)) / (1 - a) for n in ks)
+                time_ = cost.target_time(batch + sum(ks)) + sum(
+                    cost.draft_time(sum(n >= j for n in ks)) for j in range(1, depth + 1))
+                print(f"| {batch} | {a} | {sum(ks) / batch:.2f} per sequence | "
+                      f"{tokens / time_ / (batch / cost.target_time(batch)):.2f}x |")
 
 if __name__ == "__main__":
     main()

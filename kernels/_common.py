@@ -11,6 +11,7 @@ import triton.language as tl
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256  # the attention kernels' K/V tiles must fit in shared memory
+LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))  # the attention kernels' logits are base 2
 
 
 @triton.jit
@@ -130,12 +131,14 @@ def gather_pages(cache: torch.Tensor, block_tables: torch.Tensor, context_lens: 
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, kv_len: torch.Tensor,
-                  *, scale: float, sliding_window: int | None, soft_cap: float | None) -> torch.Tensor:
+                  *, scale: float, sliding_window: int | None, soft_cap: float | None,
+                  sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Dense masked attention, the torch references' core, in float32 (float64 stays float64).
 
     q [B, T, H, D], k, v [B, L, KVH, D], q_pos [B, T], kv_len [B]. Query (b, t) sees the keys j with
     j <= q_pos[b, t], j < kv_len[b] and j > q_pos[b, t] - sliding_window; logits s = scale * q.k, then
-    s = soft_cap * tanh(s / soft_cap) when capped. A query that sees no key gets 0.
+    s = soft_cap * tanh(s / soft_cap) when capped. sinks [H] (gpt-oss): one more logit per head in the softmax's
+    denominator, with no value. A query that sees no key gets 0.
     """
     b, t, h, d = q.shape
     kvh = k.shape[2]
@@ -148,10 +151,22 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torc
     seen = (j <= q_pos[..., None]) & written[:, None]
     if sliding_window is not None:
         seen &= j > q_pos[..., None] - sliding_window
-    p = torch.softmax(s.masked_fill(~seen[:, None, None], float("-inf")), dim=-1).nan_to_num_(0.0)
+    s = s.masked_fill(~seen[:, None, None], float("-inf"))
+    if sinks is not None:
+        sink = sinks.to(dt).reshape(1, kvh, h // kvh, 1, 1).expand(*s.shape[:-1], 1)
+        s = torch.cat([s, sink], dim=-1)
+    p = torch.softmax(s, dim=-1).nan_to_num_(0.0)[..., : k.shape[1]]
     # Slots past a sequence's length were never written (may hold NaN): 0 * NaN would leak into the sum.
     v = v.to(dt).masked_fill(~written[:, :, None, None], 0.0)
     return torch.einsum("bkgtl,blkd->btkgd", p, v).reshape(b, t, h, d)
+
+
+def check_sinks(sinks: torch.Tensor | None, n_heads: int, device: torch.device) -> None:
+    """Attention sinks: None, or one float32 logit per query head."""
+    if sinks is not None and (sinks.shape != (n_heads,) or sinks.dtype != torch.float32 or sinks.device != device
+                              or not sinks.is_contiguous()):
+        raise ValueError(f"sinks must be a contiguous float32 [{n_heads}] tensor on {device}, got {sinks.dtype} "
+                         f"{tuple(sinks.shape)} on {sinks.device}")
 
 
 def check_attention_options(scale: float, sliding_window: int | None, soft_cap: float | None) -> None:

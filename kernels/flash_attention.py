@@ -8,6 +8,9 @@ prefix and the new tokens, which `kv_store` has already written) are read throug
     s_j = scale * q . k_j                          (soft-capped: s_j = cap * tanh(s_j / cap))
     out = sum_j softmax(s)_j v_j    over keys j <= pos, and j > pos - sliding_window when windowed
 
+With attention sinks (gpt-oss), head h's learned logit sinks[h] joins the softmax's denominator and has no value:
+out = sum_j e^(s_j) v_j / (sum_j e^(s_j) + e^(sinks[h])).
+
 The softmax is online (running max m and sum l in float32, rescaled per key tile) and in base 2: the
 log2(e) factor is folded into the scale so each tile costs one exp2 per logit.
 """
@@ -18,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (attention_ref, backend, check_attention_options, check_paged, dot, f32_dot, gather_pages,
-                      logit_scales, tanh)
+from ._common import (LOG2E, attention_ref, backend, check_attention_options, check_paged, check_sinks, dot, f32_dot,
+                      gather_pages, logit_scales, tanh)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim. Starting points from the usual Triton
 # flash-attention shapes, not yet measured on this kernel; HIP unmeasured. Small tiles in the interpreter
@@ -33,12 +36,12 @@ _CONFIGS = {
 
 @triton.jit
 def _flash_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, cu_seqlens_q_ptr, context_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, cu_seqlens_q_ptr, context_lens_ptr, sinks_ptr,
     q_token_stride, q_head_stride, out_token_stride, out_head_stride,
     kc_block_stride, kc_slot_stride, kc_head_stride, vc_block_stride, vc_slot_stride, vc_head_stride,
     bt_stride, qk_scale, soft_cap, window, head_dim,
     PAGE: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SOFT_CAP: tl.constexpr, WINDOW: tl.constexpr, F32: tl.constexpr,
+    SOFT_CAP: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr, F32: tl.constexpr,
 ):
     """One program: BLOCK_M queries of one sequence and one head against that sequence's key tiles."""
     m_block = tl.program_id(0)
@@ -68,6 +71,9 @@ def _flash_attention_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    if SINKS:  # the sink as a first key of weight 2^0 and no value: the online softmax then counts it once
+        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(sinks_ptr + head) * LOG2E
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bt_row = block_tables_ptr + seq * bt_stride
     for start in range(lo, hi, BLOCK_N):
@@ -116,16 +122,19 @@ def flash_attention(
     scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
     max_seqlen_q: int | None = None,
 ) -> torch.Tensor:
     """Causal prefill attention of packed queries q [total_q, n_heads, head_dim] over the paged cache.
 
     k_cache, v_cache: [num_blocks, block_size, n_kv_heads, head_dim], q's dtype; block_tables int32
     [batch, max_pages]; cu_seqlens_q int32 [batch + 1]; context_lens int32 [batch] (cached + new tokens).
+    sinks: float32 [n_heads], the attention sinks' logits (module docstring), or None.
     max_seqlen_q: the longest q_len, if the caller knows it (else read from cu_seqlens_q: a device sync).
     Returns [total_q, n_heads, head_dim] in q's dtype.
     """
-    batch = _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, sliding_window, soft_cap)
+    batch = _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, sliding_window, soft_cap,
+                   sinks)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0 or q.shape[0] == 0:
         return out
@@ -138,7 +147,7 @@ def flash_attention(
         block_m, num_stages = max(16, block_m // 2), 1
     grid = (triton.cdiv(max_seqlen_q, block_m), batch, n_heads)
     _flash_attention_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, context_lens,
+        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, context_lens, q if sinks is None else sinks,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -146,7 +155,7 @@ def flash_attention(
         *logit_scales(scale, soft_cap), sliding_window or 0, head_dim,
         # The page size as a constant: its // and % on every key are shifts and masks.
         PAGE=k_cache.shape[1], GROUP=n_heads // k_cache.shape[2], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        SOFT_CAP=soft_cap is not None, WINDOW=sliding_window is not None, F32=f32_dot(q),
+        SOFT_CAP=soft_cap is not None, WINDOW=sliding_window is not None, SINKS=sinks is not None, F32=f32_dot(q),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -163,9 +172,11 @@ def flash_attention_ref(
     scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Torch reference of `flash_attention`: one dense masked attention per sequence, float32 math."""
-    batch = _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, sliding_window, soft_cap)
+    batch = _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, sliding_window, soft_cap,
+                   sinks)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     cu = cu_seqlens_q.tolist()
     for b in range(batch):
@@ -175,17 +186,18 @@ def flash_attention_ref(
         q_b = q[cu[b] : cu[b + 1]]
         q_pos = torch.arange(int(ctx) - len(q_b), int(ctx), device=q.device)[None]
         out[cu[b] : cu[b + 1]] = attention_ref(q_b[None], k, v, q_pos, ctx, scale=scale,
-                                               sliding_window=sliding_window, soft_cap=soft_cap)[0]
+                                               sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks)[0]
     return out
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
            cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float, sliding_window: int | None,
-           soft_cap: float | None) -> int:
+           soft_cap: float | None, sinks: torch.Tensor | None) -> int:
     """The batch size, once every argument is checked."""
     batch = block_tables.shape[0] if block_tables.dim() == 2 else -1
     check_paged(q, k_cache, v_cache, block_tables, context_lens, batch)
     check_attention_options(scale, sliding_window, soft_cap)
+    check_sinks(sinks, q.shape[1], q.device)
     if cu_seqlens_q.shape != (batch + 1,) or cu_seqlens_q.dtype != torch.int32 or not cu_seqlens_q.is_contiguous():
         raise ValueError(f"cu_seqlens_q must be contiguous int32 [{batch + 1}], got {cu_seqlens_q.dtype} "
                          f"{tuple(cu_seqlens_q.shape)}")

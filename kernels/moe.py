@@ -29,7 +29,8 @@ when each expert sees a few tokens, the decoded tile multiplied on the tensor co
 prefill, the GEMM tiles of qgemv (each weight decoded once per BLOCK_M rows). Weights whose type or row length
 qgemv's decoders do not take (`qgemv.gemv_fits`) go through the element decoders of blocks.py, BLOCK_K elements at a
 time, as qmatmul's generic kernel does. Q4_0, Q5_0, Q8_0 and Q6_K experts are read in the planar layout of
-planar.py (relaid here unless `planar`: a model relays them once when it loads them).
+planar.py, MXFP4 experts (on the word decoders) in its planes per expert (relaid here unless `planar`: a model relays
+them once when it loads them).
 
 Activations: "silu" (SwiGLU), "gelu" (GeGLU, tanh form) and "swiglu_oai" (gpt-oss: g = min(gate, 7),
 u = clamp(up, -7, 7), act = g * sigmoid(1.702 g) * (u + 1)). Optional float biases per expert row (gpt-oss) are
@@ -50,9 +51,9 @@ from ..gguf.quants import dequantize as _gguf_dequantize
 from ..gguf.types import TYPE_TRAITS, GGMLType
 from ._common import FLOAT_DTYPES, backend, check_float, check_last_dim_contiguous, dot, f32_dot, tanh
 from .blocks import decode_block, decode_planar, decode_table_tensor
-from .planar import PLANAR_TYPES, from_planar, to_planar
-from .qgemv import (_BLOCKS_PER_STEP, _T, GEMV_TYPES, _iq4_xs_block, _k4_block, _q6_k_block, _q32_block,
-                    _value_table, gemv_fits)
+from .planar import MATRIX_PLANAR_TYPES, PLANAR_TYPES, RELAID_TYPES, from_planar, to_planar
+from .qgemv import (_BLOCKS_PER_STEP, _T, GEMV_TYPES, _iq4_xs_block, _k4_block, _mxfp4_block, _q6_k_block,
+                    _q32_block, _value_table, gemv_fits)
 
 GATINGS = ("softmax", "softmax_weight")
 ACTIVATIONS = ("silu", "gelu", "swiglu_oai")
@@ -67,13 +68,14 @@ _CONFIGS = {
 }
 # The most rows of W per program that do not spill on sm_90 (bench/sass.py, Triton 3.9 and 3.6; but Q4_K's 16-row
 # down at 64 rows spills 8 bytes under 3.6), per tile form (1, 16, 32..64 rows of x) and type: (gate and up, whose
-# sums stay live through up's loop; down). Other types, IQ4_XS and the element decoders' among them:
-# _OTHER_MAX_BLOCK_N.
+# sums stay live through up's loop; down). Other types and forms, the element decoders' among them:
+# _OTHER_MAX_BLOCK_N (IQ4_XS's and MXFP4's 32..64-row form spills 4 to 32 bytes there, less than at 128 rows).
 _MAX_BLOCK_N = {
     (1, "Q4_K"): (256, 256), (1, "Q5_K"): (256, 256), (1, "Q5_0"): (256, 256), (1, "Q6_K"): (128, 128),
     (1, "Q8_0"): (32, 128), (1, "Q4_0"): (128, 128),
     (16, "Q4_K"): (256, 256), (16, "Q6_K"): (256, 256), (16, "Q4_0"): (256, 256),
     (32, "Q4_K"): (128, 128), (32, "Q6_K"): (128, 128), (32, "Q4_0"): (128, 128),
+    (1, "IQ4_XS"): (256, 256), (1, "MXFP4"): (256, 256),
 }
 _OTHER_MAX_BLOCK_N = {1: 32, 16: 64, 32: 64}
 _BLOCK_K = {"cuda": 64, "hip": 64, "interpreter": 32}  # elements per step of the element decoders
@@ -157,12 +159,13 @@ def _align_kernel(ids_ptr, pairs_ptr, tile_expert_ptr, n_pairs, E, n_tiles, BLOC
 
 
 @triton.jit
-def _products(w_ptr, row, x_ptr, xm, x_stride, table_ptr, nb, K, TYPE: tl.constexpr, WORDS: tl.constexpr,
+def _products(w_ptr, row, x_ptr, xm, x_stride, table_ptr, nb, K, N, TYPE: tl.constexpr, WORDS: tl.constexpr,
               PLANAR: tl.constexpr, QK: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_K: tl.constexpr, DENORMAL: tl.constexpr, F32: tl.constexpr):
     """x . W[row]^T over all K for the BLOCK_N rows `row` (byte offsets) of the weight at w_ptr: [BLOCK_N] for one
     row of x at x_ptr (BLOCK_M = 1), or [BLOCK_M, BLOCK_N] for the rows xm of the x at x_ptr. WORDS: qgemv's word
-    decoders; else the element decoders (PLANAR: reading the planar layout)."""
+    decoders (MXFP4's reading its planes per matrix of N rows); else the element decoders (PLANAR: reading the
+    planar layout)."""
     BN: tl.constexpr = row.shape[0]
     if WORDS:
         # qgemv's per-thread lanes for one row of x; Q6_K's weights are the tensor cores' left operand
@@ -182,10 +185,15 @@ def _products(w_ptr, row, x_ptr, xm, x_stride, table_ptr, nb, K, TYPE: tl.conste
                                 BLOCK_M, F32)
         elif TYPE == "IQ4_XS":
             for b in range(0, nb):
-                acc = _iq4_xs_block(acc, w_ptr, row, b, x_ptr, table_ptr, xm, x_stride, BLOCK_M, F32)
+                acc = _iq4_xs_block(acc, w_ptr, row, b, x_ptr, table_ptr, xm, x_stride, DENORMAL, BLOCK_M, F32)
         elif TYPE == "Q6_K":
             for b in range(0, nb):
                 acc = _q6_k_block(acc, w_ptr, row, b, nb, x_ptr, xm, x_stride, DENORMAL, BLOCK_M, F32)
+        elif TYPE == "MXFP4":  # row: n * nb * 17; the qs plane (nb * 16 bytes a row), then the scales' (nb)
+            n_nb = row // BLOCK_BYTES
+            for b in range(0, nb, _BLOCKS_PER_STEP):
+                acc = _mxfp4_block(acc, w_ptr, n_nb * 16, N.to(tl.int64) * nb * 16 + n_nb, b, nb, x_ptr, table_ptr,
+                                   xm, x_stride, LANES, DENORMAL, BLOCK_M, F32)
         else:
             for b in range(0, nb, _BLOCKS_PER_STEP):
                 acc = _q32_block(acc, w_ptr, row, b, nb, nb, x_ptr, xm, x_stride, TYPE, LANES, DENORMAL, BLOCK_M,
@@ -193,7 +201,7 @@ def _products(w_ptr, row, x_ptr, xm, x_stride, table_ptr, nb, K, TYPE: tl.conste
         if BLOCK_M == 1:
             res = tl.sum(acc, axis=1)
         else:
-            if DENORMAL and TYPE != "IQ4_XS":  # the decoded weights were scaled by 2^-T (qgemv); IQ4_XS's were not
+            if DENORMAL:  # the decoded weights were scaled by 2^-T (qgemv)
                 acc *= 2.0 ** _T
             if W_LEFT:
                 res = tl.trans(acc)  # once per tile, after the loop
@@ -267,7 +275,7 @@ def _moe_kernel(x_ptr, w0_ptr, w1_ptr, bias0_ptr, bias1_ptr, table_ptr, out_ptr,
             xa = x_ptr + xm * x_stride
         else:
             xa = x_ptr
-        a = _products(w0_ptr + w_off, row, xa, xm, x_stride, table_ptr, nb, K, TYPE, WORDS, PLANAR, QK, BLOCK_BYTES,
+        a = _products(w0_ptr + w_off, row, xa, xm, x_stride, table_ptr, nb, K, N, TYPE, WORDS, PLANAR, QK, BLOCK_BYTES,
                       BLOCK_M, BLOCK_K, DENORMAL, F32)
         if BIAS:
             a += tl.load(bias0_ptr + expert * N + n, mask=n_in, other=0.0).to(tl.float32)
@@ -277,7 +285,7 @@ def _moe_kernel(x_ptr, w0_ptr, w1_ptr, bias0_ptr, bias1_ptr, table_ptr, out_ptr,
             else:
                 h = a * tl.load(route_w_ptr + pc)[:, None]
         else:
-            u = _products(w1_ptr + w_off, row, xa, xm, x_stride, table_ptr, nb, K, TYPE, WORDS, PLANAR, QK,
+            u = _products(w1_ptr + w_off, row, xa, xm, x_stride, table_ptr, nb, K, N, TYPE, WORDS, PLANAR, QK,
                           BLOCK_BYTES, BLOCK_M, BLOCK_K, DENORMAL, F32)
             if BIAS:
                 u += tl.load(bias1_ptr + expert * N + n, mask=n_in, other=0.0).to(tl.float32)
@@ -385,14 +393,16 @@ def _grouped(x: torch.Tensor, raw: torch.Tensor, raw1: torch.Tensor | None, t: G
     E, N, K = shape
     traits = TYPE_TRAITS[t]
     nb = K // traits.block_elements
-    words = t in GEMV_TYPES and gemv_fits(t, K)
+    words = t in GEMV_TYPES and gemv_fits(t, K, N)
     raws = [r for r in (raw, raw1) if r is not None]
-    if t in PLANAR_TYPES and words and not planar:
+    if t in RELAID_TYPES and words and not planar:
         raws = [to_planar(r, t, shape) for r in raws]
+    elif t in MATRIX_PLANAR_TYPES and not words and planar:  # the element decoders read the file's layout
+        raws = [from_planar(r, t, shape) for r in raws]
     if words:  # the word loads need at least 4-byte alignment; a fresh tensor has 256
         raws = [r.clone() if r.data_ptr() % 16 else r for r in raws]
     be = backend(x.device)
-    table = _value_table(t, x.device) if t == GGMLType.IQ4_XS else decode_table_tensor(t, x.device)
+    table = _value_table(t, x.device) if words else decode_table_tensor(t, x.device)
     bias0, bias1 = biases
     P = route_w.numel()
     _tuned(be, block_m)[lambda meta: (tile_expert.numel() * triton.cdiv(N, meta["BLOCK_N"]),)](
@@ -432,8 +442,8 @@ def fused_moe(
     and down's; gate and up share one type), on x's device (CPU under TRITON_INTERPRET=1), 2-byte aligned (4 for
     F32). gating, normalize, scale: the routing (GATINGS). activation: one of ACTIVATIONS. biases: None or
     (gate's, up's, down's) float tensors [n_expert, n_ff], [n_expert, n_ff], [n_expert, H], all or none.
-    planar: the experts of the types of `planar.PLANAR_TYPES` are in that layout. block_m: rows per tile (1, 16,
-    32 or 64; default `_block_m`'s choice).
+    planar: the experts of the types of `planar.RELAID_TYPES` are in `planar.to_planar`'s layout (MXFP4's: planes
+    per expert). block_m: rows per tile (1, 16, 32 or 64; default `_block_m`'s choice).
     """
     types = _check(x, router_logits, top_k, gate, up, down, ggml_types, n_ff, activation, biases, block_m)
     T, H = x.shape
@@ -509,8 +519,7 @@ def fused_moe_ref(
         elif activation == "gelu":
             a = torch.nn.functional.gelu(g, approximate="tanh") * u
         else:
-            g, u = g.clamp(max=7.0), u.clamp(-7.0, 7.0)
-            a = g * torch.sigmoid(1.702 * g) * (u + 1.0)
+            a = swiglu_oai_ref(g, u)
         d = a @ wd.t()
         if b_down is not None:
             d = d + b_down[e].to(work)
@@ -521,13 +530,20 @@ def fused_moe_ref(
     return out.to(x.dtype)
 
 
+def swiglu_oai_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gpt-oss's gated activation (llama.cpp's ggml_swiglu_oai, alpha 1.702, limit 7): g = min(gate, 7),
+    u = clamp(up, -7, 7), g * sigmoid(1.702 g) * (u + 1)."""
+    g, u = gate.clamp(max=7.0), up.clamp(-7.0, 7.0)
+    return g * torch.sigmoid(1.702 * g) * (u + 1.0)
+
+
 def _expert(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int], e: int, n_expert: int,
             planar: bool) -> torch.Tensor:
     """Expert e ([N, K] float32) of the raw [n_expert, N, K] tensor (planar: in planar.py's layout, for its types)."""
     t = GGMLType(ggml_type)
     size = raw.numel() // n_expert
     piece = raw[e * size:(e + 1) * size]
-    if planar and t in PLANAR_TYPES:
+    if planar and t in RELAID_TYPES:
         piece = from_planar(piece, t, shape)
     return _gguf_dequantize(piece, t, shape)
 

@@ -7,6 +7,9 @@ when windowed, read through its block table (layout: ggtriton.runtime.engine.kv_
     s_j = scale * q . k_j                          (soft-capped: s_j = cap * tanh(s_j / cap))
     out = sum_j softmax(s)_j v_j
 
+With attention sinks (gpt-oss), head h's learned logit sinks[h] joins the softmax's denominator and has no value:
+out = sum_j e^(s_j) v_j / (sum_j e^(s_j) + e^(sinks[h])).
+
 Decode is bound by reading the cache, so the work is cut two ways to fill the GPU and read each page once:
 - GQA: one program takes all n_heads / n_kv_heads query heads of a kv head, as the rows of one
   [group, head_dim] x [head_dim, BLOCK_N] dot, so a K/V tile is loaded once for its whole group.
@@ -14,7 +17,8 @@ Decode is bound by reading the cache, so the work is cut two ways to fill the GP
   program stores its normalised partial output o_s and log-sum-exp lse_s (base 2), and the last program of
   its (sequence, kv head) to finish, found by an atomic counter, combines them in split order:
   out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s. One launch either way; with one
-  split the program writes the output directly.
+  split the program writes the output directly. A sink is counted once: in the combine, as one more term
+  2^(sink - M) of the denominator (M then the max over it too), or, with one split, as the first key.
   Each sequence cuts its own key range, read on the device, into min(num_splits, span / min_split_keys)
   splits (the rest stay empty). So the split count depends on the batch alone, never on a bound of the
   lengths: a CUDA graph captured for any length spreads a short context over as many SMs as eager
@@ -28,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ARRIVAL_COUNTERS, arrival_counters, attention_ref, backend, check_attention_options,
-                      check_paged, dot, f32_dot, gather_pages, logit_scales, sm_count, tanh)
+from ._common import (ARRIVAL_COUNTERS, LOG2E, arrival_counters, attention_ref, backend, check_attention_options,
+                      check_paged, check_sinks, dot, f32_dot, gather_pages, logit_scales, sm_count, tanh)
 
 # Fewest keys a split gets: below this the reduce and the partial round trip cost more than they save.
 # Small in the interpreter, so that tests cross several splits on short contexts.
@@ -43,13 +47,14 @@ _CONFIGS = {"cuda": (64, 4, 3), "hip": (64, 4, 1), "interpreter": (16, 1, 1)}
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, o_ptr, lse_ptr, out_ptr, count_ptr, block_tables_ptr, context_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, o_ptr, lse_ptr, out_ptr, count_ptr, block_tables_ptr, context_lens_ptr, sinks_ptr,
     q_seq_stride, q_head_stride, o_seq_stride, o_head_stride, o_split_stride, lse_seq_stride, lse_head_stride,
     out_seq_stride, out_head_stride,
     kc_block_stride, kc_slot_stride, kc_head_stride, vc_block_stride, vc_slot_stride, vc_head_stride,
     bt_stride, qk_scale, soft_cap, window, min_split_keys, head_dim,
     PAGE: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SOFT_CAP: tl.constexpr, WINDOW: tl.constexpr, F32: tl.constexpr, WRITE_LSE: tl.constexpr, BLOCK_S: tl.constexpr,
+    SOFT_CAP: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr, F32: tl.constexpr, WRITE_LSE: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     """One program: the query-head group of one kv head of one sequence, over one split of its keys. With
     WRITE_LSE (several splits) it stores its partial output and log-sum-exp, and the last split of the group to
@@ -78,6 +83,11 @@ def _paged_decode_kernel(
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
+    if SINKS:
+        sink = tl.load(sinks_ptr + heads, mask=g_mask, other=0.0) * LOG2E
+        if not WRITE_LSE:  # one split: the sink as a first key of weight 2^0 and no value
+            m_i = sink
+            l_i = tl.full([BLOCK_G], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     bt_row = block_tables_ptr + seq * bt_stride
     for n0 in range(start, end, BLOCK_N):
@@ -124,8 +134,12 @@ def _paged_decode_kernel(
             lse_all = tl.load(lse_row[:, None] + offs_s[None, :], mask=g_mask[:, None] & (offs_s < num_splits)[None, :],
                               other=float("-inf"), cache_modifier=".cg")
             m = tl.max(lse_all, 1)
+            if SINKS:
+                m = tl.maximum(m, sink)
             m = tl.where(m == float("-inf"), 0.0, m)
             total = tl.zeros([BLOCK_G], tl.float32)
+            if SINKS:
+                total = tl.exp2(sink - m)
             acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
             o_row = o_ptr + seq * o_seq_stride + heads[:, None] * o_head_stride + offs_d[None, :]
             for s in range(num_splits):
@@ -151,18 +165,20 @@ def paged_decode(
     scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of q [batch, n_heads, head_dim] (one token per sequence) over the paged cache.
 
     k_cache, v_cache: [num_blocks, block_size, n_kv_heads, head_dim], q's dtype; block_tables int32
-    [batch, max_pages]; context_lens int32 [batch] (the new token included). num_splits: most splits a
+    [batch, max_pages]; context_lens int32 [batch] (the new token included). sinks: float32 [n_heads], the
+    attention sinks' logits (module docstring), or None. num_splits: most splits a
     sequence's keys are cut into (each of at least 256 keys); by default enough programs for ~2 per SM at
     the batch size rounded up to a power of two. The launch depends on the shapes only (no length is read
     back), so a CUDA graph can capture it.
     Returns [batch, n_heads, head_dim] in q's dtype.
     """
-    _check(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, soft_cap, num_splits)
+    _check(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, soft_cap, sinks, num_splits)
     batch, n_heads, head_dim = q.shape
     n_kv_heads = k_cache.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -189,6 +205,7 @@ def paged_decode(
                          f"{batch * n_kv_heads}")
     _paged_decode_kernel[(batch, n_kv_heads, num_splits)](
         q, k_cache, v_cache, o, lse, out, arrival_counters(q.device), block_tables, context_lens,
+        q if sinks is None else sinks,
         q.stride(0), q.stride(1), o.stride(0), o.stride(1), o.stride(2) if num_splits > 1 else 0,
         lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -198,7 +215,7 @@ def paged_decode(
         # tl.dot needs at least 16 rows: small groups are padded with masked rows.
         PAGE=k_cache.shape[1], GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=block_d,
-        SOFT_CAP=soft_cap is not None, WINDOW=sliding_window is not None, F32=f32_dot(q),
+        SOFT_CAP=soft_cap is not None, WINDOW=sliding_window is not None, SINKS=sinks is not None, F32=f32_dot(q),
         # One tile of log-sum-exps for every split count: one compiled kernel for all batch sizes.
         WRITE_LSE=num_splits > 1, BLOCK_S=_MAX_SPLITS, num_warps=num_warps, num_stages=num_stages,
     )
@@ -215,24 +232,26 @@ def paged_decode_ref(
     scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Torch reference of `paged_decode`: the whole batch as one padded, masked attention, float32 math."""
-    _check(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, soft_cap, None)
+    _check(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, soft_cap, sinks, None)
     if q.shape[0] == 0:
         return torch.empty_like(q)
     k = gather_pages(k_cache, block_tables, context_lens)
     v = gather_pages(v_cache, block_tables, context_lens)
     q_pos = (context_lens.long() - 1)[:, None]
     out = attention_ref(q[:, None], k, v, q_pos, context_lens, scale=scale, sliding_window=sliding_window,
-                        soft_cap=soft_cap)
+                        soft_cap=soft_cap, sinks=sinks)
     return out[:, 0].to(q.dtype)
 
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
            context_lens: torch.Tensor, scale: float, sliding_window: int | None, soft_cap: float | None,
-           num_splits: int | None) -> None:
+           sinks: torch.Tensor | None, num_splits: int | None) -> None:
     check_paged(q, k_cache, v_cache, block_tables, context_lens, q.shape[0] if q.dim() == 3 else -1)
     check_attention_options(scale, sliding_window, soft_cap)
+    check_sinks(sinks, q.shape[1], q.device)
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")

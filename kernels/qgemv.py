@@ -11,9 +11,11 @@ What keeps it low:
   values): 16-byte loads of words, neighbouring threads on neighbouring bytes of a row. Block headers (d, dmin,
   packed scales) are loaded and decoded once per (row, block) piece a thread owns.
 - A b-bit field at bit P (P + b <= 23) of a word w is turned into a float by one AND: (w & mask) read as a
-  float32 is the denormal q * 2^(P - 149), exact. A backend that flushes denormals (DENORMAL=False, HIP) adds
-  the field to a float's mantissa with an exponent instead, and subtracts that float's base, exact too, at one
-  FADD more per weight.
+  float32 is the denormal q * 2^(P - 149), exact (and up to P + b = 24: a set bit 23 is exponent 1, the same
+  scale). A backend that flushes denormals (DENORMAL=False, HIP) adds the field to a float's mantissa with an
+  exponent instead, and subtracts that float's base, exact too, at one FADD more per weight.
+- Nibbles that index a 16-value table (IQ4_XS, MXFP4) are looked up 4 at a time by byte permutes (PRMT) from the
+  table held in registers, as bytes value + offset, which then are 8-bit fields as Q8_0's (see `_lookup`).
 - One row of x (BLOCK_M = 1, a GEMV): x is pre-scaled per field position by 2^(149 - S - P), so every product
   x' * f is x * q * 2^-S; one FFMA per weight accumulates it, and the block scale (times 2^S) multiplies the
   sums once per sub-block. S = 80 keeps x' finite for |x| < 2^59 and the products normal for |x| >= 2^-46.
@@ -27,8 +29,9 @@ What keeps it low:
   picking the tile, so each weight is decoded once per BLOCK_M rows: at [128, 128] tiles the loop issues about one
   warp instruction per 1000 FLOPs (bench/sass.py), about what the tensor cores' peak allows.
 
-Types: Q4_K and Q5_K (16-byte aligned blocks) read the file's layout; Q4_0, Q5_0, Q8_0 and Q6_K read the planar
-layout of `planar.py` (their file blocks are 2-byte aligned). Split-K: program (pid, s) covers blocks
+Types: Q4_K and Q5_K (16-byte aligned blocks) and IQ4_XS (8-byte aligned: 8-byte loads) read the file's layout;
+Q4_0, Q5_0, Q8_0 and Q6_K read the planar layout of `planar.py` (their file blocks are 2-byte aligned), MXFP4 (17-byte
+blocks) its planes per matrix. Split-K: program (pid, s) covers blocks
 [s * split_blocks, (s + 1) * split_blocks) of its rows and stores float32 partial sums; the last program of a row
 tile to arrive (an atomic counter per tile) adds them in range order, so a split product is one launch and the
 same bits every run. Up to three weights of one type and K (q, k and v; gate and up) share a launch: the grid
@@ -50,15 +53,18 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
+from triton.language.target_info import is_cuda
 
-from ..gguf.quant_tables import IQ4NL_VALUES
+from ..gguf.quant_tables import IQ4NL_VALUES, MXFP4_VALUES
 from ..gguf.types import TYPE_TRAITS, GGMLType
 from ._common import ARRIVAL_COUNTERS, arrival_counters, backend, dot, f32_dot
 from .activations import activate
+from .planar import MATRIX_PLANAR_TYPES, to_planar
 from .rmsnorm import rms_rstd, store_sumsq
 
 GEMV_TYPES = frozenset({GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q4_0,
-                        GGMLType.Q5_0, GGMLType.IQ4_XS})
+                        GGMLType.Q5_0, GGMLType.IQ4_XS, GGMLType.MXFP4})
 MAX_M = 16  # rows of x the kernel takes: one tensor-core tile
 
 _S = tl.constexpr(80)
@@ -92,6 +98,9 @@ _M_BUCKET_CAP = 1024  # autotune key: M rounded up to a power of two, at most th
 _SPLIT_ROWS = 128  # rows per program assumed when sizing split-K
 _STEP = 8  # 32-element types: blocks a program decodes per row per step
 _BLOCKS_PER_STEP = tl.constexpr(_STEP)
+_INTERPRETED = tl.constexpr(knobs.runtime.interpret)  # triton.jit made interpreted functions (TRITON_INTERPRET=1)
+_IQ4NL_OFFSET = tl.constexpr(128)  # the table bytes are value + offset: IQ4_NL's values are -127..113,
+_MXFP4_OFFSET = tl.constexpr(12)  # MXFP4's (doubled E2M1) -12..12
 
 
 @triton.jit
@@ -396,41 +405,190 @@ def _q32_block(acc, w_ptr, row, b, b_end, nb, x_ptr, xm, x_stride, TYPE: tl.cons
     return acc
 
 
-# IQ4_XS (136-byte blocks, 8-byte aligned, the file's layout): d f16 @0 | scales_h u16 @2 | scales_l[4] @4 | qs[128]
-# @8, 8 sub-blocks of 32 elements whose 16 qs bytes hold them as Q4_0's do; a nibble indexes a 16-value table. A
-# thread owns one sub-block of a row; the values come from a float32 copy of the table (64 bytes, L1-resident).
+# Nibbles that index a 16-value table (IQ4_XS, MXFP4): the table, as bytes u = value + offset, is held in four
+# registers, and a byte permute (PRMT) looks up four nibbles at once: two permutes pick from each half of the table by
+# the low 3 bits of each nibble, a third keeps, per byte, the half its nibble's top bit names. One word of 8 nibbles
+# becomes two words of 4 looked-up bytes in 11 instructions (9 for MXFP4's table, see `_lookup`), whose byte fields
+# `_take` then reads as Q8_0's quants (one AND and one FMA per weight at one row of x, the offset taken out with the
+# sums of x): ~3.4 instructions per weight, where a gather from a table in memory takes ~11 (and shared memory or L1
+# would serve at most 32 lookups per clock per SM, about the rate HBM brings 4.25-bit weights). The table words come
+# from memory (`_value_table`; loop-invariant loads, made once per program): as constants, ptxas would move one into a
+# register before every permute.
 
 
 @triton.jit
-def _iq4_xs_block(acc, w_ptr, row, b, x_ptr, table_ptr, xm, x_stride, BLOCK_M: tl.constexpr,
-                  F32: tl.constexpr):
+def _perm(a, b, s):
+    """PTX's prmt.b32 (one PRMT): byte k of the result is byte s[4k+2:4k] of {b, a} (a: bytes 0..3, b: 4..7), or
+    where s[4k+3] is set, that byte's top bit repeated 8 times. Elsewhere (the interpreter, HIP) in shifts."""
+    if not _INTERPRETED and is_cuda():
+        r = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, s], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    else:
+        r = tl.zeros_like(a)
+        for k in tl.static_range(4):
+            sel = (s >> (4 * k)) & 15
+            byte = (tl.where((sel & 7) < 4, a, b) >> ((sel & 3) * 8)) & 0xFF
+            r |= tl.where(sel < 8, byte, tl.where(byte < 128, 0, 0xFF)) << (8 * k)
+    return r
+
+
+@triton.jit
+def _table(table_ptr, lanes):
+    """The words of `_value_table` for lanes [L] (each lane its own copy: uniform values would be kept in uniform
+    registers, and moved to a register before every permute)."""
+    c = lanes % 8
+    return (tl.load(table_ptr + c), tl.load(table_ptr + 8 + c), tl.load(table_ptr + 16 + c),
+            tl.load(table_ptr + 24 + c), tl.load(table_ptr + 32 + c))
+
+
+@triton.jit
+def _lookup(q, tab, SMALL: tl.constexpr):
+    """(r0, r1) for words q of 8 nibbles: byte k of r0 (r1) is u[nibble k (4 + k) of q], for the table words tab
+    (`_table`, broadcast against q: the bytes u as 4 words, then 0x32103210). SMALL: every u < 128, so that a
+    permute of one half of the table gives 0 (its byte's top bit repeated) where a nibble's top bit names the other
+    half, and an OR merges the halves: 9 instructions per word, not 11."""
+    lo0, lo1, hi0, hi1, order = tab
+    if SMALL:
+        flip = q ^ -0x77777778  # 0x88888888: top bits flipped, the high half's picks where they were set
+        r0 = _perm(lo0, lo1, q) | _perm(hi0, hi1, flip)
+        r1 = _perm(lo0, lo1, q >> 16) | _perm(hi0, hi1, flip >> 16)
+    else:
+        s0 = q & 0x77777777  # the nibbles' low 3 bits: bytes of a table half
+        s1 = s0 >> 16
+        half = ((q >> 1) & 0x44444444) | order  # byte k of the low half's pick or (top bit set) of the high half's
+        r0 = _perm(_perm(lo0, lo1, s0), _perm(hi0, hi1, s0), half)
+        r1 = _perm(_perm(lo0, lo1, s1), _perm(hi0, hi1, s1), half >> 16)
+    return r0, r1
+
+
+@triton.jit
+def _take_bytes(s, sx, acc, r, x_ptr, el, mask, dl, bias, xm, x_stride, DENORMAL: tl.constexpr,
+                BLOCK_M: tl.constexpr, F32: tl.constexpr):
+    """`_take` of the 4 bytes of words r, elements el + (0, 16, 1, 17): fields at bits 0, 8, 16 and 24 (the last
+    two moved to 0 and 8 when the fields take an exponent, which must not overlap)."""
+    s, sx, acc = _take(s, sx, acc, r, 0, 8, x_ptr, el, mask, dl, bias, xm, x_stride, DENORMAL, BLOCK_M, F32)
+    s, sx, acc = _take(s, sx, acc, r, 8, 8, x_ptr, el + 16, mask, dl, bias, xm, x_stride, DENORMAL, BLOCK_M, F32)
+    if DENORMAL:  # a field ending at bit 23 sets the exponent's lowest bit: still q * 2^(P - 149)
+        s, sx, acc = _take(s, sx, acc, r, 16, 8, x_ptr, el + 1, mask, dl, bias, xm, x_stride, DENORMAL, BLOCK_M,
+                           F32)
+        top = (r.to(tl.uint32, bitcast=True) >> 24).to(tl.int32, bitcast=True)
+        s, sx, acc = _take(s, sx, acc, top, 0, 8, x_ptr, el + 17, mask, dl, bias, xm, x_stride, DENORMAL, BLOCK_M,
+                           F32)
+    else:
+        v = r >> 16
+        s, sx, acc = _take(s, sx, acc, v, 0, 8, x_ptr, el + 1, mask, dl, bias, xm, x_stride, DENORMAL, BLOCK_M,
+                           F32)
+        s, sx, acc = _take(s, sx, acc, v, 8, 8, x_ptr, el + 17, mask, dl, bias, xm, x_stride, DENORMAL, BLOCK_M,
+                           F32)
+    return s, sx, acc
+
+
+@triton.jit
+def _table_units(acc, rows, off, L: tl.constexpr, n_units, e, dl, tab, x_ptr, xm, x_stride, OFFSET: tl.constexpr,
+                 SMALL: tl.constexpr, WIDE: tl.constexpr, DENORMAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                 F32: tl.constexpr):
+    """acc plus L units of 16 bytes of table-indexed nibbles of rows [BN] (laid out as Q4_0's quants: byte j holds
+    elements j and 16 + j of the unit), times x. Unit j of a row at word off + 4j from rows [BN, 1], int32 pointers
+    (loop-invariant: a row's address then takes one 64-bit add per step); n_units: None, or the units in range, units
+    from it on reading unit n_units - 1 (no masks, nor the zeroing and predicates they take: their scales must be 0);
+    e [L]: each unit's first element; dl [BN, L]: its scale; tab: `_table` [L]; OFFSET, SMALL: the table's (see
+    `_lookup`); WIDE: units 16-byte aligned (one 16-byte load per unit and row, else two 8-byte ones). [BN, L] sums
+    (BLOCK_M = 1), or [BLOCK_M, BN] products."""
+    BN: tl.constexpr = rows.shape[0]
+    if BLOCK_M == 1:
+        # words g = 0..3 of each unit as 4 tensors [BN, L] (loaded together, split in registers): one FMA chain per
+        # row and unit. [BN, 4L] or [BN, 2L] tiles of 4 or 2 contiguous words per thread, so that every Triton orders
+        # rows last.
+        if WIDE:
+            k = tl.arange(0, 4 * L)
+            unit = k // 4
+            if n_units is not None:
+                unit = tl.minimum(unit, n_units - 1)
+            q02, q13 = tl.split(tl.reshape(tl.load(rows + (off + unit * 4 + k % 4)[None, :]), [BN, L, 2, 2]))
+            q0, q2 = tl.split(q02)
+            q1, q3 = tl.split(q13)
+        else:
+            k = tl.arange(0, 2 * L)
+            unit = k // 2
+            if n_units is not None:
+                unit = tl.minimum(unit, n_units - 1)
+            pair = rows + (off + unit * 4 + k % 2)[None, :]
+            q0, q1 = tl.split(tl.reshape(tl.load(pair), [BN, L, 2]))
+            q2, q3 = tl.split(tl.reshape(tl.load(pair + 2), [BN, L, 2]))
+        t2 = (tab[0][None, :], tab[1][None, :], tab[2][None, :], tab[3][None, :], tab[4][None, :])
+        s = tl.zeros([BN, L], tl.float32)
+        sx = tl.zeros([L], tl.float32)
+        r0, r1 = _lookup(q0, t2, SMALL)  # bytes 0, 1 of word 0 (elements e, e + 16, e + 1, e + 17); bytes 2, 3
+        s, sx, acc = _take_bytes(s, sx, acc, r0, x_ptr, e, None, dl, dl, xm, x_stride, DENORMAL, BLOCK_M, F32)
+        s, sx, acc = _take_bytes(s, sx, acc, r1, x_ptr, e + 2, None, dl, dl, xm, x_stride, DENORMAL, BLOCK_M, F32)
+        r0, r1 = _lookup(q1, t2, SMALL)
+        s, sx, acc = _take_bytes(s, sx, acc, r0, x_ptr, e + 4, None, dl, dl, xm, x_stride, DENORMAL, BLOCK_M, F32)
+        s, sx, acc = _take_bytes(s, sx, acc, r1, x_ptr, e + 6, None, dl, dl, xm, x_stride, DENORMAL, BLOCK_M, F32)
+        r0, r1 = _lookup(q2, t2, SMALL)
+        s, sx, acc = _take_bytes(s, sx, acc, r0, x_ptr, e + 8, None, dl, dl, xm, x_stride, DENORMAL, BLOCK_M, F32)
+        s, sx, acc = _take_bytes(s, sx, acc, r1, x_ptr, e + 10, None, dl, dl, xm, x_stride, DENORMAL, BLOCK_M, F32)
+        r0, r1 = _lookup(q3, t2, SMALL)
+        s, sx, acc = _take_bytes(s, sx, acc, r0, x_ptr, e + 12, None, dl, dl, xm, x_stride, DENORMAL, BLOCK_M, F32)
+        s, sx, acc = _take_bytes(s, sx, acc, r1, x_ptr, e + 14, None, dl, dl, xm, x_stride, DENORMAL, BLOCK_M, F32)
+        acc += dl * (2.0 ** _S * s - OFFSET * sx[None, :])
+    else:
+        words = tl.arange(0, 4 * L)
+        unit = words // 4
+        if n_units is not None:
+            unit = tl.minimum(unit, n_units - 1)
+        q = tl.load(rows + (off + unit * 4 + words % 4)[None, :])
+        q = tl.reshape(q, [BN, L, 4])
+        d3 = dl[:, :, None]
+        bias = -OFFSET * d3
+        e2 = e[:, None] + 4 * tl.arange(0, 4)[None, :]  # [L, 4]: element of the low nibble of byte 0 of word g
+        t3 = (tab[0][None, :, None], tab[1][None, :, None], tab[2][None, :, None], tab[3][None, :, None],
+              tab[4][None, :, None])
+        r0, r1 = _lookup(q, t3, SMALL)
+        s, sx, acc = _take_bytes(d3, d3, acc, r0, x_ptr, e2, None, d3, bias, xm, x_stride, DENORMAL, BLOCK_M, F32)
+        s, sx, acc = _take_bytes(s, sx, acc, r1, x_ptr, e2 + 2, None, d3, bias, xm, x_stride, DENORMAL, BLOCK_M,
+                                 F32)
+    return acc
+
+
+# IQ4_XS (136-byte blocks, 8-byte aligned, the file's layout): d f16 @0 | scales_h u16 @2 | scales_l[4] @4 | qs[128]
+# @8, 8 sub-blocks of 32 elements whose 16 qs bytes hold them as Q4_0's do; a nibble indexes IQ4_NL's 16 values. A
+# thread owns one sub-block of a row (8-byte loads: the qs of a block start 8 bytes after a multiple of 8).
+
+
+@triton.jit
+def _iq4_xs_block(acc, w_ptr, row, b, x_ptr, table_ptr, xm, x_stride, DENORMAL: tl.constexpr,
+                  BLOCK_M: tl.constexpr, F32: tl.constexpr):
     """acc plus IQ4_XS block b of rows `row` (byte offsets [BN]) times x: [BN, 8] sums (BLOCK_M = 1), or
     [BLOCK_M, BN] products."""
-    BN: tl.constexpr = row.shape[0]
     i = tl.arange(0, 8)
-    g = tl.arange(0, 4)
     blk = (w_ptr + row[:, None] + b * 136).to(tl.pointer_type(tl.int32))  # [BN, 1]
-    q = tl.reshape(tl.load(blk + 2 + tl.arange(0, 32)[None, :]), [BN, 8, 4])
     h0 = tl.load(blk)  # d | scales_h << 16
     h1 = tl.load(blk + 1)  # scales_l: nibble i is the low 4 bits of sub-block i's scale
     scale = ((h1 >> (4 * i)[None, :]) & 15) | (((h0 >> (16 + 2 * i)[None, :]) & 3) << 4)
     dl = _f16(h0) * (scale - 32).to(tl.float32)  # [BN, 8]
-    e = (b * 256 + 32 * i)[:, None] + 4 * g[None, :]  # [8, 4]: element of the low nibble of byte 0 of word g
-    s = tl.zeros([BN, 8, 4], tl.float32)
-    for t in tl.static_range(8):  # nibble t: byte t // 2, low (elements 4g + t // 2) or high (16 + 4g + t // 2)
-        v = tl.load(table_ptr + ((q >> (4 * t)) & 15))
-        el = e + t // 2 + 16 * (t % 2)
-        if BLOCK_M == 1:
-            s += v * tl.load(x_ptr + el).to(tl.float32)[None]
-        else:
-            w = tl.reshape(v * dl[:, :, None], [BN, 32])
-            xt = tl.load(x_ptr + xm[:, None] * x_stride + tl.reshape(el, [32])[None, :])
-            if not F32:
-                w = w.to(xt.dtype)
-            acc += dot(xt, tl.trans(w), F32)
-    if BLOCK_M == 1:
-        acc += dl * tl.sum(s, axis=2)
-    return acc
+    rows = (w_ptr + row[:, None]).to(tl.pointer_type(tl.int32))
+    return _table_units(acc, rows, b * 34 + 2, 8, None, b * 256 + 32 * i, dl, _table(table_ptr, i), x_ptr, xm,
+                        x_stride, _IQ4NL_OFFSET, False, False, DENORMAL, BLOCK_M, F32)
+
+
+# MXFP4, planar per matrix (planar.py: qs[N x nb x 16] | e[N x nb]): a thread owns the 16 qs bytes of one block (32
+# elements as Q4_0's, E2M1 codes indexing the doubled values) of a row, one 16-byte load, and a step covers U blocks.
+
+
+@triton.jit
+def _mxfp4_block(acc, w_ptr, qrow, erow, b, b_end, x_ptr, table_ptr, xm, x_stride, U: tl.constexpr,
+                 DENORMAL: tl.constexpr, BLOCK_M: tl.constexpr, F32: tl.constexpr):
+    """acc plus the U blocks from block b of MXFP4 rows (qs at byte offsets qrow [BN], E8M0 scales at erow [BN]),
+    blocks from b_end on left out, times x: [BN, U] sums (BLOCK_M = 1), or [BLOCK_M, BN] products."""
+    u = tl.arange(0, U)
+    blk = tl.minimum(b + u, b_end - 1)  # blocks past the range read the last one, with a scale of 0
+    ev = tl.load(w_ptr + erow[:, None] + blk[None, :]).to(tl.int32)
+    # 2^(e - 128) (the doubled E2M1 values with a halved scale; e < 2 gives a subnormal scale), as blocks.py
+    d = tl.where(ev < 2, 0x00200000 << ev, (ev - 1) << 23).to(tl.float32, bitcast=True)
+    d = tl.where((b + u < b_end)[None, :], d, 0.0)
+    rows = (w_ptr + qrow[:, None]).to(tl.pointer_type(tl.int32))  # 16-byte aligned
+    return _table_units(acc, rows, b * 4, U, b_end - b, 32 * blk, d, _table(table_ptr, u), x_ptr, xm, x_stride,
+                        _MXFP4_OFFSET, True, True, DENORMAL, BLOCK_M, F32)
 
 
 @triton.jit(do_not_specialize=["M", "m_bucket", "split_blocks"])
@@ -483,15 +641,22 @@ def _qgemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, table_ptr, out_ptr, part_ptr, c
                             TYPE == "Q5_K", BLOCK_M, F32)
     elif TYPE == "IQ4_XS":
         for b in range(b0, b1):
-            acc = _iq4_xs_block(acc, w_ptr, row, b, x_ptr, table_ptr, xm, x_row_stride, BLOCK_M, F32)
+            acc = _iq4_xs_block(acc, w_ptr, row, b, x_ptr, table_ptr, xm, x_row_stride, DENORMAL, BLOCK_M, F32)
     elif TYPE == "Q6_K":
         for b in range(b0, b1):
             acc = _q6_k_block(acc, w_ptr, row, b, nb, x_ptr, xm, x_row_stride, DENORMAL, BLOCK_M, F32)
+    elif TYPE == "MXFP4":  # planes per weight: qs of its n_weight rows, then their scales
+        nn = tl.minimum(n, n_weight - 1).to(tl.int64)
+        qrow = nn * (nb * 16)
+        erow = n_weight.to(tl.int64) * (nb * 16) + nn * nb
+        for b in range(b0, b1, _BLOCKS_PER_STEP):
+            acc = _mxfp4_block(acc, w_ptr, qrow, erow, b, b1, x_ptr, table_ptr, xm, x_row_stride, LANES, DENORMAL,
+                               BLOCK_M, F32)
     else:
         for b in range(b0, b1, _BLOCKS_PER_STEP):
             acc = _q32_block(acc, w_ptr, row, b, b1, nb, x_ptr, xm, x_row_stride, TYPE, LANES, DENORMAL,
                              BLOCK_M, F32)
-    QK: tl.constexpr = 32 if TYPE == "Q4_0" or TYPE == "Q5_0" or TYPE == "Q8_0" else 256
+    QK: tl.constexpr = 32 if TYPE == "Q4_0" or TYPE == "Q5_0" or TYPE == "Q8_0" or TYPE == "MXFP4" else 256
     m = m_first + tl.arange(0, BLOCK_M)
     # the tile's rows of x and columns of out as index tiles that broadcast to its shape
     if BLOCK_M == 1:  # one row of x: 1-D, as light on registers as the loop
@@ -501,7 +666,7 @@ def _qgemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, table_ptr, out_ptr, part_ptr, c
         if NORM_IN:  # linear in x: the row's rstd scales the sums of this range
             res *= rms_rstd(sumsq_ptr, xm, nb * QK, eps)
     else:
-        if DENORMAL and TYPE != "IQ4_XS":  # IQ4_XS's values come from a table, unscaled
+        if DENORMAL:
             acc *= 2.0 ** _T
         res = acc
         if NORM_IN:
@@ -591,19 +756,20 @@ def _store(res, m, m2, n2, offs, mask, col0, M, N, out_ptr, residual_ptr, norm_w
 
 # GEMM tiles (BLOCK_M, BLOCK_N) that spill on sm_90 for these types (bench/sass.py, Triton 3.9 or 3.6). Q8_0's
 # [128, 128] tile keeps its 8 bytes under 3.6: every smaller tile issues ~1.7x the instructions per FLOP.
-_GEMM_SPILLS = {(32, 64): {"Q4_K"}, (64, 128): {"Q6_K", "Q8_0", "Q5_0"},
-                (128, 64): {"Q6_K", "Q8_0", "Q4_0", "Q5_0", "IQ4_XS"}}
+_GEMM_SPILLS = {(32, 64): {"Q4_K", "IQ4_XS"}, (64, 128): {"Q6_K", "Q8_0", "Q5_0", "IQ4_XS", "MXFP4"},
+                (128, 64): {"Q6_K", "Q8_0", "Q4_0", "Q5_0", "IQ4_XS", "MXFP4"}}
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """The configs that do not spill on sm_90 (bench/sass.py). One row of x: 256 rows of W only for Q4_K and Q5_K,
-    32 only for IQ4_XS (its table values in flight take registers). 2..16 rows of x: more than 64 rows of W only for
-    Q4_K and Q4_0. GEMM tiles: those of _GEMM_SPILLS left out."""
+    """The configs that do not spill on sm_90 (bench/sass.py). One row of x: 256 rows of W only for Q4_K, Q5_K,
+    IQ4_XS and MXFP4 (whose loops, at 16 rows of W per thread, issue the fewest instructions per byte), 32 too for
+    IQ4_XS and MXFP4. 2..16 rows of x: more than 64 rows of W only for Q4_K and Q4_0. GEMM tiles: those of
+    _GEMM_SPILLS left out."""
     t, block_m = kwargs["TYPE"], kwargs.get("BLOCK_M")
     if block_m is None:  # GEMM tiles
         return [c for c in configs if t not in _GEMM_SPILLS.get((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]), ())]
     if block_m == 1:
-        low, high = (32, 32) if t == "IQ4_XS" else (64, 256 if t in ("Q4_K", "Q5_K") else 128)
+        low, high = (32, 256) if t in ("IQ4_XS", "MXFP4") else (64, 256 if t in ("Q4_K", "Q5_K") else 128)
     else:
         low, high = 0, 256 if t in ("Q4_K", "Q4_0") else 64
     return [c for c in configs if low <= c.kwargs["BLOCK_N"] <= high] or configs[:1]
@@ -624,16 +790,27 @@ def _tuned(be: str, block_m: int | None):
 
 @functools.cache
 def _value_table(ggml_type: GGMLType, device: torch.device) -> torch.Tensor:
-    """IQ4_XS's 16 values as float32 on `device` (other types read no table: a one-element placeholder)."""
-    values = IQ4NL_VALUES if ggml_type == GGMLType.IQ4_XS else np.zeros(1, np.int8)
-    return torch.from_numpy(values.astype(np.float32)).to(device)
+    """The table words `_table` reads for IQ4_XS and MXFP4 (int32 [5, 8] on `device`: 8 copies of the 16 bytes
+    value + offset as 4 words, and of the permute constant); other types read no table: zeros."""
+    words = np.zeros((5, 8), np.int32)
+    table = {GGMLType.IQ4_XS: (IQ4NL_VALUES, _IQ4NL_OFFSET), GGMLType.MXFP4: (MXFP4_VALUES, _MXFP4_OFFSET)}
+    if ggml_type in table:
+        values, offset = table[ggml_type]
+        words[:4] = (values.astype(np.int32) + offset.value).astype(np.uint8).view(np.int32)[:, None]
+        words[4] = 0x32103210
+    return torch.from_numpy(words).to(device)
 
 
-def gemv_fits(ggml_type: GGMLType, K: int) -> bool:
+def gemv_fits(ggml_type: GGMLType, K: int, N: int | None = None) -> bool:
     """Whether the kernel takes a weight of this type and row length: its rows (and planes) must start 4-byte
-    aligned for the word loads, which the planar types' rows do when they hold an even number of blocks."""
+    aligned for the word loads, which the planar types' rows do when they hold an even number of blocks. MXFP4's
+    planes per matrix align its quants whatever K; N, the rows of each matrix of a 3-D (expert) tensor, must keep
+    the matrices' starts aligned."""
     traits = TYPE_TRAITS[ggml_type]
-    return ggml_type in GEMV_TYPES and K // traits.block_elements * traits.block_bytes % 4 == 0
+    row_bytes = K // traits.block_elements * traits.block_bytes
+    if ggml_type in MATRIX_PLANAR_TYPES:
+        return ggml_type in GEMV_TYPES and (N is None or N * row_bytes % 4 == 0)
+    return ggml_type in GEMV_TYPES and row_bytes % 4 == 0
 
 
 def gemv_splits(ggml_type: GGMLType, N: int, K: int, sms: int, splits: int | None = None) -> int:
@@ -668,7 +845,8 @@ def qgemv(x: torch.Tensor, raws: Sequence[torch.Tensor], ggml_type: GGMLType, sh
 
     x: any number of rows (more than MAX_M: GEMM tiles, in one range), last dim contiguous. Weights Wi of
     `shapes[i]` (Ni, K), of one type in GEMV_TYPES, as `raws[i]` bytes: the planar layout (`planar.to_planar`) for
-    the types it covers, else the file's; 16-byte aligned. out: [M, sum Ni], any float dtype. denormal: the field
+    `planar.PLANAR_TYPES`, else the file's (MXFP4's is relaid here, per call, into its planes per matrix, which no
+    caller passes: see planar.py); 16-byte aligned. out: [M, sum Ni], any float dtype. denormal: the field
     decoding (default: the backend's, see the module docstring). Arguments are checked by `qmatmul`, the public
     entry point. Split launches count their arrivals in `arrival_counters`. Fused variants (rmsnorm.PendingNorm):
     - norm_in (sumsq, eps): x is a PendingNorm's y, sumsq its chunk sums; out's rows are scaled by its rstd.
@@ -688,6 +866,8 @@ def qgemv(x: torch.Tensor, raws: Sequence[torch.Tensor], ggml_type: GGMLType, sh
     K = shapes[0][1]
     traits = TYPE_TRAITS[ggml_type]
     nb = K // traits.block_elements
+    if ggml_type in MATRIX_PLANAR_TYPES:  # fresh copies: 16-byte aligned
+        raws = [to_planar(raw, ggml_type, shape) for raw, shape in zip(raws, shapes)]
     splits = triton.cdiv(nb, split_blocks)
     be = backend(x.device)
     ws = [*raws, raws[0], raws[0]][:3]

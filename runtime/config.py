@@ -119,7 +119,7 @@ class ModelConfig:
         )
         if rope.scaling not in ("none", "linear", "yarn"):
             raise ValueError(f"{f.path}: rope scaling {rope.scaling!r} is not supported (none, linear, yarn)")
-        window = md.get(f"{arch}.attention.sliding_window") if spec.swa_pattern else None
+        window = get("attention.sliding_window") if spec.swa_pattern else None  # required, as llama.cpp does
         n_layers = get("block_count")
         swa = tuple(bool(window) and spec.swa_pattern > 0 and i % spec.swa_pattern < spec.swa_pattern - 1
                     for i in range(n_layers))

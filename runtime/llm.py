@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,14 @@ from ggtriton.gguf.bundled import default_model_path
 from ggtriton.kernels.cache import use_cache_dir
 
 from .config import ModelConfig
+from .distributed import ParallelModelRunner, Workers, check_tensor_parallel, check_weights, load_rank_model
 from .engine.block_manager import BlockManager
 from .engine.engine import Engine
-from .engine.model_runner import ModelRunner
+from .engine.model_runner import GRAPH_BATCH_SIZES, ModelRunner
 from .engine.sampler import Sampler
 from .engine.scheduler import Scheduler, SchedulerConfig
 from .engine.spec_decode import SpecDecoder
+from .engine.step_cost import StepCost
 from .models.decoder import DecoderModel
 from .models.ops import Ops
 from .models.weights import load_weights
@@ -52,7 +55,8 @@ class LLM:
     """A GGUF model: weights in their blocks on `device`, tokenizer and chat template from the file.
 
     device: default the GPU when there is one, else the CPU. backend: "triton" (default on a GPU; on CPU
-    it needs TRITON_INTERPRET=1) or "torch" (the reference ops; default on CPU). dtype: activations and
+    it needs TRITON_INTERPRET=1), "torch" (the float32 reference ops; default on CPU) or "cpu" (CPU only: packed
+    int4 and bfloat16 weights, fewer bytes per token; see runtime/models/ops.py). dtype: activations and
     KV cache; default float32 on CPU, bfloat16 on a GPU.
     Batching: at most `max_num_seqs` sequences and `max_num_batched_tokens` tokens per step; the KV cache
     takes `kv_cache_bytes` (default: on a GPU what keeps its memory use under `gpu_memory_utilization`,
@@ -66,11 +70,15 @@ class LLM:
     each sequence drafts as many tokens as pay at its running acceptance rate, given the draft's cost (its
     share of the target's weight bytes), down to none when drafting does not pay; otherwise always
     `num_speculative_tokens`. The output distribution is the target's own. `cuda_graphs`: replay decode
-    steps as CUDA graphs (CUDA with the Triton kernels).
+    and verify steps as CUDA graphs (CUDA with the Triton kernels).
     Start-up: with `warm_up` (default on CUDA) the constructor compiles and tunes every kernel shape the
     engine's steps use and captures every decode graph, printing one line per phase on stderr, so that no
     request pays for compilation. Compiled kernels and tuning results persist in
     `cache_dir`/<device name> (default $GGTRITON_CACHE_DIR or ~/.cache/ggtriton): a second start skips both.
+    Tensor parallelism: `tensor_parallel_size` N > 1 splits the model over N processes (this one and N - 1
+    workers; N GPUs from `device`'s, or the CPU) over torch.distributed, as runtime/distributed/shard.py
+    describes; the scheduler and sampling stay here. No draft model, no CUDA graphs. `close()` (or a `with`
+    block) stops the workers; they stop with this process in any case.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
@@ -80,7 +88,7 @@ class LLM:
                  enable_prefix_caching: bool = True, seed: int | None = None,
                  draft_model: str | os.PathLike | None = None, num_speculative_tokens: int = 4,
                  draft_p_min: float = 0.0, draft_min: int = 1, adaptive_speculation: bool = True,
-                 cuda_graphs: bool = True,
+                 cuda_graphs: bool = True, tensor_parallel_size: int = 1,
                  warm_up: bool | None = None, cache_dir: str | os.PathLike | None = None):
         self.path = Path(model) if model is not None else default_model_path()
         self.device = resolve_device(device)
@@ -88,6 +96,8 @@ class LLM:
             backend = "torch" if self.device.type == "cpu" else "triton"
         if backend == "triton" and self.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("backend='triton' on CPU needs TRITON_INTERPRET=1 (the Triton interpreter)")
+        if backend == "cpu" and self.device.type != "cpu":
+            raise ValueError(f"backend='cpu' runs on the CPU only, not on {self.device}")
         if dtype is None:
             dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
         if self.device.type == "cuda":
@@ -97,7 +107,15 @@ class LLM:
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
         self.ops = Ops(backend, dtype)
         max_len = min(max_model_len or self.config.context_length, self.config.context_length)
-        self.model = self._load(self.gguf, self.config, max_len)
+        check_tensor_parallel(self.config, tensor_parallel_size)
+        if tensor_parallel_size > 1 and draft_model is not None:
+            raise ValueError("a draft model (speculative decoding) is not supported with tensor_parallel_size > 1")
+        self._workers: Workers | None = None
+        if tensor_parallel_size > 1:
+            self.model = self._load_parallel(tensor_parallel_size, dtype, max_len, block_size)
+            self.ops = self.model.ops
+        else:
+            self.model = self._load(self.gguf, self.config, max_len)
         self.draft: tuple[ModelConfig, DecoderModel] | None = None
         draft_cost = 0.0
         if draft_model is not None:
@@ -110,10 +128,14 @@ class LLM:
         self.block_size = block_size
         self.scheduler_config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_len,
                                                 num_speculative_tokens if draft_model is not None else 0,
-                                                draft_cost, adaptive_speculation)
-        self.runner = ModelRunner(self.model, self.config, self.device, block_size, max_len, cuda_graphs)
-        self.draft_runner = (ModelRunner(self.draft[1], self.draft[0], self.device, block_size, max_len, cuda_graphs)
-                             if self.draft else None)
+                                                StepCost.weight_bound(draft_cost), adaptive_speculation)
+        # Graphs take verify steps (1 + the drafts) on the target and catch-ups of up to 2 tokens on the draft.
+        verify = 1 + self.scheduler_config.num_speculative_tokens
+        self.runner = (ModelRunner(self.model, self.config, self.device, block_size, max_len, cuda_graphs, verify)
+                       if self._workers is None else
+                       ParallelModelRunner(self._workers, self.model, self.device, block_size, max_len))
+        self.draft_runner = (ModelRunner(self.draft[1], self.draft[0], self.device, block_size, max_len, cuda_graphs,
+                                         2) if self.draft else None)
         self._draft_p_min, self._draft_min = draft_p_min, draft_min
         self._prefix_caching = enable_prefix_caching
         self._seed = seed
@@ -124,7 +146,29 @@ class LLM:
             start = time.perf_counter()
             self.engine  # noqa: B018 - allocates the KV cache
             n = sum(r.capture_graphs(max_num_seqs) for r in self._runners)
-            _log(f"warm-up: captured {n} CUDA graphs of decode steps in {time.perf_counter() - start:.1f} s")
+            _log(f"warm-up: captured {n} CUDA graphs of decode and verify steps in {time.perf_counter() - start:.1f} s")
+        if warm and self.draft_runner is not None and adaptive_speculation:
+            self.scheduler_config.step_cost = self._measure_step_cost()
+
+    def _measure_step_cost(self) -> StepCost:
+        """The step costs the lookahead is chosen by, timed now: the target's pass over each batch bucket of one
+        token and of 1 + num_speculative_tokens tokens per sequence, and the draft's decode step over each
+        bucket, relative to the target's one-token decode step."""
+        cfg = self.scheduler_config
+        buckets = [b for b in GRAPH_BATCH_SIZES if b < cfg.max_num_seqs] + [cfg.max_num_seqs]
+        start = time.perf_counter()
+        target: dict[int, float] = {}
+        for b in buckets:
+            for q in (1, 1 + cfg.num_speculative_tokens):
+                if b * q <= cfg.max_num_batched_tokens:
+                    target[b * q] = min(target.get(b * q, float("inf")), self.runner.step_time(b, q))
+        unit = target[1]
+        draft = [(b, self.draft_runner.step_time(b, 1) / unit) for b in buckets]
+        cost = StepCost([(n, t / unit) for n, t in target.items()], draft)
+        q = 1 + cfg.num_speculative_tokens
+        _log(f"warm-up: step costs measured in {time.perf_counter() - start:.1f} s; at batch 1 a verify pass of {q} "
+             f"tokens costs {cost.target_time(q):.2f} decode steps, a draft step {cost.draft_time(1):.2f}")
+        return cost
 
     def _load(self, f: GGUFFile, config: ModelConfig, max_model_len: int) -> DecoderModel:
         weights = load_weights(f, self.device)
@@ -132,9 +176,33 @@ class LLM:
         start = time.perf_counter()
         relaid = self.ops.preload(weights.values())
         if relaid and self.device.type != "cpu":
-            _log(f"load: {relaid / 2**20:.0f} MiB of Q4_0/Q5_0/Q8_0/Q6_K weights relaid planar "
+            _log(f"load: {relaid / 2**20:.0f} MiB of Q4_0/Q5_0/Q8_0/Q6_K/MXFP4 weights relaid planar "
                  f"in {time.perf_counter() - start:.2f} s (same size)")
         return model
+
+    def _load_parallel(self, size: int, dtype: torch.dtype, max_len: int, block_size: int) -> DecoderModel:
+        """Rank 0's shard of the model, once ranks 1..size-1 have started in their processes and loaded theirs."""
+        check_weights(self.gguf, self.config, size)
+        self._workers = Workers(self.path, size, self.device, self.ops.backend, dtype, max_len, block_size)
+        weakref.finalize(self, self._workers.close)
+        try:
+            model = load_rank_model(self.gguf, self.config, self._workers.group, self.ops.backend, dtype, max_len)
+            self._workers.wait_ready()
+        except BaseException:
+            self._workers.close()
+            raise
+        return model
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do without them); the engine cannot run after."""
+        if self._workers is not None:
+            self._workers.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def _runners(self) -> list[ModelRunner]:
@@ -156,9 +224,9 @@ class LLM:
         with `free` measured after the weights are loaded and the warm-up steps have run, `step` the peak
         activations of the largest step (a full prefill of max_num_batched_tokens tokens, its logits
         included), `sampler` the peak of sampling and speculative verification over the most logit rows a
-        step can have (every filter and penalty on), and `graphs` what the decode graphs keep: each
-        bucket's float32 [bucket, vocab] logits, plus their private memory pool, as large as the
-        activations of a decode step of the largest bucket. Each counts the target and the draft model.
+        step can have (every filter and penalty on), and `graphs` what the step graphs keep: each
+        graph's hidden states [bucket * q, hidden], plus their private memory pool, as large as the
+        activations of a step of the largest bucket and q. Each counts the target and the draft model.
         The target's and the draft's KV pages are bought in pairs, one page id indexing both caches.
         Runs the warm-up (every step shape when `warm`, only the largest otherwise) when it has to measure.
         """
@@ -193,9 +261,9 @@ class LLM:
             sizes = runner.graph_sizes(cfg.max_num_seqs)
             largest = sizes[-1] if sizes else cfg.max_num_seqs
             activations = max(activations, runner.warm_up(counts, rows, []))
-            decode = runner.warm_up([], rows, [largest] + ([1] if every_shape else []))
+            decode = runner.warm_up([], rows, [largest] + ([1] if every_shape else []), runner.graph_tokens)
             activations = max(activations, decode)
-            if sizes:  # kept for good: each graph's logits, and a private pool as large as its largest step
+            if sizes:  # kept for good: each graph's output, and a private pool as large as its largest step
                 graphs += runner.graph_output_bytes(cfg.max_num_seqs) + decode
         if every_shape:
             _log(f"warm-up: kernels compiled and tuned for {len(counts)} prefill sizes up to {max_tokens} tokens "

@@ -2,9 +2,10 @@
 
 The file is a complete model: metadata as llama.cpp's converter writes it, a small byte-level BPE
 vocabulary (the 256 bytes, chat tokens, padding up to `vocab`), a ChatML chat template, and every
-tensor its architecture reads, in `weight_type`, its values near N(0, 1/fan_in) (`random_tensor`), so
-that activations keep their scale through any depth: float types hold float32 normals, block types
-random valid blocks written directly (no values to quantize: an 8B-shaped file takes seconds).
+tensor its architecture reads, in `weight_type` (the experts in `expert_type`), its values near
+N(0, 1/fan_in) (`random_tensor`), so that activations keep their scale through any depth: float types
+hold float32 normals, block types random valid blocks written directly (no values to quantize: an
+8B-shaped file takes seconds).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ CHATML = (
 )
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _POOL_BLOCKS = 4096  # see `random_tensor`
+# A weight made later, in threads: (name, shape), in the model's weight type, or (name, shape, type)
+_Pending = tuple[str, tuple[int, ...]] | tuple[str, tuple[int, ...], GGMLType]
 
 
 @dataclass
@@ -43,6 +46,7 @@ class SyntheticModel:
     vocab: int = 320
     context_length: int = 4096
     weight_type: GGMLType = GGMLType.F32
+    expert_type: GGMLType | None = None  # the 3-D expert tensors' type (None: weight_type), e.g. gpt-oss's MXFP4
     rope_base: float = 10000.0
     rope_dim: int | None = None
     sliding_window: int | None = None
@@ -129,18 +133,26 @@ def random_tensor(shape: tuple[int, ...], t: GGMLType, rng: np.random.Generator)
     return np.take(rows, rng.integers(0, pool_size, n_blocks)).view(np.uint8).reshape(n_blocks, t.block_bytes)
 
 
-def _experts(p: str, m: SyntheticModel, rng: np.random.Generator) -> list[TensorData | tuple[str, tuple[int, ...]]]:
+def _experts(p: str, m: SyntheticModel, rng: np.random.Generator) -> list[TensorData | _Pending]:
     """Layer p's mixture of experts: float32 routers (llama.cpp's quantizer keeps them so) and the 3-D expert
-    weights, [n_expert, rows, columns] in PyTorch order, in the model's weight type."""
+    weights, [n_expert, rows, columns] in PyTorch order, in the expert type (a 3-tuple: name, shape, type);
+    gpt-oss's float32 router and expert biases."""
     spec = ARCHITECTURES[m.arch]
     n_ff = m.ffn if spec.moe == "optional" else m.expert_ffn
-    out: list[TensorData | tuple[str, tuple[int, ...]]] = [
+    et = m.weight_type if m.expert_type is None else m.expert_type
+    out: list[TensorData | _Pending] = [
         TensorData(p + "ffn_gate_inp.weight", GGMLType.F32, (m.n_expert, m.hidden),
                    random_tensor((m.n_expert, m.hidden), GGMLType.F32, rng)),
-        (p + "ffn_gate_exps.weight", (m.n_expert, n_ff, m.hidden)),
-        (p + "ffn_up_exps.weight", (m.n_expert, n_ff, m.hidden)),
-        (p + "ffn_down_exps.weight", (m.n_expert, m.hidden, n_ff)),
+        (p + "ffn_gate_exps.weight", (m.n_expert, n_ff, m.hidden), et),
+        (p + "ffn_up_exps.weight", (m.n_expert, n_ff, m.hidden), et),
+        (p + "ffn_down_exps.weight", (m.n_expert, m.hidden, n_ff), et),
     ]
+    if spec.moe_biases:
+        out += [TensorData(p + name, GGMLType.F32, shape, scale * rng.standard_normal(shape, dtype=np.float32))
+                for name, shape, scale in (("ffn_gate_inp.bias", (m.n_expert,), 0.5),
+                                           ("ffn_gate_exps.bias", (m.n_expert, n_ff), 0.1),
+                                           ("ffn_up_exps.bias", (m.n_expert, n_ff), 0.1),
+                                           ("ffn_down_exps.bias", (m.n_expert, m.hidden), 0.1))]
     if spec.shared_expert:
         n_sh = m.shared_expert_ffn
         out += [TensorData(p + "ffn_gate_inp_shexp.weight", GGMLType.F32, (m.hidden,),
@@ -199,7 +211,7 @@ def write_synthetic_model(path: str | os.PathLike, m: SyntheticModel) -> None:
     wt = m.weight_type
     q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
     # The weights, (name, shape) here, are made below; the small float tensors now, from `rng`.
-    out: list[TensorData | tuple[str, tuple[int, ...]]] = [("token_embd.weight", (m.vocab, m.hidden))]
+    out: list[TensorData | _Pending] = [("token_embd.weight", (m.vocab, m.hidden))]
 
     def norm(name: str, n: int) -> TensorData:
         return TensorData(name, GGMLType.F32, (n,), 1 + 0.1 * rng.standard_normal(n, dtype=np.float32))
@@ -220,9 +232,15 @@ def write_synthetic_model(path: str | os.PathLike, m: SyntheticModel) -> None:
         if spec.qk_norm:
             out += [norm(p + "attn_q_norm.weight", m.head_dim), norm(p + "attn_k_norm.weight", m.head_dim)]
         out.append((p + "attn_output.weight", (m.hidden, q)))
+        if spec.attn_output_bias:
+            out.append(TensorData(p + "attn_output.bias", GGMLType.F32, (m.hidden,),
+                                  0.1 * rng.standard_normal(m.hidden, dtype=np.float32)))
+        if spec.attn_sinks:
+            out.append(TensorData(p + "attn_sinks.weight", GGMLType.F32, (m.n_heads,),
+                                  rng.standard_normal(m.n_heads, dtype=np.float32)))
         if spec.post_norms:
             out.append(norm(p + "post_attention_norm.weight", m.hidden))
-        out.append(norm(p + "ffn_norm.weight", m.hidden))
+        out.append(norm(p + spec.ffn_norm + ".weight", m.hidden))
         if m.n_expert:
             out += _experts(p, m, rng)
         elif spec.fused_gate_up:
@@ -242,9 +260,9 @@ def write_synthetic_model(path: str | os.PathLike, m: SyntheticModel) -> None:
     # an array): the same file whatever the thread count, in seconds for 8B shapes on a many-core host.
     todo = [x for x in out if isinstance(x, tuple)]
 
-    def make(item: tuple[str, tuple[int, ...]], seed: np.random.SeedSequence) -> TensorData:
-        name, shape = item
-        return TensorData(name, wt, shape, random_tensor(shape, wt, np.random.default_rng(seed)))
+    def make(item: _Pending, seed: np.random.SeedSequence) -> TensorData:
+        name, shape, t = item if len(item) == 3 else (*item, wt)
+        return TensorData(name, t, shape, random_tensor(shape, t, np.random.default_rng(seed)))
 
     with ThreadPoolExecutor() as pool:
         made = iter(pool.map(make, todo, np.random.SeedSequence(m.seed).spawn(len(todo))))

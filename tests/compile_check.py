@@ -158,19 +158,21 @@ def launches(quick: bool):
     page = 16
     for head_dim in (64, 128, 256) if quick else (64, 80, 96, 128, 256):
         for dtype in dtypes:
-            for window, cap in [(None, None), (512, 50.0)]:
+            for window, cap, sink in [(None, None, False), (512, 50.0, False), (128, None, True)]:
                 for group in (1, 4) if not quick or head_dim == 128 else (4,):
                     args = attention_args(head_dim, group, dtype, page)
-                    yield (f"flash_attention d={head_dim} {dtype} group={group} window={window} cap={cap}",
-                           lambda a=args, w=window, c=cap: flash_attention.flash_attention(
+                    sinks = torch.zeros(args["q"].shape[1], dtype=torch.float32) if sink else None
+                    yield (f"flash_attention d={head_dim} {dtype} group={group} window={window} cap={cap} "
+                           f"sinks={sink}",
+                           lambda a=args, w=window, c=cap, sk=sinks: flash_attention.flash_attention(
                                a["q"], a["k"], a["v"], a["tables"], a["cu"], a["lens"], scale=0.1,
-                               sliding_window=w, soft_cap=c, max_seqlen_q=64))
+                               sliding_window=w, soft_cap=c, max_seqlen_q=64, sinks=sk))
                     for splits in (1, 4):
                         yield (f"paged_decode d={head_dim} {dtype} group={group} window={window} cap={cap} "
-                               f"splits={splits}",
-                               lambda a=args, w=window, c=cap, s=splits: paged_decode.paged_decode(
+                               f"sinks={sink} splits={splits}",
+                               lambda a=args, w=window, c=cap, s=splits, sk=sinks: paged_decode.paged_decode(
                                    a["q"][:1], a["k"], a["v"], a["tables"], a["lens"], scale=0.1, sliding_window=w,
-                                   soft_cap=c, num_splits=s))
+                                   soft_cap=c, num_splits=s, sinks=sk))
     for dtype in dtypes:
         x = torch.zeros(8, 4096, dtype=dtype)
         yield f"rmsnorm {dtype}", lambda x=x: rmsnorm.rmsnorm(x, torch.ones(4096, dtype=x.dtype), 1e-6)

@@ -23,6 +23,17 @@ from ggtriton.gguf import bundled
 from ggtriton.runtime.engine.scheduler import Scheduler
 from ggtriton.runtime.engine.sequence import SequenceStatus
 
+# Under pytest-xdist (`-n auto`, pyproject.toml) each worker takes an equal share of the cores: most tests run
+# the Triton interpreter on one core, and torch's own threads would otherwise oversubscribe the machine.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """One worker per core on CPU (the interpreter is single-threaded); one in all with a GPU, which every
+    test would share."""
+    return 1 if torch.cuda.is_available() else max(1, os.cpu_count() or 1)
+
 
 def _require(locate) -> Path:
     try:

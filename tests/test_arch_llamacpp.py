@@ -22,14 +22,15 @@ from ggtriton.runtime.synthetic import write_synthetic_model
 FIXTURES = Path(__file__).with_name("fixtures")
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("make_arch_fixtures", FIXTURES / "make_arch_fixtures.py")
+def fixture_script(name: str):
+    """The fixture-making script tests/fixtures/`name`.py, as a module (its cases are the tests' too)."""
+    spec = importlib.util.spec_from_file_location(name, FIXTURES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-CASES = _script().CASES
+CASES = fixture_script("make_arch_fixtures").CASES
 
 
 @pytest.fixture(scope="module")

@@ -64,9 +64,9 @@ class Paged:
         self.context_lens = torch.tensor(ctx_lens, dtype=torch.int32, device=device)
 
 
-def naive_attention(q, k, v, ctx, scale, window, cap):
+def naive_attention(q, k, v, ctx, scale, window, cap, sinks=None):
     """q [T, H, D] at positions ctx - T .. ctx - 1, k, v [ctx, KVH, D] CPU float64: dense softmax per head,
-    in float64 on the CPU."""
+    in float64 on the CPU; sinks [H]: e^sink[h] added to head h's softmax denominator."""
     q = q.cpu().double()
     t, h, _ = q.shape
     group = h // k.shape[1]
@@ -79,8 +79,10 @@ def naive_attention(q, k, v, ctx, scale, window, cap):
         if cap:
             s = cap * torch.tanh(s / cap)
         s = s.masked_fill(~allowed, -math.inf)
-        p = torch.exp(s - s.max(-1, keepdim=True).values)
-        out[:, head] = (p / p.sum(-1, keepdim=True)) @ v[:, head // group]
+        sink = -math.inf if sinks is None else float(sinks[head])
+        m = s.max(-1, keepdim=True).values.clamp(min=sink)
+        p = torch.exp(s - m)
+        out[:, head] = (p / (p.sum(-1, keepdim=True) + torch.exp(sink - m))) @ v[:, head // group]
     return out
 
 
@@ -206,6 +208,80 @@ def test_decode_matches_last_prefill_row(device):
     assert rel_err(decode, prefill.double()) <= 1e-6
 
 
+def _sinks(n_heads: int, seed: int) -> torch.Tensor:
+    """Sink logits around the attention logits' range, one far above it (the sink takes nearly all the weight) and
+    one far below (none)."""
+    sinks = 2 * torch.randn(n_heads, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    sinks[0] = 9.0
+    sinks[-1] = -30.0
+    return sinks
+
+
+# (head_dim, GQA ratio, n_kv_heads, dtype, window, cap, block size): attention sinks with and without windows
+# (a window of 1 sees only its own key), GQA, soft caps, pages a key tile straddles.
+SINK_CASES = [
+    (64, 4, 2, torch.float32, None, None, 16),
+    (80, 2, 2, torch.float32, 8, None, 8),
+    (96, 8, 1, torch.bfloat16, 20, None, 16),
+    (64, 1, 3, torch.float16, 1, 5.0, 32),
+]
+
+
+@pytest.mark.parametrize("case", SINK_CASES, ids=map(_ids, SINK_CASES))
+def test_flash_attention_sinks(case, device):
+    head_dim, ratio, n_kv_heads, dtype, window, cap, block_size = case
+    q_lens, prefixes = (1, 17, 40), (0, 5, 16)
+    ctx_lens = [p + q for p, q in zip(prefixes, q_lens)]
+    paged = Paged(ctx_lens, n_kv_heads, head_dim, dtype, block_size, seed=head_dim + 11, device=device)
+    n_heads = ratio * n_kv_heads
+    q = torch.randn(sum(q_lens), n_heads, head_dim, generator=torch.Generator().manual_seed(8)).to(device, dtype)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    sinks = _sinks(n_heads, head_dim)
+    args = (q, paged.k_cache, paged.v_cache, paged.block_tables, cu, paged.context_lens)
+    opts = dict(scale=head_dim**-0.5, sliding_window=window, soft_cap=cap, sinks=sinks.float().to(device))
+    out = flash_attention(*args, **opts)
+    ref = flash_attention_ref(*args, **opts)
+    expect = torch.cat([naive_attention(q[cu[b] : cu[b + 1]].double(), paged.k[b], paged.v[b], ctx_lens[b],
+                                        head_dim**-0.5, window, cap, sinks) for b in range(len(q_lens))])
+    assert rel_err(out, expect) <= TOL[dtype]
+    assert rel_err(ref, expect) <= TOL[dtype]
+    # the sinks change the answer: a kernel that ignored them would not pass
+    plain = naive_attention(q[:1].double(), paged.k[0], paged.v[0], 1, head_dim**-0.5, window, cap)
+    assert rel_err(plain, expect[:1]) > 0.5
+
+
+# (..., splits): one split (the sink as the first key), several with empty ones past a short context (the sink
+# counted once, in the combine), and the default choice.
+SINK_DECODE_CASES = [
+    (64, 4, 2, torch.float32, None, None, 16, 1),
+    (64, 4, 2, torch.float32, None, None, 16, 5),
+    (80, 8, 1, torch.bfloat16, 24, None, 8, 3),
+    (96, 2, 2, torch.float16, 7, 10.0, 16, None),
+]
+
+
+@pytest.mark.parametrize("case", SINK_DECODE_CASES, ids=lambda c: _ids(c[:7]) + f"-split{c[7]}")
+def test_paged_decode_sinks(case, device):
+    head_dim, ratio, n_kv_heads, dtype, window, cap, block_size, splits = case
+    ctx_lens = [1, 17, 45, 100, 0]  # a fresh sequence, ..., a padding row
+    paged = Paged(ctx_lens, n_kv_heads, head_dim, dtype, block_size, seed=head_dim + 12, device=device)
+    n_heads = ratio * n_kv_heads
+    q = torch.randn(len(ctx_lens), n_heads, head_dim, generator=torch.Generator().manual_seed(9)).to(device, dtype)
+    sinks = _sinks(n_heads, head_dim + 1)
+    args = (q, paged.k_cache, paged.v_cache, paged.block_tables, paged.context_lens)
+    opts = dict(scale=head_dim**-0.5, sliding_window=window, soft_cap=cap, sinks=sinks.float().to(device))
+    out = paged_decode(*args, **opts, num_splits=splits)
+    ref = paged_decode_ref(*args, **opts)
+    expect = torch.stack([
+        naive_attention(q[b : b + 1].double(), paged.k[b], paged.v[b], c, head_dim**-0.5, window, cap, sinks)[0]
+        if c else torch.zeros(n_heads, head_dim, dtype=torch.float64)
+        for b, c in enumerate(ctx_lens)
+    ])
+    assert rel_err(out, expect) <= TOL[dtype]
+    assert rel_err(ref, expect) <= TOL[dtype]
+    assert torch.equal(out[-1], torch.zeros_like(out[-1]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_kv_heads,head_dim,block_size", [(1, 64, 16), (3, 80, 8), (2, 256, 32)])
 def test_kv_store(n_kv_heads, head_dim, block_size, dtype, device):
@@ -266,5 +342,9 @@ def test_bad_arguments(device):
         paged_decode(q[:1], *cache, paged.context_lens, scale=0.1, sliding_window=0)
     with pytest.raises(ValueError, match="context_lens"):
         paged_decode(q[:1], *cache, paged.context_lens.long(), scale=0.1)
+    with pytest.raises(ValueError, match=r"sinks must be a contiguous float32 \[4\]"):
+        paged_decode(q[:1], *cache, paged.context_lens, scale=0.1, sinks=torch.zeros(2, device=device))
+    with pytest.raises(ValueError, match="sinks"):
+        flash_attention(q, *cache, cu, paged.context_lens, scale=0.1, sinks=torch.zeros(4, device=device).half())
     with pytest.raises(ValueError, match="slot_mapping"):
         kv_store(q[:, :2], q[:, :2], paged.k_cache, paged.v_cache, torch.zeros(5, dtype=torch.int32, device=device))

@@ -55,11 +55,13 @@ def test_cuda_without_index_resolves_to_the_current_gpu(monkeypatch):
 def test_decode_graphs_only_over_the_triton_kernels(backend, graphs):
     """The torch reference ops read lengths back to the host (a sync capture forbids): they run eagerly."""
     model = SimpleNamespace(ops=Ops(backend, torch.bfloat16))
-    config = SimpleNamespace(vocab_size=1000)
-    runner = ModelRunner(model, config, torch.device("cuda", 0), 16, 4096, cuda_graphs=True)
+    config = SimpleNamespace(vocab_size=1000, hidden=64)
+    runner = ModelRunner(model, config, torch.device("cuda", 0), 16, 4096, cuda_graphs=True, graph_tokens=3)
     assert runner.cuda_graphs is graphs
     assert runner.graph_sizes(100) == ([1, 2, 4, 8, 16, 32, 64, 128] if graphs else [])
-    assert runner.graph_output_bytes(3) == (7 * 1000 * 4 if graphs else 0)
+    # buckets 1, 2, 4 for 1, 2 and 3 tokens per sequence: bfloat16 hidden states of 7 * (1 + 2 + 3) rows
+    assert runner.graph_keys(3) == ([(b, q) for q in (1, 2, 3) for b in (1, 2, 4)] if graphs else [])
+    assert runner.graph_output_bytes(3) == (7 * 6 * 64 * 2 if graphs else 0)
     assert not ModelRunner(model, config, torch.device("cpu"), 16, 4096, cuda_graphs=True).cuda_graphs
 
 
@@ -179,14 +181,14 @@ def test_warm_up_compiles_every_shape_requests_use(tmp_path, device, monkeypatch
 
 
 def test_warm_up_sizes_the_cache_around_everything_else(tiny, monkeypatch):
-    """The KV budget leaves room for the largest of the step, decode and sampler peaks, plus what decode
-    graphs keep: their logits and a pool as large as their largest step (per model)."""
+    """The KV budget leaves room for the largest of the step, decode and sampler peaks, plus what step
+    graphs keep: their hidden states and a pool as large as their largest step (per model)."""
     llm = LLM(tiny, device="cpu", kv_cache_bytes=1 << 22, max_num_seqs=3)
     peaks = iter([7000, 500])  # the prefill steps, the decode step
     monkeypatch.setattr(model_runner, "peak_bytes", lambda device, fn: (fn(), next(peaks))[1])
     monkeypatch.setattr(ModelRunner, "sampling_peak", lambda self, rows: 100)
     llm.runner.cuda_graphs = True
-    graphs = (1 + 2 + 4) * llm.config.vocab_size * 4
+    graphs = (1 + 2 + 4) * llm.config.hidden * llm.ops.dtype.itemsize
     assert llm.runner.graph_output_bytes(3) == graphs
     assert llm._warm_up(every_shape=False) == 7000 + graphs + 500
 

@@ -162,7 +162,35 @@ def test_graph_replay_with_padded_buckets_equals_eager(tiny, monkeypatch):
     graphed.engine.runner.cuda_graphs = True
     outputs = graphed.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in outputs] == [o.token_ids for o in eager]
-    assert sorted(graphed.engine.runner._graphs) == [4]  # 3 sequences padded to the bucket of 4
+    assert sorted(graphed.engine.runner._graphs) == [(4, 1)]  # 3 sequences padded to the bucket of 4
     graphed._warm_up(every_shape=True)  # the steps a GPU engine runs at start-up, into throwaway caches
     single = graphed.generate("hello", params, use_tqdm=False)[0]
-    assert single.token_ids == eager[0].token_ids and sorted(graphed.engine.runner._graphs) == [1, 4]
+    assert single.token_ids == eager[0].token_ids and sorted(graphed.engine.runner._graphs) == [(1, 1), (4, 1)]
+
+
+@pytest.mark.parametrize("backend, temperature", [("torch", 0.0), ("torch", 0.8), ("triton", 0.0)])
+def test_verify_and_draft_graphs_equal_eager(tiny, monkeypatch, backend, temperature):
+    """Speculative steps through graphs of q tokens per sequence (the target's verify pass, padded to
+    1 + the most drafts; the draft's steps and catch-ups): the same tokens as eager, greedy and seeded, on
+    the torch ops and on the Triton kernels (the interpreter), whose padding sequences attend to nothing."""
+    from ggtriton.runtime.engine import model_runner
+
+    def record(self, step):
+        out = step()
+        return (lambda: out.copy_(step())), out
+
+    monkeypatch.setattr(model_runner.ModelRunner, "_record", record)
+    prompts = ["hello", "a longer prompt here", "xyz"]
+    params = [SamplingParams(max_tokens=n, temperature=temperature, seed=5, ignore_eos=True) for n in (9, 12, 7)]
+    # the model drafting for itself never pays by the cost model: the lookahead is fixed
+    opts = dict(device="cpu", backend=backend, dtype=torch.float32, draft_model=tiny, num_speculative_tokens=3,
+                adaptive_speculation=False, kv_cache_bytes=1 << 22)
+    eager = LLM(tiny, **opts).generate(prompts, params, use_tqdm=False)
+    graphed = LLM(tiny, **opts)
+    for runner in graphed._runners:
+        runner.cuda_graphs = True
+    outputs = graphed.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in eager]
+    verify = {q for _, q in graphed.runner._graphs}
+    assert max(verify) == 4, verify  # 1 + 3 drafts per sequence
+    assert {q for _, q in graphed.draft_runner._graphs} == {1, 2}  # draft steps; catch-ups after all accepted

@@ -228,7 +228,8 @@ def test_unknown_architecture_is_a_clear_error(tmp_path, device):
 
     path = tmp_path / "mamba.gguf"
     write_gguf(path, {"general.architecture": "mamba"})
-    with pytest.raises(ValueError, match=r"architecture 'mamba' is not supported; supported: gemma2, gemma3, llama"):
+    with pytest.raises(ValueError,
+                       match=r"architecture 'mamba' is not supported; supported: gemma2, gemma3, gpt-oss, llama"):
         LLM(path, device=device)
 
 

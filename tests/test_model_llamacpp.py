@@ -37,11 +37,14 @@ def agreement(logits: torch.Tensor, top_ids: np.ndarray, top_logprobs: np.ndarra
     return torch.cat(top1).numpy(), torch.cat(kl).numpy()
 
 
-@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
-def test_logits_agree_with_llamacpp(model, request, device):
+@pytest.mark.parametrize("model, backend", [("smollm2", None), ("gemma3", None), ("smollm2", "cpu")])
+def test_logits_agree_with_llamacpp(model, backend, request, device):
+    """backend None: the default (on CPU the exact float32 reference ops); "cpu": the fast CPU path (packed int4
+    and bfloat16 weights, runtime/models/cpu_weights.py, on the CPU whatever the device), which must hold the same
+    bounds."""
     path = request.getfixturevalue(f"{model}_path")
     fixture = np.load(FIXTURES / f"logits_{model}.npz")
-    llm = LLM(path, device=device, dtype=torch.float32, warm_up=False)  # exact float32 (DESIGN.md, Numerics)
+    llm = LLM(path, device="cpu" if backend == "cpu" else device, backend=backend, dtype=torch.float32, warm_up=False)
     all_top1, all_kl = [], []
     for i in (0, 1):
         tokens = fixture[f"tokens{i}"].tolist()

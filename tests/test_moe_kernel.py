@@ -133,6 +133,41 @@ def test_planar_experts(device) -> None:
     assert torch.equal(fused_moe(x, logits, 2, *planar, types, n_ff, planar=True, block_m=16), file_layout)
 
 
+@pytest.mark.parametrize(("block_m", "dtype"), [(1, torch.float32), (16, torch.bfloat16), (32, torch.float32)],
+                         ids=str)
+def test_mxfp4_experts_in_planes_per_expert(block_m: int, dtype: torch.dtype, device) -> None:
+    # gpt-oss's experts on qgemv's word decoders: in MXFP4's planes per expert (relaid once, as a model loads them)
+    # or as the file has them (relaid per call), the same bits; 9 blocks per gate/up row (a step of 8 and one more)
+    n_expert, hidden, n_ff, tokens = 4, 288, 64, 5
+    gate, up, down = experts((Q.MXFP4, Q.MXFP4), n_expert, hidden, n_ff, device, seed=11)
+    gen = torch.Generator().manual_seed(block_m)
+    x = torch.randn(tokens, hidden, generator=gen).to(device, dtype)
+    logits = torch.randn(tokens, n_expert, generator=gen).to(device)
+    types = (Q.MXFP4, Q.MXFP4, Q.MXFP4)
+    options = {"gating": "softmax_weight", "activation": "swiglu_oai", "block_m": block_m}
+    file_layout = fused_moe(x, logits, 2, gate, up, down, types, n_ff, **options)
+    planar = [to_planar(r, Q.MXFP4, s) for r, s in [(gate, (n_expert, n_ff, hidden)), (up, (n_expert, n_ff, hidden)),
+                                                    (down, (n_expert, hidden, n_ff))]]
+    assert torch.equal(fused_moe(x, logits, 2, *planar, types, n_ff, planar=True, **options), file_layout)
+    ref = fused_moe_ref(x.double(), logits.double(), 2, *planar, types, n_ff, planar=True, **options)
+    assert moe_error(file_layout, ref) <= TOL[dtype]
+
+
+def test_mxfp4_experts_off_word_boundaries(device) -> None:
+    # 37 rows of 2 blocks: an expert's 1258 bytes leave the next one 2-byte aligned, which the word loads cannot take:
+    # the element decoders read them, the planes per expert put back as the file's layout first
+    n_expert, hidden, n_ff, tokens = 3, 64, 37, 4
+    gate, up, down = experts((Q.MXFP4, Q.F16), n_expert, hidden, n_ff, device, seed=12)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(3)).to(device)
+    logits = torch.randn(tokens, n_expert, generator=torch.Generator().manual_seed(4)).to(device)
+    types = (Q.MXFP4, Q.MXFP4, Q.F16)
+    file_layout = fused_moe(x, logits, 2, gate, up, down, types, n_ff, block_m=1)
+    planar = [to_planar(r, Q.MXFP4, (n_expert, n_ff, hidden)) for r in (gate, up)]
+    assert torch.equal(fused_moe(x, logits, 2, *planar, down, types, n_ff, planar=True, block_m=1), file_layout)
+    ref = fused_moe_ref(x.double(), logits.double(), 2, gate, up, down, types, n_ff)
+    assert moe_error(file_layout, ref) <= TOL[torch.float32]
+
+
 @pytest.mark.parametrize(("gating", "normalize"), [("softmax", True), ("softmax", False), ("softmax_weight", False)])
 @pytest.mark.parametrize(("tokens", "n_expert", "top_k"), [(1, 4, 4), (17, 7, 2), (70, 16, 8)], ids=str)
 def test_routing(gating: str, normalize: bool, tokens: int, n_expert: int, top_k: int, device) -> None:

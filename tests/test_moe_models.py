@@ -23,11 +23,11 @@ from ggtriton.gguf.writer import TensorData, Typed, typed_metadata, write_gguf
 from ggtriton.runtime.llm import LLM
 from ggtriton.runtime.sampling_params import SamplingParams
 from ggtriton.runtime.synthetic import SyntheticModel, write_synthetic_model
-from test_arch_llamacpp import _script, mean_kl
+from test_arch_llamacpp import fixture_script, mean_kl
 from test_model_architectures import _read, load
 
 FIXTURES = Path(__file__).with_name("fixtures")
-MOE_CASES = _script().MOE_CASES
+MOE_CASES = fixture_script("make_arch_fixtures").MOE_CASES
 Q = GGMLType
 
 LAYER_MODELS = {

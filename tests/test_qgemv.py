@@ -9,7 +9,7 @@ import torch
 from ggtriton.gguf import TYPE_TRAITS, GGMLType
 from ggtriton.gguf.quants import dequantize as dequantize_reference
 from ggtriton.kernels import dequantize, gelu_mul, qmatmul, qmatmul_many, rmsnorm, silu_mul
-from ggtriton.kernels.planar import PLANAR_TYPES, from_planar, to_planar
+from ggtriton.kernels.planar import MATRIX_PLANAR_TYPES, PLANAR_TYPES, check_planar, from_planar, to_planar
 from ggtriton.kernels._common import arrival_counters
 from ggtriton.kernels.qgemv import _STEP, GEMV_TYPES, gemv_fits, gemv_splits, qgemv
 from ggtriton.kernels.qmatmul import fusable, qmatmul_act, qmatmul_add_norm
@@ -92,6 +92,51 @@ def test_gemv_far_from_unit_activations(ggml_type: GGMLType, scale: float, m: in
     assert gemv_error(ggml_type, 9, k, x, 1, None, device) <= TOL[torch.float32]
 
 
+# Nibbles that index a 16-value table (IQ4_XS: 8 sub-blocks of a 256-element block, the file's layout; MXFP4: 32-element
+# blocks, 8 to a step, in planes per matrix). Rows of W: one, fewer than a row tile and not a multiple of one. Blocks:
+# one, a K range ending inside a step, and past two steps. Rows of x: one (the FMA loop), odd counts up to a full
+# tensor-core tile, and GEMM tiles (33, 40), in each x dtype (float16's 2..16 rows decode with an exponent).
+TABLE_TYPES = [GGMLType.IQ4_XS, GGMLType.MXFP4]
+TABLE_EDGES = [(n, blocks, m, dtype) for n, blocks in [(1, 1), (19, 2), (45, 17)]
+               for m, dtype in [(1, torch.float32), (1, torch.bfloat16), (3, torch.float16), (9, torch.float32),
+                                (15, torch.bfloat16), (33, torch.float32), (40, torch.float16)]]
+
+
+@pytest.mark.parametrize(("n", "blocks", "m", "dtype"), TABLE_EDGES, ids=str)
+@pytest.mark.parametrize("ggml_type", TABLE_TYPES, ids=lambda t: t.name)
+def test_table_types_at_tile_edges(ggml_type: GGMLType, n: int, blocks: int, m: int, dtype: torch.dtype,
+                                   device) -> None:
+    if ggml_type == GGMLType.IQ4_XS:
+        blocks = (blocks + 7) // 8  # 256-element blocks: 1, 1, 3
+    k = blocks_k(ggml_type, blocks)
+    raw = weight(ggml_type, n, k, device, seed=n + m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(device, dtype)
+    out = qmatmul(x, raw, ggml_type, (n, k), path="gemv" if m <= 16 else "gemm")
+    assert out.shape == (m, n) and out.dtype == dtype
+    ref = x.double() @ dequantize_reference(raw, ggml_type, (n, k)).double().t().to(device)
+    assert ((out.double() - ref).norm() / ref.norm()).item() <= TOL[dtype]
+
+
+@pytest.mark.parametrize(("m", "scales"), [(1, (0, 1, 2, 200)), (5, (0, 1, 2, 160)), (33, (0, 1, 2, 160))],
+                         ids=str)
+def test_mxfp4_scale_edges(m: int, scales: tuple[int, ...], device) -> None:
+    # E8M0 bytes 0 and 1 (subnormal scales 2^-128, 2^-127), 2 (the first normal one) and large ones among ordinary
+    # scales, in the blocks of each row; one row of x multiplies the block sums by the scale, so any scale whose
+    # products float32 holds does; 2..16 rows and GEMM tiles scale each weight by 2^(e - 128 - 64 + 149 - P) first,
+    # which float32 holds for e below 171
+    n, blocks = 11, 12
+    raw = weight(GGMLType.MXFP4, n, blocks_k(GGMLType.MXFP4, blocks), device, seed=m)
+    e = raw.view(n * blocks, 17)[:, 0]
+    for i, scale in enumerate(scales):
+        e[i::7] = scale
+    k = blocks_k(GGMLType.MXFP4, blocks)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(device)
+    out = qmatmul(x, raw, GGMLType.MXFP4, (n, k), path="gemv" if m <= 16 else "gemm")
+    ref = x.double() @ dequantize_reference(raw, GGMLType.MXFP4, (n, k)).double().t().to(device)
+    assert torch.isfinite(out).all()
+    assert ((out.double() - ref).norm() / ref.norm()).item() <= TOL[torch.float32]
+
+
 def test_gemv_rows_of_odd_blocks_are_not_taken(device) -> None:
     # 2-byte aligned blocks: an odd count leaves rows 2 bytes off a word, which the word loads cannot take
     assert not gemv_fits(GGMLType.Q8_0, 32 * 3) and gemv_fits(GGMLType.Q8_0, 32 * 4)
@@ -136,6 +181,29 @@ def test_planar_on_every_other_path(ggml_type: GGMLType, path: str, device) -> N
     out = qmatmul(x, to_planar(raw, ggml_type, shape), ggml_type, shape, path=path, planar=True)
     ref = x.double() @ dequantize_reference(raw, ggml_type, shape).double().t().to(device)
     assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("shape", [(5, 96), (3, 7, 64), (96,)], ids=str)
+def test_mxfp4_planes_per_matrix(shape: tuple[int, ...], device) -> None:
+    # each matrix (a 2-D weight; each expert of a 3-D one) becomes its quants, row after row, then its scales: the
+    # same bytes, every row's quants 16-byte aligned within the matrix; only the word decoders read it
+    rows = 1
+    for s in shape[:-1]:
+        rows *= s
+    raw = weight(GGMLType.MXFP4, rows, shape[-1], device)
+    planar = to_planar(raw, GGMLType.MXFP4, shape)
+    assert torch.equal(from_planar(planar, GGMLType.MXFP4, shape), raw)
+    per_matrix = shape[-2] if len(shape) > 1 else 1
+    matrices = planar.view(rows // per_matrix, -1)
+    blocks = raw.view(rows // per_matrix, -1, 17)
+    nb = shape[-1] // 32
+    assert torch.equal(matrices[:, :per_matrix * nb * 16], blocks[:, :, 1:].reshape(rows // per_matrix, -1))
+    assert torch.equal(matrices[:, per_matrix * nb * 16:], blocks[:, :, 0])
+    assert GGMLType.MXFP4 in MATRIX_PLANAR_TYPES and GGMLType.MXFP4 not in PLANAR_TYPES
+    with pytest.raises(ValueError, match="MXFP4 has no planar layout"):
+        check_planar(GGMLType.MXFP4)
+    with pytest.raises(ValueError, match="MXFP4 has no planar layout"):
+        dequantize(planar, GGMLType.MXFP4, shape, planar=True)
 
 
 def test_planar_bad_input(device) -> None:

@@ -213,21 +213,89 @@ def test_a_step_reads_the_device_once(tiny_pair, monkeypatch):
 
 
 def test_lookahead_follows_acceptance():
-    """The expected-tokens-per-time rule: a good, cheap draft drafts the most; a poor or costly one none,
+    """At batch 1 with weight-bound steps: a good, cheap draft drafts the most; a poor or costly one none,
     except for a one-token probe every `probe_every` steps."""
     from ggtriton.runtime.engine.sequence import SpecState
+    from ggtriton.runtime.engine.step_cost import StepCost, choose_lookahead
 
     good = SpecState()
     for _ in range(20):
         good.verified(4, 4)
-    assert good.acceptance > 0.95 and good.lookahead(4, 0.05) == 4
+    assert good.acceptance > 0.95 and choose_lookahead([good.acceptance], [4], StepCost.weight_bound(0.05)) == [4]
     poor = SpecState()
     for _ in range(20):
         poor.verified(4, 0)
     assert poor.acceptance < 0.25  # the prior fades: a short memory follows the text
-    choices = [poor.lookahead(4, 0.3) for _ in range(2 * SpecState.probe_every)]
+    choices = [poor.probe(*choose_lookahead([poor.acceptance], [4], StepCost.weight_bound(0.3)))
+               for _ in range(2 * SpecState.probe_every)]
     assert choices.count(1) >= 1 and set(choices) <= {0, 1}
-    assert SpecState().lookahead(4, 1.0) == 0  # a draft as costly as the target never pays (but probes)
+    assert choose_lookahead([SpecState().acceptance], [4], StepCost.weight_bound(1.0)) == [0]  # as costly as the target
+    # at batch 1 the rule is the single-sequence one: (1 - a^(k+1)) / (1 - a) tokens per 1 + k * cost
+    for a, cost in [(0.5, 0.1), (0.7, 0.39), (0.9, 0.39), (0.3, 0.05)]:
+        rates = [(1 - a ** (k + 1)) / (1 - a) / (1 + k * cost) for k in range(5)]
+        assert choose_lookahead([a], [4], StepCost.weight_bound(cost)) == [rates.index(max(rates))]
+
+
+def _rate(ks, acceptance, cost, other=0):
+    tokens = other + sum((1 - a ** (k + 1)) / (1 - a) for a, k in zip(acceptance, ks))
+    drafting = sum(cost.draft_time(sum(k >= j for k in ks)) for j in range(1, max(ks, default=0) + 1))
+    return tokens / (cost.target_time(len(ks) + other + sum(ks)) + drafting)
+
+
+def test_lookahead_is_chosen_for_the_batch():
+    """Where a verify pass's extra tokens cost time (a step past the weight-bound knee), a large batch drafts
+    less than one sequence at the same acceptance, down to none; the choice is never worse than not drafting
+    and within 10 % of the best choice found by trying all (random batches, caps and costs)."""
+    from ggtriton.runtime.engine.step_cost import StepCost, choose_lookahead
+
+    knee = StepCost([(1, 1.0), (32, 1.0), (1024, 32.0)], [(1, 0.1), (64, 0.2), (256, 0.8)])
+    assert choose_lookahead([0.7], [4], knee) == [4]
+    batch = choose_lookahead([0.7] * 64, [4] * 64, knee)
+    assert max(batch) < 4 and _rate(batch, [0.7] * 64, knee) >= _rate([0] * 64, [0.7] * 64, knee)
+    assert choose_lookahead([0.5] * 128, [4] * 128, knee) == [0] * 128
+    # prompt tokens sharing the step leave less room under the knee
+    assert sum(choose_lookahead([0.8] * 8, [4] * 8, knee)) == 24
+    assert sum(choose_lookahead([0.8] * 8, [4] * 8, knee, other_tokens=16)) == 8
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 4))
+        acceptance = rng.uniform(0, 0.95, n).tolist()
+        caps = rng.integers(0, 5, n).tolist()
+        bend = int(rng.choice([2, 4, 8, 100]))
+        cost = StepCost([(1, 1.0), (bend, 1.0 + 0.5 * (bend == 2)), (200, 200 / bend + 0.5)],
+                        [(1, float(rng.uniform(0, 0.6))), (200, 2.0)])
+        ks = choose_lookahead(acceptance, caps, cost)
+        assert all(0 <= k <= c for k, c in zip(ks, caps))
+        best = max(_rate(list(c), acceptance, cost) for c in itertools.product(*[range(c + 1) for c in caps]))
+        assert best * 0.9 <= _rate(ks, acceptance, cost) and _rate([0] * n, acceptance, cost) <= _rate(ks, acceptance,
+                                                                                                         cost)
+
+
+def test_step_costs_are_checked():
+    from ggtriton.runtime.engine.step_cost import StepCost
+
+    with pytest.raises(ValueError, match="target needs distinct positive token counts"):
+        StepCost([(0, 1.0)])
+    with pytest.raises(ValueError, match="draft needs"):
+        StepCost([(1, 1.0)], [(2, 0.1), (2, 0.2)])
+    cost = StepCost([(4, 2.0), (1, 1.0)], [(1, 0.5)])
+    assert cost.target_time(0.5) == 1.0 and cost.target_time(2.5) == 1.5 and cost.target_time(7) == 3.0
+    assert cost.draft_time(0) == 0.0 and cost.draft_time(9) == 0.5
+
+
+def test_measured_step_costs_steer_the_engine(tiny_pair):
+    """With warm-up, the step costs come from timed steps of both models (here on CPU), and the engine
+    generates the same greedy text as with a fixed lookahead."""
+    target_path, draft_path = tiny_pair
+    opts = dict(device="cpu", draft_model=draft_path, num_speculative_tokens=3, kv_cache_bytes=1 << 22, max_num_seqs=4)
+    llm = LLM(target_path, warm_up=True, **opts)
+    cost = llm.scheduler_config.step_cost
+    assert [n for n, _ in cost.target] == [1, 2, 4, 8, 16] and [n for n, _ in cost.draft] == [1, 2, 4]
+    assert cost.target_time(1) == 1.0 and all(t > 0 for _, t in cost.target + cost.draft)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    fixed = LLM(target_path, adaptive_speculation=False, **opts)
+    assert ([o.token_ids for o in llm.generate(["a b", "c"], params, use_tqdm=False)]
+            == [o.token_ids for o in fixed.generate(["a b", "c"], params, use_tqdm=False)])
 
 
 def test_adaptive_speculation_drafts_less_with_a_costly_draft(tiny_pair):

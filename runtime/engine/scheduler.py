@@ -7,16 +7,18 @@ decodes. Waiting sequences are admitted in arrival order while pages, budget and
 running sequence needs a page and none is free, the newest running sequence is preempted: its pages
 are released and it goes back to the front of the queue, to be recomputed when it is readmitted.
 With speculative decoding a decoding sequence also gets room for up to `num_speculative_tokens` draft
-tokens (its lookahead): pages for them and a share of the budget, for the target to verify them.
+tokens (its lookahead): pages for them and a share of the budget, for the target to verify them. The
+lookaheads are chosen for the batch as a whole (`step_cost`): what pays at batch 1 may not at batch 64.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
+from .step_cost import StepCost, choose_lookahead
 
 
 @dataclass
@@ -25,10 +27,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
     num_speculative_tokens: int = 0
-    # Speculative decoding: a draft step's cost relative to a target decode step (the draft's share of the
-    # target's weight bytes), and whether each sequence's lookahead adapts to its acceptance (else it is
-    # always num_speculative_tokens).
-    draft_cost: float = 0.0
+    # Speculative decoding: what the target's and the draft's steps cost, and whether each sequence's lookahead
+    # adapts to its acceptance and the batch (else it is always num_speculative_tokens).
+    step_cost: StepCost = field(default_factory=StepCost)
     adaptive_lookahead: bool = True
 
     def __post_init__(self) -> None:
@@ -87,9 +88,10 @@ class Scheduler:
         out: list[ScheduledSeq] = []
         preempted = False
         i = 0
+        lookaheads = self._lookaheads()
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            lookahead = self._lookahead(seq, budget)
+            lookahead = min(lookaheads.get(seq.seq_id, 0), budget - 1)
             while not bm.can_grow(seq, seq.num_tokens + lookahead):
                 victim = self.running[-1]
                 self.preempt(victim)
@@ -118,17 +120,23 @@ class Scheduler:
             budget -= n
         return out
 
-    def _lookahead(self, seq: Sequence, budget: int) -> int:
-        """Draft tokens a decoding sequence verifies this step: within the budget, never past its max_tokens or
-        the model's context (drafts beyond them would be thrown away), and as many as pay at its acceptance
-        (`SpecState.lookahead`) unless the lookahead is fixed."""
-        if seq.num_tokens - seq.num_computed_tokens != 1 or seq.params.logprobs is not None:
-            return 0  # only decodes speculate, and not those that report per-token log-probabilities
-        room = min(seq.params.max_tokens - seq.num_output_tokens, self.config.max_model_len - seq.num_tokens) - 1
-        k_max = max(0, min(self.config.num_speculative_tokens, budget - 1, room))
-        if not self.config.adaptive_lookahead or k_max == 0:
-            return k_max
-        return seq.spec.lookahead(k_max, self.config.draft_cost)
+    def _lookaheads(self) -> dict[int, int]:
+        """Draft tokens each decoding sequence verifies this step, by seq_id (before the budget): never past its
+        max_tokens or the model's context (drafts beyond them would be thrown away), and as many as pay for the
+        batch as a whole (`choose_lookahead`) unless the lookahead is fixed."""
+        k = self.config.num_speculative_tokens
+        if not k:
+            return {}
+        # only decodes speculate, and not those that report per-token log-probabilities
+        decoding = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1 and s.params.logprobs is None]
+        caps = [max(0, min(k, s.params.max_tokens - s.num_output_tokens - 1,
+                           self.config.max_model_len - s.num_tokens - 1)) for s in decoding]
+        if not self.config.adaptive_lookahead:
+            return {s.seq_id: cap for s, cap in zip(decoding, caps)}
+        prompts = sum(s.num_tokens - s.num_computed_tokens for s in self.running) - len(decoding)
+        other = min(prompts, max(0, self.config.max_num_batched_tokens - len(decoding)))
+        ks = choose_lookahead([s.spec.acceptance for s in decoding], caps, self.config.step_cost, other)
+        return {s.seq_id: s.spec.probe(k) if cap else 0 for s, k, cap in zip(decoding, ks, caps)}
 
     def preempt(self, seq: Sequence) -> None:
         """Release a running sequence's pages and requeue it first: it is recomputed when readmitted."""

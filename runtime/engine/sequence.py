@@ -21,7 +21,8 @@ class SpecState:
 
     `draft_computed`: tokens whose K/V are in the draft model's cache. `acceptance`: the running estimate of
     the chance that a draft token is accepted, a decayed count of accepted over verified draft tokens with a
-    prior, which picks the sequence's lookahead (`Scheduler`). The totals feed `RequestOutput.metrics`.
+    prior, from which the scheduler picks the sequence's lookahead (`step_cost.choose_lookahead`). The totals
+    feed `RequestOutput.metrics`.
     """
 
     prior = 0.7  # acceptance assumed before any verification, worth `prior_weight` verified drafts
@@ -51,23 +52,13 @@ class SpecState:
         self.verify_steps += 1
         self.idle_steps = 0
 
-    def lookahead(self, k_max: int, draft_cost: float) -> int:
-        """Draft tokens to propose this step, at most `k_max`: the k that maximizes the expected tokens per
-        unit of time, (1 - a^(k+1)) / (1 - a) tokens for one verify pass (about one decode step while decode
-        is bound by the weights' bandwidth) plus k draft steps of `draft_cost` each, against one token per
-        step without drafting. When drafting does not pay, the sequence decodes plainly, and every
-        `probe_every` steps drafts one token to find out whether it pays again."""
-        a = min(self.acceptance, 1 - 1e-9)
-        best_k, best = 0, 1.0
-        for k in range(1, k_max + 1):
-            rate = (1 - a ** (k + 1)) / (1 - a) / (1 + k * draft_cost)
-            if rate > best:
-                best_k, best = k, rate
-        if best_k == 0 and k_max > 0:
-            self.idle_steps += 1
-            if self.idle_steps >= self.probe_every:
-                return 1
-        return best_k
+    def probe(self, k: int) -> int:
+        """The lookahead to use when the cost model chose k (`step_cost.choose_lookahead`): when drafting has
+        not paid for `probe_every` steps in a row, one draft, to find out whether it pays again."""
+        if k:
+            return k
+        self.idle_steps += 1
+        return int(self.idle_steps >= self.probe_every)
 
     def truncate(self, num_tokens: int) -> None:
         """The draft's cache holds at most the first `num_tokens` tokens now (pages freed or rewritten)."""

@@ -57,16 +57,21 @@ def _check_device(device: str) -> None:
         raise ValueError(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s)")
 
 
+def _llm_kwargs(args: argparse.Namespace) -> dict:
+    """The LLM's keyword arguments from the engine flags (the model path aside)."""
+    return dict(device=args.device, backend=args.backend, max_model_len=args.ctx_size or None,
+                max_num_seqs=args.parallel, seed=args.seed, draft_model=args.draft_model,
+                num_speculative_tokens=args.draft_max, draft_min=args.draft_min, draft_p_min=args.draft_p_min,
+                adaptive_speculation=not args.draft_fixed, tensor_parallel_size=args.tensor_parallel_size,
+                cache_dir=args.cache_dir)
+
+
 def _llm(args: argparse.Namespace):
     from ggtriton.runtime.llm import LLM
 
     if args.device:
         _check_device(args.device)
-    llm = LLM(_model_path(args.model), device=args.device, backend=args.backend, max_model_len=args.ctx_size or None,
-              max_num_seqs=args.parallel, seed=args.seed, draft_model=args.draft_model,
-              num_speculative_tokens=args.draft_max, draft_min=args.draft_min, draft_p_min=args.draft_p_min,
-              adaptive_speculation=not args.draft_fixed,
-              cache_dir=args.cache_dir)
+    llm = LLM(_model_path(args.model), **_llm_kwargs(args))
     context = llm.config.context_length
     if args.ctx_size == 0:
         _note(f"context: {context} tokens, the model's")
@@ -252,6 +257,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from ggtriton.runtime.entrypoints.openai_batch import run_batch
 
     template = _template_text(args.chat_template)
+    if args.ray:
+        return _ray_batch(args, template)
     with open(args.input, encoding="utf-8") as f:
         lines = f.readlines()
     # Opened before the model loads: an output that cannot be written fails now, not after the batch.
@@ -263,6 +270,22 @@ def cmd_batch(args: argparse.Namespace) -> int:
             out.write(json.dumps(r, ensure_ascii=False) + "\n")
     failed = sum(r["error"] is not None for r in results)
     print(f"{len(results) - failed} requests done, {failed} failed -> {args.output}", file=sys.stderr)
+    return 0
+
+
+def _ray_batch(args: argparse.Namespace, template: str | None) -> int:
+    try:
+        from ggtriton.runtime.entrypoints.ray_batch import run_ray_batch
+    except ImportError as e:
+        raise ValueError(f"--ray needs Ray: pip install 'ggtriton[ray]' ({e})") from None
+    kwargs = _llm_kwargs(args)
+    tp = kwargs.pop("tensor_parallel_size")
+    written, failed, skipped = run_ray_batch(args.input, args.output, _model_path(args.model),
+                                             num_replicas=args.num_replicas, tensor_parallel_size=tp,
+                                             use_gpus=None if args.device is None else args.device != "cpu",
+                                             chat_template=template, **kwargs)
+    print(f"{written - failed} requests done, {failed} failed, {skipped} already in the output -> {args.output}",
+          file=sys.stderr)
     return 0
 
 
@@ -290,8 +313,9 @@ def _int_flag(valid, expected: str):
 
 def _device_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: the GPU if there is one)")
-    p.add_argument("--backend", choices=["triton", "torch"], default=None,
-                   help="kernels: triton (default on a GPU) or the torch reference ops (default on CPU)")
+    p.add_argument("--backend", choices=["triton", "torch", "cpu"], default=None,
+                   help="kernels: triton (default on a GPU), the float32 torch reference ops (default on CPU) or "
+                        "cpu (packed int4 / bfloat16 weights on the CPU)")
     p.add_argument("--cache-dir", default=None,
                    help="compiled kernels and tuning results, per GPU model (default: $GGTRITON_CACHE_DIR or "
                         "~/.cache/ggtriton)")
@@ -305,6 +329,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-np", "--parallel", type=int, default=256, help="most sequences decoded together")
     p.add_argument("-s", "--seed", type=int, default=None, help="random seed")
     _device_flags(p)
+    p.add_argument("-tp", "--tensor-parallel-size", type=_int_flag(lambda n: n >= 1, "1 or more"), default=1,
+                   help="split the model over this many GPUs (or CPU processes), torch.distributed")
     p.add_argument("-md", "--draft-model", help="draft GGUF for speculative decoding (same vocabulary)")
     p.add_argument("--draft-max", type=int, default=4, help="draft tokens proposed per step at most")
     p.add_argument("--draft-min", type=int, default=1, help="fewer drafts than this are not verified")
@@ -389,6 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="request lines")
     p.add_argument("output", help="response lines, in the same order")
     _template_flag(p)
+    p.add_argument("--ray", action="store_true",
+                   help="run on a Ray cluster (RAY_ADDRESS, else a local one), one engine per actor; resumes: "
+                        "custom_ids already in OUTPUT are skipped, the rest appended")
+    p.add_argument("--num-replicas", type=_int_flag(lambda n: n >= 1, "1 or more"), default=None,
+                   help="with --ray: engines (actors); default: the cluster's GPUs / --tensor-parallel-size, or 1")
     p.set_defaults(run=cmd_batch)
 
     from . import quantize

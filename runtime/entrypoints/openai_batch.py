@@ -8,6 +8,9 @@ completion or completion object>}, "error": null}, or with "response": null and 
 "message"} for a line that could not be run, the message beginning with its line number. All valid lines
 run together in one continuous batch; `n` > 1 runs n requests of the line, the i-th with `seed` + i when
 a seed is given, and answers with n choices.
+
+A job can resume: `resume` reads what an interrupted job wrote to its output and says which custom_ids are done,
+so that a second run skips them and appends the rest (`ggtriton batch --ray` does so).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from ..llm import LLM
@@ -98,12 +102,14 @@ def _body(job: _Job, model: str) -> dict[str, Any]:
     return common | {"object": "text_completion", "choices": choices}
 
 
-def run_batch(llm: LLM, lines: Iterable[str], model_name: str) -> list[dict[str, Any]]:
-    """Responses for the request lines, in input order."""
+def run_batch(llm: LLM, lines: Iterable[str], model_name: str,
+              line_numbers: Iterable[int] | None = None) -> list[dict[str, Any]]:
+    """Responses for the request lines, in input order; an error names its line by its number in `lines`, or by
+    `line_numbers` (the lines' numbers in the file, when `lines` is a part of it)."""
     results: list[dict[str, Any] | None] = []
     engine = llm.engine
     running: dict[str, tuple[_Job, int]] = {}  # request id -> (its line's job, choice index)
-    for n, line in enumerate(lines, 1):
+    for n, line in zip(line_numbers if line_numbers is not None else range(1, 1 << 62), lines):
         if not line.strip():
             continue
         custom_id = None
@@ -152,3 +158,26 @@ def run_batch(llm: LLM, lines: Iterable[str], model_name: str) -> list[dict[str,
 def _error(custom_id: Any, message: str) -> dict[str, Any]:
     return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": None,
             "error": {"code": "invalid_request", "message": message}}
+
+
+def custom_id_of(line: str) -> Any:
+    """The custom_id of a request or response line (None when it has none, or is no JSON object)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return obj.get("custom_id") if isinstance(obj, dict) else None
+
+
+def resume(output: str | Path) -> set[str]:
+    """The custom_ids an interrupted job already answered in `output` (none when it does not exist). A last line
+    cut short by the interruption is removed from the file, so that the next run appends whole lines."""
+    path = Path(output)
+    if not path.exists():
+        return set()
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+        path.write_text("".join(lines), encoding="utf-8")
+    return {json.dumps(cid) for line in lines if (cid := custom_id_of(line)) is not None}

@@ -3,6 +3,11 @@
 Tensor names are llama.cpp's GGUF names (`blk.{i}.attn_q.weight` ...). Every architecture shares the
 block: norm -> attention -> (post-norm) -> residual -> norm -> gated FFN -> (post-norm) -> residual, where
 the gated FFN of a mixture-of-experts model is the mixture of runtime/models/moe.py.
+
+gpt-oss (llama.cpp's LLM_ARCH_OPENAI_MOE) is one more instance: biases on q, k, v and the attention output,
+a learned sink logit per head in every attention softmax (`attn_sinks.weight`), sliding-window attention on
+even layers, `post_attention_norm` as the FFN's norm, and a mixture of experts with a biased router whose
+chosen logits are softmaxed ("softmax_weight"), biased experts and the clamped SwiGLU "swiglu_oai".
 """
 
 from __future__ import annotations
@@ -13,12 +18,15 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Architecture:
     rope_neox: bool  # NeoX rotation (halves) instead of llama.cpp's "normal" adjacent pairs
-    activation: str = "silu"  # gate activation of the FFN: silu | gelu (tanh approximation)
+    activation: str = "silu"  # gate activation of the FFN: silu | gelu (tanh approximation) | swiglu_oai (experts)
     fused_qkv: bool = False  # one attn_qkv tensor instead of attn_q / attn_k / attn_v
     fused_gate_up: bool = False  # ffn_up holds [gate; up]
     qkv_bias: bool = False
+    attn_output_bias: bool = False  # attn_output.bias
+    attn_sinks: bool = False  # attn_sinks.weight: one logit per head in the softmax's denominator
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE
     post_norms: bool = False  # attn_post_norm / ffn_post_norm on the block outputs
+    ffn_norm: str = "ffn_norm"  # the FFN's input norm tensor (gpt-oss: post_attention_norm)
     scale_embeddings: bool = False  # token embeddings times sqrt(hidden)
     softcaps: bool = False  # attention and final logit soft-capping from metadata
     swa_pattern: int = 0  # layer i uses the sliding window when i % pattern < pattern - 1 (0: none)
@@ -32,6 +40,9 @@ class Architecture:
     # expert_weights_norm) says so.
     moe: str = ""
     moe_normalize: bool = False  # the chosen experts' weights divided by their sum
+    # "softmax": over all experts, then the top-k; "softmax_weight": over the top-k logits (kernels/moe.py)
+    moe_gating: str = "softmax"
+    moe_biases: bool = False  # ffn_gate_inp.bias and ffn_{gate,up,down}_exps.bias
     shared_expert: bool = False  # ffn_{gate,up,down}_shexp beside the experts, gated by sigmoid(ffn_gate_inp_shexp)
 
 
@@ -47,4 +58,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma3": Architecture(rope_neox=True, activation="gelu", post_norms=True, scale_embeddings=True, qk_norm=True,
                            swa_pattern=6, rope_local_base=10000.0, hidden_scaled_layers=62),
     "phi3": Architecture(rope_neox=True, fused_qkv=True, fused_gate_up=True),
+    # llama.cpp's swa pattern 2: layers 0, 2, 4, ... windowed
+    "gpt-oss": Architecture(rope_neox=True, activation="swiglu_oai", qkv_bias=True, attn_output_bias=True,
+                            attn_sinks=True, ffn_norm="post_attention_norm", swa_pattern=2, moe="always",
+                            moe_gating="softmax_weight", moe_biases=True),
 }

@@ -6,11 +6,11 @@ Per layer (names as in the GGUF file):
     q, k, v = attn_q/k/v(x) (+ bias)          or one fused attn_qkv
     q, k = attn_q_norm(q), attn_k_norm(k)     per head (qwen3, gemma3)
     q, k = rope(q, k); cache k, v             one kernel; the layer's own RoPE (gemma3: local layers differ)
-    o = attention over the cache (sliding window, soft-cap)
-    a = attn_output(o);  a = post_attention_norm(a)   (gemma)
-    h = h + a;  x = ffn_norm(h)
+    o = attention over the cache (sliding window, soft-cap, sinks: gpt-oss)
+    a = attn_output(o) (+ bias: gpt-oss);  a = post_attention_norm(a)   (gemma)
+    h = h + a;  x = ffn_norm(h)               (gpt-oss names it post_attention_norm)
     f = ffn_down(act(ffn_gate(x)) * ffn_up(x));  f = post_ffw_norm(f)   (gemma)
-        or the mixture of experts of moe.py (qwen2moe, qwen3moe, llama with experts)
+        or the mixture of experts of moe.py (qwen2moe, qwen3moe, llama with experts, gpt-oss)
     h = h + f
     logits = output(output_norm(h))  (output = token_embd when absent); final soft-cap (gemma2)
 
@@ -41,6 +41,7 @@ class _Layer:
     attn_norm: torch.Tensor
     ffn_norm: torch.Tensor
     attn_output: QuantWeight
+    attn_output_bias: QuantWeight | None
     ffn_down: QuantWeight | None  # None (and ffn_up, ffn_gate): a mixture of experts
     ffn_up: QuantWeight | None
     qkv: QuantWeight | None = None
@@ -55,6 +56,7 @@ class _Layer:
     k_norm: torch.Tensor | None = None
     post_attn_norm: torch.Tensor | None = None
     post_ffn_norm: torch.Tensor | None = None
+    sinks: torch.Tensor | None = None  # float32 [n_heads]
     moe: MoE | None = None
 
     @property
@@ -91,8 +93,9 @@ class DecoderModel:
             p = f"blk.{i}."
             layer = _Layer(
                 attn_norm=vec(p + "attn_norm.weight"),
-                ffn_norm=vec(p + "ffn_norm.weight"),
+                ffn_norm=vec(p + arch.ffn_norm + ".weight"),
                 attn_output=w(p + "attn_output.weight"),
+                attn_output_bias=w(p + "attn_output.bias") if arch.attn_output_bias else None,
                 ffn_down=None if config.n_expert else w(p + "ffn_down.weight"),
                 ffn_up=None if config.n_expert else w(p + "ffn_up.weight"),
                 ffn_gate=None if arch.fused_gate_up or config.n_expert else w(p + "ffn_gate.weight"),
@@ -106,6 +109,12 @@ class DecoderModel:
                 layer.q_bias, layer.k_bias, layer.v_bias = (w(p + f"attn_{n}.bias") for n in "qkv")
             if arch.qk_norm:
                 layer.q_norm, layer.k_norm = vec(p + "attn_q_norm.weight"), vec(p + "attn_k_norm.weight")
+            if arch.attn_sinks:
+                layer.sinks = vec(p + "attn_sinks.weight")
+                if layer.sinks.shape != (config.n_heads,):
+                    raise ValueError(f"{config.arch} model: tensor {p + 'attn_sinks.weight'!r} has shape "
+                                     f"{tuple(layer.sinks.shape)}; the metadata ({config.arch}.attention.head_count) "
+                                     f"gives ({config.n_heads},)")
             if arch.post_norms:
                 layer.post_attn_norm = vec(p + "post_attention_norm.weight")
                 layer.post_ffn_norm = vec(p + "post_ffw_norm.weight")
@@ -157,11 +166,12 @@ class DecoderModel:
             ops.rope_kv_store(q, k, v, k_cache, v_cache, batch.slot_mapping, batch.positions, inv_freq,
                               neox=arch.rope_neox, attn_factor=attn_factor)
             o = ops.attention(q, k_cache, v_cache, batch, scale=cfg.attn_scale,
-                              sliding_window=cfg.sliding_window if swa else None, soft_cap=cfg.attn_softcap)
+                              sliding_window=cfg.sliding_window if swa else None, soft_cap=cfg.attn_softcap,
+                              sinks=layer.sinks)
             # the router and the experts take x as a tensor: no norm left pending for them
             ffn_in = None if layer.moe else [layer.ffn_up] if layer.ffn_gate is None else [layer.ffn_gate, layer.ffn_up]
             x, residual = self._add_norm(o.reshape(-1, n_q), layer.attn_output, layer.post_attn_norm, residual,
-                                         layer.ffn_norm, ffn_in)
+                                         layer.ffn_norm, ffn_in, layer.attn_output_bias)
             if layer.moe is not None:
                 g = layer.moe(ops, x)  # the FFN's output: no ffn_down follows
             elif layer.ffn_gate is None:
@@ -176,14 +186,14 @@ class DecoderModel:
         return x
 
     def _add_norm(self, x: torch.Tensor, w: QuantWeight | None, post_norm: torch.Tensor | None, residual: torch.Tensor,
-                  norm: torch.Tensor, consumers: list[QuantWeight] | None
+                  norm: torch.Tensor, consumers: list[QuantWeight] | None, bias: QuantWeight | None = None
                   ) -> tuple[torch.Tensor | PendingNorm, torch.Tensor]:
-        """(rmsnorm(h, norm), h) for h = residual + post_norm(x @ W^T) (x itself where W is None: a mixture of
-        experts' output): pending for the products `consumers` where the ops fuse it, else computed."""
+        """(rmsnorm(h, norm), h) for h = residual + post_norm(x @ W^T + bias) (x itself where W is None: a mixture
+        of experts' output): pending for the products `consumers` where the ops fuse it, else computed."""
         ops, eps = self.ops, self.config.rms_eps
-        if w is not None and post_norm is None and ops.fuses_norm(len(x), w, consumers):
+        if w is not None and post_norm is None and bias is None and ops.fuses_norm(len(x), w, consumers):
             return ops.linear_add_norm(x, w, residual, norm, eps)
-        a = x if w is None else ops.linear(x, w)
+        a = x if w is None else ops.linear(x, w, bias)
         if post_norm is not None:
             a = ops.rmsnorm(a, post_norm, eps)[0]
         return ops.rmsnorm(a, norm, eps, residual)

@@ -1,4 +1,4 @@
-"""The mixture-of-experts FFN of qwen3moe, qwen2moe and Mixtral-style llama, after llama.cpp's build_moe_ffn.
+"""The mixture-of-experts FFN of qwen3moe, qwen2moe, Mixtral-style llama and gpt-oss, after llama.cpp's build_moe_ffn.
 
 Per token x (the FFN's normed input; names as in the GGUF file, expert tensors in PyTorch order):
 
@@ -7,6 +7,9 @@ Per token x (the FFN's normed input; names as in the GGUF file, expert tensors i
     w_j = p_(e_j)  (/ the sum of the chosen p when expert_weights_norm), times expert_weights_scale
     f = sum_j w_j * ffn_down_exps[e_j] @ (silu(ffn_gate_exps[e_j] @ x) * ffn_up_exps[e_j] @ x)
     qwen2moe: f += sigmoid(x . ffn_gate_inp_shexp) * ffn_down_shexp @ (silu(ffn_gate_shexp @ x) * ffn_up_shexp @ x)
+
+gpt-oss: logits += ffn_gate_inp.bias; e_1..e_k the k largest logits, w = softmax(logits_(e_1..e_k)) ("softmax_weight");
+each expert product plus its row of ffn_{gate,up,down}_exps.bias, and swiglu_oai for silu (kernels/moe.py).
 
 ffn_gate_exps and ffn_up_exps are [n_expert, n_ff, hidden], ffn_down_exps [n_expert, hidden, n_ff]: one GGUF tensor
 each, read as the file stores it. `Ops.moe` runs the routed experts: the fused kernel over the blocks on the Triton
@@ -53,6 +56,9 @@ class MoE:
     normalize: bool
     scale: float
     activation: str
+    gating: str = "softmax"
+    router_bias: QuantWeight | None = None  # ffn_gate_inp.bias [n_expert]
+    biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # gate's, up's, down's: float32
     shared: SharedExpert | None = None
 
     @classmethod
@@ -79,7 +85,12 @@ class MoE:
             normalize=config.expert_weights_norm,
             scale=config.expert_weights_scale,
             activation=config.architecture.activation,
+            gating=config.architecture.moe_gating,
         )
+        if config.architecture.moe_biases:
+            moe.router_bias = shaped("ffn_gate_inp.bias", (n_expert,), keys)
+            moe.biases = tuple(ops.vector(shaped(f"ffn_{n}_exps.bias", (n_expert, rows), keys))
+                               for n, rows in (("gate", n_ff), ("up", n_ff), ("down", hidden)))
         if config.architecture.shared_expert:
             n_sh = config.shared_expert_ffn
             sh_keys = f"{arch}.expert_shared_feed_forward_length {n_sh}, {arch}.embedding_length {hidden}"
@@ -97,9 +108,9 @@ class MoE:
 
     def __call__(self, ops: Ops, x: torch.Tensor) -> torch.Tensor:
         """The FFN's output [T, hidden] for its normed input x [T, hidden]."""
-        logits = ops.linear(x, self.router, out_dtype=torch.float32)
+        logits = ops.linear(x, self.router, self.router_bias, out_dtype=torch.float32)
         out = ops.moe(x, logits, self.top_k, self.gate, self.up, self.down, normalize=self.normalize,
-                      scale=self.scale, activation=self.activation)
+                      scale=self.scale, activation=self.activation, gating=self.gating, biases=self.biases)
         s = self.shared
         if s is not None:
             y = ops.linear(ops.gated(self.activation, x, s.gate, s.up), s.down)
@@ -109,12 +120,17 @@ class MoE:
 
 def moe_dense(x: torch.Tensor, router_logits: torch.Tensor, top_k: int, gate: torch.Tensor, up: torch.Tensor,
               down: torch.Tensor, *, normalize: bool, scale: float,
-              act_mul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+              act_mul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], gating: str = "softmax",
+              biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The routed experts of the module docstring over dense experts (the torch backend's copies): gate, up
-    [n_expert, n_ff, hidden], down [n_expert, hidden, n_ff] in x's dtype; act_mul(gate, up) the activation. Each
-    expert's tokens are multiplied together; routing in float32."""
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    weights, ids = probs.topk(top_k, dim=-1)
+    [n_expert, n_ff, hidden], down [n_expert, hidden, n_ff] in x's dtype; act_mul(gate, up) the activation;
+    biases: gate's, up's [n_expert, n_ff] and down's [n_expert, hidden], or None. Each expert's tokens are
+    multiplied together; routing in float32."""
+    if gating == "softmax_weight":
+        weights, ids = router_logits.float().topk(top_k, dim=-1)
+        weights = torch.softmax(weights, dim=-1)
+    else:
+        weights, ids = torch.softmax(router_logits.float(), dim=-1).topk(top_k, dim=-1)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=_MIN_WEIGHT_SUM)
     weights = (weights * scale).to(x.dtype)
@@ -122,6 +138,11 @@ def moe_dense(x: torch.Tensor, router_logits: torch.Tensor, top_k: int, gate: to
     for e in ids.unique().tolist():
         t, j = (ids == e).nonzero(as_tuple=True)
         xe = x[t]
-        h = act_mul(xe @ gate[e].t(), xe @ up[e].t())
-        y[t, j] = (h @ down[e].t()) * weights[t, j, None]
+        g, u = xe @ gate[e].t(), xe @ up[e].t()
+        if biases is not None:
+            g, u = g + biases[0][e].to(g.dtype), u + biases[1][e].to(u.dtype)
+        d = act_mul(g, u) @ down[e].t()
+        if biases is not None:
+            d = d + biases[2][e].to(d.dtype)
+        y[t, j] = d * weights[t, j, None]
     return y.sum(dim=1)

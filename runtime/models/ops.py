@@ -1,7 +1,10 @@
 """The op layer: the one place that picks, per op, the Triton kernel or its torch reference.
 
 Backend "triton" runs the kernels of `ggtriton.kernels` (on a GPU, or on CPU tensors under
-TRITON_INTERPRET=1); backend "torch" runs their torch references, and is the CPU path of the engine.
+TRITON_INTERPRET=1); backend "torch" runs their torch references in float32, the CPU oracle; backend "cpu" is
+the fast CPU path: the weights in torch's packed int4 CPU format or bfloat16 (runtime/models/cpu_weights.py), q/k/v and
+gate/up one product each, and the references' attention, RoPE and norms in fewer torch calls, with what is the same
+for every layer made once per step (runtime/models/cpu_attention.py).
 Quantized linear layers: the torch backend dequantizes each weight once, at load, and keeps it dense in
 the activation dtype (a reference path: it trades memory for never dequantizing in a step); the Triton
 backend multiplies with the fused dequantize-matmul kernel, which picks its own path (GEMV, split-K,
@@ -25,17 +28,20 @@ from ggtriton import kernels
 from ggtriton.gguf.quants import dequantize as dequantize_ref
 from ggtriton.kernels.activations import gelu_mul_ref, silu_mul_ref
 from ggtriton.kernels.flash_attention import flash_attention_ref
-from ggtriton.kernels.planar import PLANAR_TYPES, to_planar
+from ggtriton.kernels.moe import swiglu_oai_ref
+from ggtriton.kernels.planar import MATRIX_PLANAR_TYPES, PLANAR_TYPES, to_planar
 from ggtriton.kernels.qgemv import gemv_fits
 from ggtriton.kernels.qmatmul import fusable
 from ggtriton.kernels.paged_decode import paged_decode_ref
 from ggtriton.kernels.rmsnorm import PendingNorm, rmsnorm_ref
 from ggtriton.kernels.rope_kv_store import rope_kv_store_ref
 
+from .cpu_attention import CpuAttention
+from .cpu_weights import FLOAT_TYPES, INT4_TYPES, CpuWeight
 from .moe import moe_dense
 from .weights import QuantWeight
 
-BACKENDS = ("triton", "torch")
+BACKENDS = ("triton", "torch", "cpu")
 
 
 class Ops:
@@ -49,8 +55,14 @@ class Ops:
         self._rope_kv_store = kernels.rope_kv_store if triton else rope_kv_store_ref
         self._prefill = kernels.flash_attention if triton else flash_attention_ref
         self._decode = kernels.paged_decode if triton else paged_decode_ref
+        self._cpu: dict[tuple[QuantWeight, ...], CpuWeight] = {}  # the cpu backend's products, made on first use
+        if backend == "cpu":
+            attention = CpuAttention()
+            self._rmsnorm, self._rope_kv_store = _rmsnorm_cpu, attention.rope_kv_store
+            self._prefill = self._decode = attention.attention
+        # swiglu_oai (gpt-oss) gates only experts, which the fused MoE kernel runs on the Triton backend
         self._act = {"silu": kernels.silu_mul, "gelu": kernels.gelu_mul} if triton else {
-            "silu": silu_mul_ref, "gelu": gelu_mul_ref}
+            "silu": silu_mul_ref, "gelu": gelu_mul_ref, "swiglu_oai": swiglu_oai_ref}
 
     # --- weights ---------------------------------------------------------------------------------
 
@@ -73,13 +85,16 @@ class Ops:
     def preload(self, weights: Iterable[QuantWeight]) -> int:
         """Prepare every weight now, so no step pays for it: dense copies (torch backend), or the planar layout
         of the matrices the GEMV reads in it and of the 3-D expert tensors, which only the fused MoE kernel reads,
-        with either of its decoders (Triton backend). Returns the bytes relaid."""
+        with either of its decoders (MXFP4's planes per expert: with its word decoders, where they take the
+        experts) (Triton backend). Returns the bytes relaid."""
         relaid = 0
         for w in weights:
             if self.backend == "torch":
                 self._dense(w)
-            elif not w.planar and w.ggml_type in PLANAR_TYPES and (
-                    len(w.shape) == 3 or len(w.shape) == 2 and gemv_fits(w.ggml_type, w.shape[1])):
+            elif self.backend == "triton" and not w.planar and (w.ggml_type in PLANAR_TYPES and (
+                    len(w.shape) == 3 or len(w.shape) == 2 and gemv_fits(w.ggml_type, w.shape[1]))
+                    or w.ggml_type in MATRIX_PLANAR_TYPES and len(w.shape) == 3
+                    and gemv_fits(w.ggml_type, w.shape[2], w.shape[1])):
                 w.raw = to_planar(w.raw, w.ggml_type, w.shape)
                 w.planar = True
                 relaid += w.raw.numel()
@@ -91,6 +106,8 @@ class Ops:
         x's dtype). x is a PendingNorm only where `fuses_norm` said so."""
         if self.backend == "triton":
             out = kernels.qmatmul(_contiguous(x), w.raw, w.ggml_type, w.shape, out_dtype=out_dtype, planar=w.planar)
+        elif self.backend == "cpu" and len(w.shape) == 2:
+            out = self._cpu_weight((w,)).matmul(x, out_dtype)
         else:
             dtype = out_dtype or x.dtype
             out = x.to(dtype) @ self._dense(w).t().to(dtype)
@@ -102,6 +119,9 @@ class Ops:
         weights share a type, K and layout and the kernel takes them together (see `kernels.qmatmul_many`). x is
         a PendingNorm only where `fuses_norm` said so."""
         biases = biases or [None] * len(ws)
+        if self.backend == "cpu" and len({_cpu_kind(w) for w in ws}) == 1 and len({w.shape[1:] for w in ws}) == 1:
+            outs = self._cpu_weight(tuple(ws)).matmul(x).split([w.shape[0] for w in ws], dim=-1)
+            return [self._biased(out, b) for out, b in zip(outs, biases)]
         if self.backend != "triton" or not _one_launch(ws):
             return [self.linear(x, w, b) for w, b in zip(ws, biases)]
         outs = kernels.qmatmul_many(_contiguous(x), [w.raw for w in ws], ws[0].ggml_type, [w.shape for w in ws],
@@ -134,18 +154,26 @@ class Ops:
         return self.act_mul(activation, *self.linears(x, [gate, up]))
 
     def moe(self, x: torch.Tensor, router_logits: torch.Tensor, top_k: int, gate: QuantWeight, up: QuantWeight,
-            down: QuantWeight, *, normalize: bool, scale: float, activation: str) -> torch.Tensor:
+            down: QuantWeight, *, normalize: bool, scale: float, activation: str, gating: str = "softmax",
+            biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The routed experts of a mixture of experts (runtime/models/moe.py) for x [T, hidden] and float32
         router_logits [T, n_expert]: the fused kernel over the experts' blocks on the Triton backend, which reads
         only the chosen experts (`preload` relaid every expert tensor of a planar type, or none was), the dense
-        copies on the torch backend."""
+        copies on the torch backend. biases: float32 gate's, up's and down's, or None."""
         if self.backend == "triton":
             return kernels.fused_moe(x.contiguous(), router_logits, top_k, gate.raw, up.raw, down.raw,
-                                     (gate.ggml_type, up.ggml_type, down.ggml_type), gate.shape[1],
-                                     normalize=normalize, scale=scale, activation=activation,
+                                     (gate.ggml_type, up.ggml_type, down.ggml_type), gate.shape[1], gating=gating,
+                                     normalize=normalize, scale=scale, activation=activation, biases=biases,
                                      planar=gate.planar or down.planar)
         return moe_dense(x, router_logits, top_k, self._dense(gate), self._dense(up), self._dense(down),
-                         normalize=normalize, scale=scale, act_mul=self._act[activation])
+                         normalize=normalize, scale=scale, act_mul=self._act[activation], gating=gating,
+                         biases=biases)
+
+    def _cpu_weight(self, ws: tuple[QuantWeight, ...]) -> CpuWeight:
+        """The cpu backend's product of the weights `ws` stacked, made on first use."""
+        if ws not in self._cpu:
+            self._cpu[ws] = CpuWeight(ws)
+        return self._cpu[ws]
 
     def _biased(self, out: torch.Tensor, bias: QuantWeight | None) -> torch.Tensor:
         if bias is not None:
@@ -156,6 +184,8 @@ class Ops:
         """Rows `ids` of an embedding table stored in GGUF blocks."""
         if self.backend == "torch":
             return self._dense(w)[ids]
+        if self.backend == "cpu":  # only the rows looked up, dequantized exactly
+            return dequantize_ref(w.raw.view(w.rows, -1)[ids], w.ggml_type, (len(ids), *w.shape[1:]))
         rows = w.raw.view(w.rows, -1)[ids]
         return self.dequantize(w, rows, (len(ids), *w.shape[1:]))
 
@@ -181,14 +211,32 @@ class Ops:
                             attn_factor=attn_factor)
 
     def attention(self, q, k_cache, v_cache, batch, *, scale: float, sliding_window: int | None,
-                  soft_cap: float | None) -> torch.Tensor:
-        """Attention of the batch's new queries over the paged cache (their own K/V already stored)."""
+                  soft_cap: float | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of the batch's new queries over the paged cache (their own K/V already stored); sinks:
+        float32 [n_heads] attention-sink logits, or None."""
+        if self.backend == "cpu":
+            return self._decode(q, k_cache, v_cache, batch, scale=scale, sliding_window=sliding_window,
+                                soft_cap=soft_cap, sinks=sinks)
         if batch.is_decode:
             return self._decode(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale=scale,
-                                sliding_window=sliding_window, soft_cap=soft_cap)
+                                sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks)
         kwargs = {"max_seqlen_q": batch.max_seqlen_q} if self.backend == "triton" else {}
         return self._prefill(q, k_cache, v_cache, batch.block_tables, batch.cu_seqlens_q, batch.context_lens,
-                             scale=scale, sliding_window=sliding_window, soft_cap=soft_cap, **kwargs)
+                             scale=scale, sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks, **kwargs)
+
+
+def _cpu_kind(w: QuantWeight) -> str:
+    """The `CpuWeight` kind `w` takes, by its type (those stacked into one product share it)."""
+    return "dense" if w.ggml_type in FLOAT_TYPES else "int4" if w.ggml_type in INT4_TYPES else "bf16"
+
+
+def _rmsnorm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rmsnorm_ref` in torch's own RMSNorm, float32 (other dtypes: the reference)."""
+    if x.dtype != torch.float32:
+        return rmsnorm_ref(x, weight, eps, residual)
+    h = x if residual is None else x + residual
+    return torch.nn.functional.rms_norm(h, (h.shape[-1],), weight, eps), h
 
 
 def _one_launch(ws: Sequence[QuantWeight]) -> bool:

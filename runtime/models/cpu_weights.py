@@ -1,0 +1,102 @@
+"""The CPU backend's weight format: fewer bytes per token than dense float32, in torch's packed CPU matmuls.
+
+A `CpuWeight` is one or more 2-D GGUF weights of the same K stacked along N (q/k/v, gate/up: one product for all):
+
+- "int4" (every part Q4_0, Q4_1 or Q4_K, N a multiple of 16): the file's own 4-bit values, packed by
+  `aten._convert_weight_to_int4pack_for_cpu`, with one bfloat16 scale s and zero z per 32 weights, w = (q - 8) s + z:
+  Q4_0 s = d, z = 0; Q4_1 s = d, z = m + 8 d; Q4_K s = d sc_j, z = 8 s - dmin m_j. 0.5625 bytes per weight.
+- "bf16" (any other quantized type): the float32 values rounded to bfloat16, dense (oneDNN). 2 bytes per weight.
+  (int8 with one scale per row, `aten._weight_int8pack_mm`, reads half of that but its requantization of Q5_0,
+  Q6_K and Q8_0 took Gemma-3-270M's mean KL divergence against llama.cpp from 4.4e-3 / 5.5e-3 to 8.3e-3 / 8.9e-3.)
+- "dense" (F32, F16, BF16): float32, exact.
+
+Products of one or a few rows (decode) read the packed weight, with x rounded to bfloat16 and the sums returned in
+bfloat16. Products of many rows (prefill) are compute-bound: an int4 weight then multiplies a bfloat16 dense copy
+of its values (oneDNN; AMX where the CPU has it), made on first use. So the rounding differs from the float32
+reference path in: x and the output in bfloat16, the int4 scales and zeros in bfloat16, and the weights of the
+"bf16" kind and of prefill in bfloat16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from ggtriton.gguf import GGMLType
+from ggtriton.gguf.quants import _f16, _fields, _nibbles, _scale_min_k4
+from ggtriton.gguf.quants import dequantize as dequantize_ref
+
+from .weights import QuantWeight
+
+INT4_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K)
+FLOAT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
+_GROUP = 32  # weights per int4 scale and zero
+# Rows at and above which a product multiplies the bfloat16 dense copy (compute-bound) instead of the packed weight.
+DENSE_ROWS = 16
+
+
+class CpuWeight:
+    """Weights `parts` stacked along N, in the format of the module docstring; `matmul(x)` = x @ W^T."""
+
+    def __init__(self, parts: Sequence[QuantWeight]):
+        if len({w.shape[1:] for w in parts}) != 1 or any(len(w.shape) != 2 for w in parts):
+            raise ValueError(f"CPU weights stack 2-D tensors of one K, got {[(w.name, w.shape) for w in parts]}")
+        self.parts = list(parts)
+        self.n = sum(w.shape[0] for w in parts)
+        self.k = parts[0].shape[1]
+        types = {w.ggml_type for w in parts}
+        self._bf16: torch.Tensor | None = None
+        if types <= set(FLOAT_TYPES):
+            self.kind = "dense"
+            self.data, self.scales = self._values(), None
+        elif types <= set(INT4_TYPES) and self.n % 16 == 0 and self.k % _GROUP == 0:
+            self.kind = "int4"
+            q, s, z = zip(*(_int4(w) for w in parts))
+            self.data = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.cat(q), 1)
+            # [K / 32, N, 2]: the layout the kernel reads
+            self.scales = torch.stack([torch.cat(s), torch.cat(z)], -1).transpose(0, 1).to(torch.bfloat16)
+            self.scales = self.scales.contiguous()
+        else:
+            self.kind = "bf16"
+            self.data, self.scales = self._values().to(torch.bfloat16), None
+            self._bf16 = self.data  # decode and prefill read the same copy
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a decode step reads."""
+        return self.data.nbytes + (0 if self.scales is None else self.scales.nbytes)
+
+    def _values(self) -> torch.Tensor:
+        """The float32 values of the stacked weight, [N, K] (the reference's dequantization)."""
+        return torch.cat([dequantize_ref(w.raw, w.ggml_type, w.shape) for w in self.parts])
+
+    def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x [M, K] @ W^T -> [M, N] in `out_dtype` (default x's dtype)."""
+        out_dtype = out_dtype or x.dtype
+        if self.kind == "dense":
+            return (x.to(torch.float32) @ self.data.t()).to(out_dtype)
+        xb = x.to(torch.bfloat16)
+        if self.kind == "int4" and len(x) < DENSE_ROWS:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), self.data, _GROUP,
+                                                              self.scales).to(out_dtype)
+        if self._bf16 is None:
+            self._bf16 = self._values().to(torch.bfloat16)
+        return (xb @ self._bf16.t()).to(out_dtype)
+
+
+def _int4(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q int32 [N, K] in 0..15, s, z float32 [N, K / 32]) of a Q4_0 / Q4_1 / Q4_K weight: w = (q - 8) s + z."""
+    n, k = w.shape
+    t = w.ggml_type
+    if t == GGMLType.Q4_K:
+        b = w.raw.reshape(-1, 144)
+        sc, m = _scale_min_k4(b[:, 4:16])
+        s = _f16(b[:, 0:2]) * sc.float()  # [blocks, 8]
+        z = 8 * s - _f16(b[:, 2:4]) * m.float()
+        q = _fields(b[:, 16:].reshape(-1, 4, 32), 4).reshape(-1, 8, 32)
+    else:
+        b = w.raw.reshape(-1, 18 if t == GGMLType.Q4_0 else 20)
+        s = _f16(b[:, 0:2])
+        z = torch.zeros_like(s) if t == GGMLType.Q4_0 else _f16(b[:, 2:4]) + 8 * s
+        q = _nibbles(b[:, -16:])
+    return q.reshape(n, k).int(), s.reshape(n, k // _GROUP), z.reshape(n, k // _GROUP)

@@ -1,0 +1,138 @@
+"""The fast CPU backend ("cpu") against the float32 torch reference ops ("torch"), on random data.
+
+Tolerances: the cpu backend rounds x, the products' sums and the int4 scales and zeros (or the weights of other
+quantized types) to bfloat16, 8 significant bits: a relative error of a few 2^-9 per product, checked at <= 1e-2
+(DESIGN.md, bf16 operands). Attention, RoPE and the KV store run in float32 as the references do: <= 1e-5.
+Float-typed weights stay float32, so a model of F32 weights matches the reference to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ggtriton.gguf import GGMLType
+from ggtriton.gguf.quants import dequantize as dequantize_ref
+from ggtriton.kernels.flash_attention import flash_attention_ref
+from ggtriton.kernels.paged_decode import paged_decode_ref
+from ggtriton.kernels.rope import rope_inv_freq
+from ggtriton.kernels.rope_kv_store import rope_kv_store_ref
+from ggtriton.runtime import LLM, SamplingParams
+from ggtriton.runtime.engine.batch import ForwardBatch
+from ggtriton.runtime.models import cpu_weights
+from ggtriton.runtime.models.cpu_attention import CpuAttention
+from ggtriton.runtime.models.cpu_weights import CpuWeight
+from ggtriton.runtime.models.weights import QuantWeight
+from ggtriton.runtime.synthetic import SyntheticModel, write_synthetic_model
+from quant_weights import weight
+
+CPU = torch.device("cpu")
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("ggml_type, kind", [(GGMLType.Q4_0, "int4"), (GGMLType.Q4_1, "int4"), (GGMLType.Q4_K, "int4"),
+                                             (GGMLType.Q8_0, "bf16"), (GGMLType.Q6_K, "bf16"), (GGMLType.F32, "dense")])
+@pytest.mark.parametrize("rows", [1, 3, cpu_weights.DENSE_ROWS])
+def test_cpu_weight_matches_dequantized_product(ggml_type, kind, rows):
+    """Two weights stacked in one product (q/k/v-like: 64 and 32 rows) against x @ W^T in float64."""
+    k = 256
+    parts = [QuantWeight(f"w{i}", weight(ggml_type, n, k, CPU, seed=i), ggml_type, (n, k)) for i, n in enumerate((64, 32))]
+    w = CpuWeight(parts)
+    assert w.kind == kind
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(7))
+    ref = x.double() @ torch.cat([dequantize_ref(p.raw, p.ggml_type, p.shape) for p in parts]).double().t()
+    out = w.matmul(x)
+    assert out.dtype == torch.float32 and out.shape == (rows, 96)
+    assert rel(out, ref) <= (1e-6 if kind == "dense" else 1e-2)
+
+
+def test_int4_reads_fewer_bytes_than_float32():
+    w = CpuWeight([QuantWeight("w", weight(GGMLType.Q4_K, 64, 512, CPU), GGMLType.Q4_K, (64, 512))])
+    assert w.nbytes == 64 * 512 // 2 + 2 * 2 * 64 * 512 // 32  # nibbles + bf16 scale and zero per 32
+
+
+def _batch(ctx: list[int], n_new: list[int], page: int, pages: int) -> ForwardBatch:
+    """Sequences with ctx[b] tokens in all, the last n_new[b] of them new, on shuffled pages."""
+    order = torch.randperm(pages, generator=torch.Generator().manual_seed(1)).tolist()
+    tables, used = [], 0
+    for c in ctx:
+        n = -(-c // page)
+        tables.append(order[used: used + n])
+        used += n
+    return ForwardBatch.build([[1] * n for n in n_new], [c - n for c, n in zip(ctx, n_new)], tables, page, CPU)
+
+
+@pytest.mark.parametrize("neox, rope_dim", [(False, 16), (True, 16), (True, 8)])
+@pytest.mark.parametrize("ctx, n_new", [([5, 19, 33], [1, 1, 1]), ([21, 9], [21, 4])])
+@pytest.mark.parametrize("window", [None, 6])
+def test_cpu_attention_matches_references(neox, rope_dim, ctx, n_new, window):
+    """RoPE + KV store, then attention (decode: three sequences; prefill: one with a cached prefix), against the
+    references on random queries and a random (NaN-free) cache."""
+    page, heads, kv_heads, d = 4, 4, 2, 16
+    g = torch.Generator().manual_seed(sum(ctx) + rope_dim)
+    batch = _batch(ctx, n_new, page, 24)
+    t = sum(n_new)
+    q, k, v = (torch.randn(t, h, d, generator=g) for h in (heads, kv_heads, kv_heads))
+    caches = [torch.randn(24, page, kv_heads, d, generator=g) for _ in range(2)]
+    inv_freq, attn_factor = rope_inv_freq(rope_dim, 10000.0)
+    attn_factor = 0.9  # a non-trivial magnitude factor (YaRN's)
+    ref_q, ref_caches = q.clone(), [c.clone() for c in caches]
+    rope_kv_store_ref(ref_q, k, v, *ref_caches, batch.slot_mapping, batch.positions, inv_freq, neox=neox,
+                      attn_factor=attn_factor)
+    ops = CpuAttention()
+    for _ in range(2):  # the second call reads what the first made for the step
+        out_q = q.clone()
+        ops.rope_kv_store(out_q, k, v, *caches, batch.slot_mapping, batch.positions, inv_freq, neox=neox,
+                          attn_factor=attn_factor)
+    assert rel(out_q, ref_q) <= 1e-5 and rel(caches[0], ref_caches[0]) <= 1e-5 and torch.equal(caches[1], ref_caches[1])
+    opts = {"scale": d**-0.5, "sliding_window": window, "soft_cap": None, "sinks": None}
+    if batch.is_decode:
+        ref = paged_decode_ref(ref_q, *ref_caches, batch.block_tables, batch.context_lens, **opts)
+    else:
+        ref = flash_attention_ref(ref_q, *ref_caches, batch.block_tables, batch.cu_seqlens_q, batch.context_lens, **opts)
+    out = ops.attention(out_q, *caches, batch, **opts)
+    assert out.shape == ref.shape and rel(out, ref) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """(F32 model, Q4_K model with a Q6_K output: int4 and bf16 products) of the gemma3 architecture: NeoX RoPE,
+    q/k norms, post-norms, a sliding window."""
+    out = []
+    for name, wtype in (("f32", GGMLType.F32), ("q4k", GGMLType.Q4_K)):
+        path = tmp_path_factory.mktemp("cpu") / f"{name}.gguf"
+        write_synthetic_model(path, SyntheticModel("gemma3", n_layers=2, hidden=256, n_heads=4, n_kv_heads=2,
+                                                   head_dim=64, ffn=512, vocab=320, weight_type=wtype,
+                                                   sliding_window=8, seed=5))
+        out.append(path)
+    return out
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_cpu_backend_logits_match_float32_reference(tiny_models, monkeypatch, packed):
+    """Next-token logits at every position (one prefill step; `packed`: every product on the packed weights, as
+    decode runs them) of the cpu backend against the torch backend."""
+    if packed:
+        monkeypatch.setattr(cpu_weights, "DENSE_ROWS", 1 << 30)
+    tokens = torch.randint(3, 320, (24,), generator=torch.Generator().manual_seed(2)).tolist()
+    for path, tol in zip(tiny_models, (1e-5, 2e-2)):
+        ref, out = (LLM(path, device="cpu", backend=b, dtype=torch.float32, kv_cache_bytes=1 << 22).logits(tokens)
+                    for b in ("torch", "cpu"))
+        assert rel(out, ref) <= tol, path.name
+
+
+def test_cpu_backend_decode_matches_float32_reference(tiny_models):
+    """Greedy decode of two sequences at once (decode steps of one token per sequence, on the packed weights): each
+    token it picks is, by the reference's logits of the same context, the top one or within bf16 rounding of it
+    (a near tie may go either way)."""
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompts = [[5, 9, 11, 40, 7], [3, 4]]
+    ref, fast = (LLM(tiny_models[1], device="cpu", backend=b, dtype=torch.float32, kv_cache_bytes=1 << 22)
+                 for b in ("torch", "cpu"))
+    for prompt, out in zip(prompts, fast.generate(prompts, params, use_tqdm=False)):
+        assert len(out.token_ids) == 6
+        logits = ref.logits(prompt + out.token_ids)[len(prompt) - 1: -1]
+        picked = logits.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+        assert (logits.max(-1).values - picked <= 2e-2 * logits.abs().max(-1).values).all()
