@@ -30,8 +30,8 @@ spilled VGPRs / SGPRs from the kernel metadata, wave instructions per byte. Inne
 there (inner loops count once, marked ~), and there is no issue model of a CDNA3 CU, so no ceiling.
 
 The "gemv" path is the decode step's own kernel (kernels/qgemv.py, M <= 16, the types it decodes by words); a pass
-of its loop covers one block of each row (256-element types) or 8 blocks (32-element types), so weight bytes per pass are
-BLOCK_N x that x block bytes. With --check, the ratio of its best M = 16 loop to its best M = 1 loop per byte is
+of its loop covers one block of each row (256-element types) or 8 blocks (32-element types), so weight bytes per pass
+are BLOCK_N x that x block bytes. With --check, the ratio of its best M = 16 loop to its best M = 1 loop per byte is
 printed for each type where both compiled (at most 1.3 is the aim: M rows should not multiply the decoding).
 
 The "moe" path is the fused MoE op's grouped product (kernels/moe.py) over MOE_EXPERTS experts of a 4096 x 4096
@@ -42,7 +42,8 @@ types it decodes by words, BLOCK_N x BLOCK_K elements for the others.
 
 --check (CUDA targets) exits 1 when any selected decode type's best M=1 decode loop (gemv where the type has it, else
 skinny) exceeds 0.25 warp instructions per weight byte or spills, naming each; those variants compile whatever
---paths and --m select.
+--paths and --m select. Where gemv compiles at M = 16, it also fails a type whose best spill-free loop there exceeds
+its M16_IPB bound for the installed Triton (the figures reached, so that a regression fails).
 The table is appended to bench/RESULTS.md unless --no-append.
 A loop that the compiler unrolled (ptxas may, for short bodies) covers several K tiles per pass: its ipb is then
 overstated by that factor; the loops column counts the backward branches of the kernel to help spot it.
@@ -79,6 +80,10 @@ CLOCK_HZ = 1.98e9  # boost clock
 HBM_BYTES_PER_S = 4.8e12  # HBM3e peak (the measured copy, the planning figure, is 4.3e12)
 BYTES_PER_SM_CLOCK = HBM_BYTES_PER_S / (SMS * CLOCK_HZ)  # ~18.4
 CHECK_IPB = 0.25  # DESIGN.md's bound on a decode loop
+# The best spill-free M = 16 gemv loops reached, warp instructions per weight byte, per Triton minor version: --check
+# holds the types compiled at M = 16 to them, so that a regression fails (the aim: 1.3x the M = 1 loop).
+M16_IPB = {"3.9": {"Q5_K": 0.27, "Q6_K": 0.22, "IQ4_XS": 0.37, "MXFP4": 0.31},
+           "3.6": {"Q5_K": 0.27, "Q6_K": 0.22, "IQ4_XS": 0.42, "MXFP4": 0.31}}
 
 DECODE_TYPES = ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "IQ4_XS", "MXFP4")
 PATHS = ("gemv", "skinny", "splitk", "gemm", "dequant", "moe")
@@ -479,9 +484,19 @@ def m_ratios(rows: list[Row]) -> list[str]:
             for t in dict.fromkeys(t for t, _ in best) if (t, 1) in best and (t, 16) in best]
 
 
-def check(rows: list[Row], types: tuple[str, ...] = DECODE_TYPES) -> list[str]:
-    """Each of `types` whose best M=1 decode loop (`decode_path`) exceeds CHECK_IPB or spills."""
+def check(rows: list[Row], types: tuple[str, ...] = DECODE_TYPES,
+          triton_version: str = triton.__version__) -> list[str]:
+    """Each of `types` whose best M=1 decode loop (`decode_path`) exceeds CHECK_IPB or spills, and whose best
+    spill-free M=16 gemv loop, where rows has one compiled, exceeds its M16_IPB bound for that Triton."""
     failures = []
+    bounds = M16_IPB.get(".".join(triton_version.split(".")[:2]), {})
+    for t in (t for t in types if t in bounds and any(r.job == Job(t, "gemv", 16) for r in rows)):
+        best16 = min((r for r in rows if r.job == Job(t, "gemv", 16) and not r.spills), key=lambda r: r.ipb,
+                     default=None)
+        if best16 is None or best16.ipb > bounds[t]:
+            failures.append(f"{t}: best spill-free M=16 gemv loop "
+                            f"{'spills' if best16 is None else f'({best16.config}) takes {best16.ipb:.3f}'}, over "
+                            f"{bounds[t]} for Triton {triton_version}")
     for t in types:
         path = decode_path(t)
         best = min((r for r in rows if r.job == Job(t, path, 1)), key=lambda r: r.ipb)

@@ -53,7 +53,7 @@ from ._common import FLOAT_DTYPES, backend, check_float, check_last_dim_contiguo
 from .blocks import decode_block, decode_planar, decode_table_tensor
 from .planar import MATRIX_PLANAR_TYPES, PLANAR_TYPES, RELAID_TYPES, from_planar, to_planar
 from .qgemv import (_BLOCKS_PER_STEP, _T, GEMV_TYPES, _iq4_xs_block, _k4_block, _mxfp4_block, _q6_k_block,
-                    _q32_block, _value_table, gemv_fits)
+                    _q32_block, _table_stages, _value_table, _zero_acc, gemv_fits, lanes, w_left)
 
 GATINGS = ("softmax", "softmax_weight")
 ACTIVATIONS = ("silu", "gelu", "swiglu_oai")
@@ -69,7 +69,7 @@ _CONFIGS = {
 # The most rows of W per program that do not spill on sm_90 (bench/sass.py, Triton 3.9 and 3.6; but Q4_K's 16-row
 # down at 64 rows spills 8 bytes under 3.6), per tile form (1, 16, 32..64 rows of x) and type: (gate and up, whose
 # sums stay live through up's loop; down). Other types and forms, the element decoders' among them:
-# _OTHER_MAX_BLOCK_N (IQ4_XS's and MXFP4's 32..64-row form spills 4 to 32 bytes there, less than at 128 rows).
+# _OTHER_MAX_BLOCK_N (IQ4_XS's and MXFP4's 64-row down spills 16 to 24 bytes there, less than at 128 rows).
 _MAX_BLOCK_N = {
     (1, "Q4_K"): (256, 256), (1, "Q5_K"): (256, 256), (1, "Q5_0"): (256, 256), (1, "Q6_K"): (128, 128),
     (1, "Q8_0"): (32, 128), (1, "Q4_0"): (128, 128),
@@ -168,42 +168,32 @@ def _products(w_ptr, row, x_ptr, xm, x_stride, table_ptr, nb, K, N, TYPE: tl.con
     planar layout)."""
     BN: tl.constexpr = row.shape[0]
     if WORDS:
-        # qgemv's per-thread lanes for one row of x; Q6_K's weights are the tensor cores' left operand
-        LANES: tl.constexpr = 4 if TYPE == "Q4_K" or TYPE == "Q5_K" else 8 if TYPE == "Q6_K" or TYPE == "IQ4_XS" else (
-            2 * _BLOCKS_PER_STEP if TYPE == "Q8_0" else _BLOCKS_PER_STEP)
-        W_LEFT: tl.constexpr = TYPE == "Q6_K"
-        if BLOCK_M == 1:
-            acc = tl.zeros([BN, LANES], tl.float32)
-        else:
-            if W_LEFT:
-                acc = tl.zeros([BN, BLOCK_M], tl.float32)
-            else:
-                acc = tl.zeros([BLOCK_M, BN], tl.float32)
+        acc = _zero_acc(BN, TYPE, BLOCK_M)  # qgemv's: per-thread lanes, or a tile, [BN, BLOCK_M] where w_left
         if TYPE == "Q4_K" or TYPE == "Q5_K":
             for b in range(0, nb):
                 acc = _k4_block(acc, w_ptr, row, b, x_ptr, xm, x_stride, BLOCK_BYTES, DENORMAL, TYPE == "Q5_K",
                                 BLOCK_M, F32)
         elif TYPE == "IQ4_XS":
-            for b in range(0, nb):
+            for b in tl.range(0, nb, num_stages=_table_stages(BLOCK_M)):
                 acc = _iq4_xs_block(acc, w_ptr, row, b, x_ptr, table_ptr, xm, x_stride, DENORMAL, BLOCK_M, F32)
         elif TYPE == "Q6_K":
             for b in range(0, nb):
                 acc = _q6_k_block(acc, w_ptr, row, b, nb, x_ptr, xm, x_stride, DENORMAL, BLOCK_M, F32)
         elif TYPE == "MXFP4":  # row: n * nb * 17; the qs plane (nb * 16 bytes a row), then the scales' (nb)
             n_nb = row // BLOCK_BYTES
-            for b in range(0, nb, _BLOCKS_PER_STEP):
+            for b in tl.range(0, nb, _BLOCKS_PER_STEP, num_stages=_table_stages(BLOCK_M)):
                 acc = _mxfp4_block(acc, w_ptr, n_nb * 16, N.to(tl.int64) * nb * 16 + n_nb, b, nb, x_ptr, table_ptr,
-                                   xm, x_stride, LANES, DENORMAL, BLOCK_M, F32)
+                                   xm, x_stride, lanes(TYPE), DENORMAL, BLOCK_M, F32)
         else:
             for b in range(0, nb, _BLOCKS_PER_STEP):
-                acc = _q32_block(acc, w_ptr, row, b, nb, nb, x_ptr, xm, x_stride, TYPE, LANES, DENORMAL, BLOCK_M,
-                                 F32)
+                acc = _q32_block(acc, w_ptr, row, b, nb, nb, x_ptr, xm, x_stride, TYPE, lanes(TYPE), DENORMAL,
+                                 BLOCK_M, F32)
         if BLOCK_M == 1:
             res = tl.sum(acc, axis=1)
         else:
             if DENORMAL:  # the decoded weights were scaled by 2^-T (qgemv)
                 acc *= 2.0 ** _T
-            if W_LEFT:
+            if w_left(TYPE):
                 res = tl.trans(acc)  # once per tile, after the loop
             else:
                 res = acc

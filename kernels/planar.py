@@ -23,8 +23,9 @@ of a 2-D weight, each expert of a 3-D one), N rows of nb blocks becoming
 
 so that every row's quants start 16-byte aligned (from an aligned matrix). Rows are no longer contiguous: only
 qgemv's word decoders read it (`MATRIX_PLANAR_TYPES`; `check_planar`, which guards the element decoders' `planar`
-argument, refuses it), in qgemv (which relays MXFP4 weights itself) and the fused MoE kernel (expert tensors relaid
-once by a model at load). `RELAID_TYPES`: the types the word decoders read relaid.
+argument, refuses it): qmatmul's word paths and the fused MoE kernel, for weights relaid once by a model at load
+(`check_relaid`); qmatmul's other paths take the file's bytes back (`from_planar`), and an embedding's rows
+(`matrix_rows`). `RELAID_TYPES`: the types the word decoders read relaid.
 
 The file is read as it is; the relayout is a copy made on the device when a weight is loaded (`to_planar`), undone
 by `from_planar`.
@@ -59,14 +60,19 @@ def check_planar(t: GGMLType) -> None:
         raise ValueError(f"{t.name} has no planar layout (only {', '.join(p.name for p in PLANES)})")
 
 
+def check_relaid(t: GGMLType) -> None:
+    """Raise a ValueError naming the type unless it has a relaid layout (`to_planar`, per row or per matrix)."""
+    if t not in RELAID_TYPES:
+        raise ValueError(f"{t.name} has no planar layout (only {', '.join(p.name for p in PLANES | MATRIX_PLANES)})")
+
+
 def _blocks(raw: torch.Tensor, ggml_type: int, shape: Sequence[int]) -> tuple[GGMLType, int, int, int]:
     """(type, groups, rows per group, blocks per row): the groups whose bytes a plane spans (rows: each row a group;
     matrices: each matrix, of its rows)."""
     if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8 or not raw.is_contiguous():
         raise ValueError("raw must be a contiguous uint8 torch tensor")
     t = check_size(raw.numel(), ggml_type, shape)
-    if t not in RELAID_TYPES:
-        raise ValueError(f"{t.name} has no planar layout (only {', '.join(p.name for p in PLANES | MATRIX_PLANES)})")
+    check_relaid(t)
     rows = 1
     for s in shape[:-1]:
         rows *= s
@@ -99,3 +105,19 @@ def from_planar(planar: torch.Tensor, ggml_type: int, shape: Sequence[int]) -> t
         out[:, :, o:o + n] = view[:, start:start + rows * nb * n].view(groups, rows * nb, n)
         start += rows * nb * n
     return out.view(-1)
+
+
+def matrix_rows(planar: torch.Tensor, ggml_type: int, shape: Sequence[int], rows: torch.Tensor) -> torch.Tensor:
+    """The file's bytes of rows `rows` (indices) of a 2-D weight of `shape` in `to_planar`'s planes per matrix."""
+    t, _, n, nb = _blocks(planar, ggml_type, shape)
+    if t not in MATRIX_PLANES or len(shape) != 2:
+        raise ValueError(f"matrix_rows takes a 2-D weight of {', '.join(p.name for p in MATRIX_PLANES)}, got "
+                         f"{t.name} {tuple(shape)}")
+    fields = []
+    start = 0
+    for _, size in MATRIX_PLANES[t]:
+        fields.append(planar[start:start + n * nb * size].view(n, nb, size)[rows])
+        start += n * nb * size
+    # each plane's field back at its offset in the block (MATRIX_PLANES lists them in plane order)
+    order = sorted(range(len(fields)), key=lambda i: MATRIX_PLANES[t][i][0])
+    return torch.cat([fields[i] for i in order], dim=2).view(-1)

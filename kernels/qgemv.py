@@ -23,7 +23,8 @@ What keeps it low:
   thread and shared by its rows.
 - 2 to 16 rows (BLOCK_M = 16, batched decode, speculative verification): one FFMA per weight scales the field
   (by dl * 2^(149 - P), and 2^-T) and adds the offset or min, the tile is rounded to x's dtype and multiplied on
-  the tensor cores, one tl.dot per field position (K = 16 to 64 elements), so each weight is decoded once
+  the tensor cores, one tl.dot per field position (K = 16 to 64 elements; the table types: one per step, K = 256,
+  the weights the left operand, which Hopper's wgmma takes from registers), so each weight is decoded once
   whatever M is.
 - More than 16 rows (prefill): the same decoding into tiles of BLOCK_M = 32 to 128 rows of x, program_id(2)
   picking the tile, so each weight is decoded once per BLOCK_M rows: at [128, 128] tiles the loop issues about one
@@ -60,7 +61,7 @@ from ..gguf.quant_tables import IQ4NL_VALUES, MXFP4_VALUES
 from ..gguf.types import TYPE_TRAITS, GGMLType
 from ._common import ARRIVAL_COUNTERS, arrival_counters, backend, dot, f32_dot
 from .activations import activate
-from .planar import MATRIX_PLANAR_TYPES, to_planar
+from .planar import MATRIX_PLANAR_TYPES
 from .rmsnorm import rms_rstd, store_sumsq
 
 GEMV_TYPES = frozenset({GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q4_0,
@@ -484,6 +485,26 @@ def _take_bytes(s, sx, acc, r, x_ptr, el, mask, dl, bias, xm, x_stride, DENORMAL
 
 
 @triton.jit
+def _dot_weights(r, P: tl.constexpr, dl, OFFSET: tl.constexpr, DENORMAL: tl.constexpr):
+    """The byte fields at bits P and P + 8 of words r as weights (u - OFFSET) * dl for tl.dot, [.., 2]: times 2^-T
+    where DENORMAL (see _T)."""
+    if DENORMAL:
+        f0 = _field(r, P, 8, DENORMAL) * (dl * 2.0 ** (149 - _T - P))
+        if P == 0:
+            f1 = _field(r, 8, 8, DENORMAL) * (dl * 2.0 ** (141 - _T))
+        else:  # the top byte would end past bit 23: moved down
+            f1 = _field((r.to(tl.uint32, bitcast=True) >> 24).to(tl.int32, bitcast=True), 0, 8, DENORMAL) * (
+                dl * 2.0 ** (149 - _T))
+        bias = dl * (-OFFSET * 2.0 ** (-_T))
+    else:
+        w = r >> P
+        f0 = _field(w, 0, 8, DENORMAL) * dl
+        f1 = _field(w, 8, 8, DENORMAL) * dl
+        bias = -OFFSET * dl
+    return tl.join(f0 + bias, f1 + bias)
+
+
+@triton.jit
 def _table_units(acc, rows, off, L: tl.constexpr, n_units, e, dl, tab, x_ptr, xm, x_stride, OFFSET: tl.constexpr,
                  SMALL: tl.constexpr, WIDE: tl.constexpr, DENORMAL: tl.constexpr, BLOCK_M: tl.constexpr,
                  F32: tl.constexpr):
@@ -493,7 +514,7 @@ def _table_units(acc, rows, off, L: tl.constexpr, n_units, e, dl, tab, x_ptr, xm
     from it on reading unit n_units - 1 (no masks, nor the zeroing and predicates they take: their scales must be 0);
     e [L]: each unit's first element; dl [BN, L]: its scale; tab: `_table` [L]; OFFSET, SMALL: the table's (see
     `_lookup`); WIDE: units 16-byte aligned (one 16-byte load per unit and row, else two 8-byte ones). [BN, L] sums
-    (BLOCK_M = 1), or [BLOCK_M, BN] products."""
+    (BLOCK_M = 1), or [BN, BLOCK_M] products (the weights the tensor cores' left operand, see `w_left`)."""
     BN: tl.constexpr = rows.shape[0]
     if BLOCK_M == 1:
         # words g = 0..3 of each unit as 4 tensors [BN, L] (loaded together, split in registers): one FMA chain per
@@ -536,17 +557,21 @@ def _table_units(acc, rows, off, L: tl.constexpr, n_units, e, dl, tab, x_ptr, xm
         unit = words // 4
         if n_units is not None:
             unit = tl.minimum(unit, n_units - 1)
-        q = tl.load(rows + (off + unit * 4 + words % 4)[None, :])
-        q = tl.reshape(q, [BN, L, 4])
-        d3 = dl[:, :, None]
-        bias = -OFFSET * d3
-        e2 = e[:, None] + 4 * tl.arange(0, 4)[None, :]  # [L, 4]: element of the low nibble of byte 0 of word g
+        q = tl.reshape(tl.load(rows + (off + unit * 4 + words % 4)[None, :]), [BN, L, 4])
         t3 = (tab[0][None, :, None], tab[1][None, :, None], tab[2][None, :, None], tab[3][None, :, None],
               tab[4][None, :, None])
-        r0, r1 = _lookup(q, t3, SMALL)
-        s, sx, acc = _take_bytes(d3, d3, acc, r0, x_ptr, e2, None, d3, bias, xm, x_stride, DENORMAL, BLOCK_M, F32)
-        s, sx, acc = _take_bytes(s, sx, acc, r1, x_ptr, e2 + 2, None, d3, bias, xm, x_stride, DENORMAL, BLOCK_M,
-                                 F32)
+        r0, r1 = _lookup(q, t3, SMALL)  # byte 2c + h of r0 (c = 0, 1) and of r1 (c = 2, 3): element 16h + 4g + c
+        d3 = dl[:, :, None]
+        # the 8 byte fields of word g as [BN, L, 4 (g), 2 (h), 2 (c % 2), 2 (c // 2)], then elements in order: one
+        # dot of K = 32 L per call, x read as contiguous runs of 32
+        v = tl.join(tl.join(_dot_weights(r0, 0, d3, OFFSET, DENORMAL), _dot_weights(r0, 16, d3, OFFSET, DENORMAL)),
+                    tl.join(_dot_weights(r1, 0, d3, OFFSET, DENORMAL), _dot_weights(r1, 16, d3, OFFSET, DENORMAL)))
+        v = tl.reshape(tl.permute(v, [0, 1, 3, 2, 5, 4]), [BN, L * 32])
+        xt = tl.load(x_ptr + xm[:, None, None] * x_stride + e[None, :, None] + tl.arange(0, 32)[None, None, :])
+        xt = tl.reshape(xt, [xm.shape[0], L * 32])
+        if not F32:
+            v = v.to(xt.dtype)
+        acc += dot(v, tl.trans(xt), F32)
     return acc
 
 
@@ -559,7 +584,7 @@ def _table_units(acc, rows, off, L: tl.constexpr, n_units, e, dl, tab, x_ptr, xm
 def _iq4_xs_block(acc, w_ptr, row, b, x_ptr, table_ptr, xm, x_stride, DENORMAL: tl.constexpr,
                   BLOCK_M: tl.constexpr, F32: tl.constexpr):
     """acc plus IQ4_XS block b of rows `row` (byte offsets [BN]) times x: [BN, 8] sums (BLOCK_M = 1), or
-    [BLOCK_M, BN] products."""
+    [BN, BLOCK_M] products."""
     i = tl.arange(0, 8)
     blk = (w_ptr + row[:, None] + b * 136).to(tl.pointer_type(tl.int32))  # [BN, 1]
     h0 = tl.load(blk)  # d | scales_h << 16
@@ -579,7 +604,7 @@ def _iq4_xs_block(acc, w_ptr, row, b, x_ptr, table_ptr, xm, x_stride, DENORMAL: 
 def _mxfp4_block(acc, w_ptr, qrow, erow, b, b_end, x_ptr, table_ptr, xm, x_stride, U: tl.constexpr,
                  DENORMAL: tl.constexpr, BLOCK_M: tl.constexpr, F32: tl.constexpr):
     """acc plus the U blocks from block b of MXFP4 rows (qs at byte offsets qrow [BN], E8M0 scales at erow [BN]),
-    blocks from b_end on left out, times x: [BN, U] sums (BLOCK_M = 1), or [BLOCK_M, BN] products."""
+    blocks from b_end on left out, times x: [BN, U] sums (BLOCK_M = 1), or [BN, BLOCK_M] products."""
     u = tl.arange(0, U)
     blk = tl.minimum(b + u, b_end - 1)  # blocks past the range read the last one, with a scale of 0
     ev = tl.load(w_ptr + erow[:, None] + blk[None, :]).to(tl.int32)
@@ -589,6 +614,42 @@ def _mxfp4_block(acc, w_ptr, qrow, erow, b, b_end, x_ptr, table_ptr, xm, x_strid
     rows = (w_ptr + qrow[:, None]).to(tl.pointer_type(tl.int32))  # 16-byte aligned
     return _table_units(acc, rows, b * 4, U, b_end - b, 32 * blk, d, _table(table_ptr, u), x_ptr, xm, x_stride,
                         _MXFP4_OFFSET, True, True, DENORMAL, BLOCK_M, F32)
+
+
+@triton.constexpr_function
+def lanes(type_name: str) -> int:
+    """The per-thread sums of a row of W at one row of x (BLOCK_M = 1: acc [BN, lanes]): the threads sharing a
+    256-element block (K-quants: runs of 64 or 32 elements; IQ4_XS: sub-blocks), else the 16-byte units of a step
+    (32-element types: a block each, Q8_0 two)."""
+    return {"Q4_K": 4, "Q5_K": 4, "Q6_K": 8, "IQ4_XS": 8, "Q8_0": 2 * _STEP}.get(type_name, _STEP)
+
+
+@triton.constexpr_function
+def w_left(type_name: str) -> bool:
+    """Whether a type's weights are the tensor cores' left operand at 2+ rows of x (acc [BN, BLOCK_M]), else the
+    right (acc [BLOCK_M, BN]): Q6_K's and the table types' (bench/sass.py: fewer instructions; Hopper's wgmma then
+    takes them from registers)."""
+    return type_name in ("Q6_K", "IQ4_XS", "MXFP4")
+
+
+@triton.constexpr_function
+def _table_stages(block_m: int) -> int | None:
+    """Pipeline stages of the table types' loops: their tl.dot reads contiguous x runs, which Triton stages through
+    shared memory, [BLOCK_M, 256] per stage; GEMM tiles take 2 to stay within an SM's shared memory, the others the
+    launch's (None)."""
+    return None if block_m <= MAX_M else 2
+
+
+@triton.jit
+def _zero_acc(BN: tl.constexpr, TYPE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The zero accumulator of the word decoders for BN rows of W of type TYPE and BLOCK_M rows of x."""
+    if BLOCK_M == 1:
+        acc = tl.zeros([BN, lanes(TYPE)], tl.float32)
+    elif w_left(TYPE):
+        acc = tl.zeros([BN, BLOCK_M], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BN], tl.float32)
+    return acc
 
 
 @triton.jit(do_not_specialize=["M", "m_bucket", "split_blocks"])
@@ -623,24 +684,14 @@ def _qgemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, table_ptr, out_ptr, part_ptr, c
     xm = tl.minimum(m_first + tl.arange(0, BLOCK_M), M - 1).to(tl.int64)
     b0 = split * split_blocks
     b1 = tl.minimum(b0 + split_blocks, nb)
-    # one row of x: per-thread sums [BLOCK_N, threads per row-block], added across threads at the end
-    LANES: tl.constexpr = 4 if TYPE == "Q4_K" or TYPE == "Q5_K" else 8 if TYPE == "Q6_K" or TYPE == "IQ4_XS" else (
-        2 * _BLOCKS_PER_STEP if TYPE == "Q8_0" else _BLOCKS_PER_STEP)
-    # Q6_K's weights multiply best as the tensor cores' left operand (bench/sass.py), the others' as the right
-    W_LEFT: tl.constexpr = TYPE == "Q6_K"
-    if BLOCK_M == 1:
-        acc = tl.zeros([BLOCK_N, LANES], tl.float32)
-    else:
-        if W_LEFT:
-            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc = _zero_acc(BLOCK_N, TYPE, BLOCK_M)
+    W_LEFT: tl.constexpr = w_left(TYPE)
     if TYPE == "Q4_K" or TYPE == "Q5_K":
         for b in range(b0, b1):
             acc = _k4_block(acc, w_ptr, row, b, x_ptr, xm, x_row_stride, BLOCK_BYTES, DENORMAL,
                             TYPE == "Q5_K", BLOCK_M, F32)
     elif TYPE == "IQ4_XS":
-        for b in range(b0, b1):
+        for b in tl.range(b0, b1, num_stages=_table_stages(BLOCK_M)):
             acc = _iq4_xs_block(acc, w_ptr, row, b, x_ptr, table_ptr, xm, x_row_stride, DENORMAL, BLOCK_M, F32)
     elif TYPE == "Q6_K":
         for b in range(b0, b1):
@@ -649,12 +700,12 @@ def _qgemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, table_ptr, out_ptr, part_ptr, c
         nn = tl.minimum(n, n_weight - 1).to(tl.int64)
         qrow = nn * (nb * 16)
         erow = n_weight.to(tl.int64) * (nb * 16) + nn * nb
-        for b in range(b0, b1, _BLOCKS_PER_STEP):
-            acc = _mxfp4_block(acc, w_ptr, qrow, erow, b, b1, x_ptr, table_ptr, xm, x_row_stride, LANES, DENORMAL,
-                               BLOCK_M, F32)
+        for b in tl.range(b0, b1, _BLOCKS_PER_STEP, num_stages=_table_stages(BLOCK_M)):
+            acc = _mxfp4_block(acc, w_ptr, qrow, erow, b, b1, x_ptr, table_ptr, xm, x_row_stride, lanes(TYPE),
+                               DENORMAL, BLOCK_M, F32)
     else:
         for b in range(b0, b1, _BLOCKS_PER_STEP):
-            acc = _q32_block(acc, w_ptr, row, b, b1, nb, x_ptr, xm, x_row_stride, TYPE, LANES, DENORMAL,
+            acc = _q32_block(acc, w_ptr, row, b, b1, nb, x_ptr, xm, x_row_stride, TYPE, lanes(TYPE), DENORMAL,
                              BLOCK_M, F32)
     QK: tl.constexpr = 32 if TYPE == "Q4_0" or TYPE == "Q5_0" or TYPE == "Q8_0" or TYPE == "MXFP4" else 256
     m = m_first + tl.arange(0, BLOCK_M)
@@ -755,23 +806,24 @@ def _store(res, m, m2, n2, offs, mask, col0, M, N, out_ptr, residual_ptr, norm_w
 
 
 # GEMM tiles (BLOCK_M, BLOCK_N) that spill on sm_90 for these types (bench/sass.py, Triton 3.9 or 3.6). Q8_0's
-# [128, 128] tile keeps its 8 bytes under 3.6: every smaller tile issues ~1.7x the instructions per FLOP.
-_GEMM_SPILLS = {(32, 64): {"Q4_K", "IQ4_XS"}, (64, 128): {"Q6_K", "Q8_0", "Q5_0", "IQ4_XS", "MXFP4"},
+# [128, 128] tile keeps its 8 bytes under 3.6, MXFP4's its 20 under 3.9: every smaller tile issues ~1.7x (MXFP4:
+# 2x) the instructions per FLOP.
+_GEMM_SPILLS = {(32, 64): {"Q4_K"}, (64, 128): {"Q6_K", "Q8_0", "Q5_0", "IQ4_XS", "MXFP4"},
                 (128, 64): {"Q6_K", "Q8_0", "Q4_0", "Q5_0", "IQ4_XS", "MXFP4"}}
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """The configs that do not spill on sm_90 (bench/sass.py). One row of x: 256 rows of W only for Q4_K, Q5_K,
     IQ4_XS and MXFP4 (whose loops, at 16 rows of W per thread, issue the fewest instructions per byte), 32 too for
-    IQ4_XS and MXFP4. 2..16 rows of x: more than 64 rows of W only for Q4_K and Q4_0. GEMM tiles: those of
-    _GEMM_SPILLS left out."""
+    IQ4_XS and MXFP4. 2..16 rows of x: more than 64 rows of W only for Q4_K, Q5_K, Q6_K and Q4_0. GEMM tiles: those
+    of _GEMM_SPILLS left out."""
     t, block_m = kwargs["TYPE"], kwargs.get("BLOCK_M")
     if block_m is None:  # GEMM tiles
         return [c for c in configs if t not in _GEMM_SPILLS.get((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]), ())]
     if block_m == 1:
         low, high = (32, 256) if t in ("IQ4_XS", "MXFP4") else (64, 256 if t in ("Q4_K", "Q5_K") else 128)
     else:
-        low, high = 0, 256 if t in ("Q4_K", "Q4_0") else 64
+        low, high = 0, 256 if t in ("Q4_K", "Q5_K", "Q6_K", "Q4_0") else 64
     return [c for c in configs if low <= c.kwargs["BLOCK_N"] <= high] or configs[:1]
 
 
@@ -844,11 +896,11 @@ def qgemv(x: torch.Tensor, raws: Sequence[torch.Tensor], ggml_type: GGMLType, sh
     blocks (as many as nb / split_blocks: see `gemv_splits`).
 
     x: any number of rows (more than MAX_M: GEMM tiles, in one range), last dim contiguous. Weights Wi of
-    `shapes[i]` (Ni, K), of one type in GEMV_TYPES, as `raws[i]` bytes: the planar layout (`planar.to_planar`) for
-    `planar.PLANAR_TYPES`, else the file's (MXFP4's is relaid here, per call, into its planes per matrix, which no
-    caller passes: see planar.py); 16-byte aligned. out: [M, sum Ni], any float dtype. denormal: the field
-    decoding (default: the backend's, see the module docstring). Arguments are checked by `qmatmul`, the public
-    entry point. Split launches count their arrivals in `arrival_counters`. Fused variants (rmsnorm.PendingNorm):
+    `shapes[i]` (Ni, K), of one type in GEMV_TYPES, as `raws[i]` bytes: relaid (`planar.to_planar`) for
+    `planar.RELAID_TYPES` (MXFP4: its planes per matrix; qgemv makes no copy), else the file's layout; 16-byte
+    aligned. out: [M, sum Ni], any float dtype. denormal: the field decoding (default: the backend's, see the module
+    docstring). Arguments are checked by `qmatmul`, the public entry point. Split launches count their arrivals in
+    `arrival_counters`. Fused variants (rmsnorm.PendingNorm):
     - norm_in (sumsq, eps): x is a PendingNorm's y, sumsq its chunk sums; out's rows are scaled by its rstd.
     - norm_out (residual, norm_w, h, sumsq), one weight: h = x @ W0^T rounded to out's dtype, + residual (both
       [M, N0], out's dtype) is stored in h, and out [M, N0] with sumsq [M, cdiv(N0, RMS_CHUNK)] float32 are the
@@ -866,8 +918,6 @@ def qgemv(x: torch.Tensor, raws: Sequence[torch.Tensor], ggml_type: GGMLType, sh
     K = shapes[0][1]
     traits = TYPE_TRAITS[ggml_type]
     nb = K // traits.block_elements
-    if ggml_type in MATRIX_PLANAR_TYPES:  # fresh copies: 16-byte aligned
-        raws = [to_planar(raw, ggml_type, shape) for raw, shape in zip(raws, shapes)]
     splits = triton.cdiv(nb, split_blocks)
     be = backend(x.device)
     ws = [*raws, raws[0], raws[0]][:3]

@@ -28,8 +28,11 @@ Five paths, picked by `_choose_path` from per-backend thresholds (or forced with
   decoding W once per M tile costs more than writing it dense once.
 "skinny", "splitk" and the other types' "gemm" are one kernel, `_qmatmul_kernel`, with different tiles and grids.
 
-Weights of the types in `planar.PLANAR_TYPES` may come in the planar layout (`planar=True`), which qgemv reads
-with 16-byte loads (given the file's layout, it relays a copy); the element decoders read either layout.
+Weights of the types in `planar.RELAID_TYPES` may come relaid (`planar=True`, `planar.to_planar`), the layout
+qgemv's word decoders read with 16-byte loads (given the file's layout, the word paths relay a copy per call); the
+element decoders read either layout of `planar.PLANAR_TYPES`, and MXFP4's file layout, taken back per call
+(`from_planar`) from its planes per matrix on the paths that use them (the dequant path: M >= 1024 rows, where one
+copy of W costs little beside the product).
 
 Fused into the products on qgemv's word decoders (where `fusable` says so; the callers fall back to separate
 launches elsewhere): the RMSNorm between two matmuls (`qmatmul_add_norm` adds the residual and leaves a
@@ -52,7 +55,7 @@ from ..gguf.types import TYPE_TRAITS, GGMLType
 from ._common import FLOAT_DTYPES, backend, check_float, check_last_dim_contiguous, dot, f32_dot, sm_count
 from .blocks import decode_block, decode_planar, decode_table_tensor
 from .dequant import dequantize
-from .planar import PLANAR_TYPES, check_planar, from_planar, to_planar
+from .planar import MATRIX_PLANAR_TYPES, RELAID_TYPES, check_relaid, from_planar, to_planar
 from .qgemv import GEMV_TYPES, MAX_M, act_fits, gemv_fits, gemv_splits, qgemv
 from .rmsnorm import RMS_CHUNK, PendingNorm
 
@@ -212,13 +215,13 @@ def qmatmul(
     TRITON_INTERPRET=1), 2-byte aligned (4 for F32). path: one of PATHS, default `_choose_path`'s choice.
     split_k: K ranges of the "splitk" and "gemv" paths (default from N, K and the SM count).
     The result is accumulated in float32 and stored in `out_dtype` (default x's dtype).
-    planar: raw is in `planar.to_planar`'s layout (only for the types of `planar.PLANAR_TYPES`).
+    planar: raw is in `planar.to_planar`'s layout (only for the types of `planar.RELAID_TYPES`).
     x may be a PendingNorm (its rows y * rstd) where `fusable` holds.
     """
     x, norm_in = _norm_in(x)
     t = _check(x, raw, ggml_type, shape)
     if planar:
-        check_planar(t)
+        check_relaid(t)
     M, K = x.shape
     N = shape[0]
     if path is None:
@@ -242,6 +245,8 @@ def qmatmul(
         return out.zero_()
     if _word_path(t, path, K):
         return _gemv(x, [raw], t, [(N, K)], out, planar, split_k, norm_in=norm_in)
+    if planar and t in MATRIX_PLANAR_TYPES:  # the element decoders read rows of the file's layout
+        raw, planar = from_planar(raw, t, shape), False
     if norm_in is not None:
         raise ValueError(f"{t.name}: path {path!r} takes no PendingNorm (see `fusable`)")
     if path == "dequant":
@@ -294,7 +299,7 @@ def qmatmul_many(
         raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     ns = [shape[0] for shape in shapes]
     if planar:
-        check_planar(t)
+        check_relaid(t)
     if M == 0 or K == 0 or not _word_path(t, _choose_path(t, M, sum(ns), K, xt.device), K):
         return [qmatmul(x, raw, t, shape, out_dtype=out_dtype, planar=planar) for raw, shape in zip(raws, shapes)]
     out = torch.empty((M, sum(ns)), dtype=out_dtype or xt.dtype, device=xt.device)
@@ -319,7 +324,7 @@ def qmatmul_add_norm(x: torch.Tensor | PendingNorm, raw: torch.Tensor, ggml_type
     xt, norm_in = _norm_in(x)
     t = _check(xt, raw, ggml_type, shape)
     if planar:
-        check_planar(t)
+        check_relaid(t)
     M, K = xt.shape
     N = shape[0]
     check_float(residual=residual, norm_weight=norm_weight)
@@ -348,7 +353,7 @@ def qmatmul_act(x: torch.Tensor | PendingNorm, raws: Sequence[torch.Tensor], ggm
     xt, norm_in = _norm_in(x)
     t = [_check(xt, raw, ggml_type, shape) for raw in raws][0]
     if planar:
-        check_planar(t)
+        check_relaid(t)
     M, K = xt.shape
     N = shape[0]
     if not fusable(t, M, 2 * N, K, xt.device, act=True):
@@ -378,7 +383,7 @@ def _gemv(x: torch.Tensor, raws: Sequence[torch.Tensor], t: GGMLType, shapes: li
           out: torch.Tensor, planar: bool, split_k: int | None, **fused) -> torch.Tensor:
     """The "gemv" path (or qgemv's GEMM tiles, for more than MAX_M rows) for one to three weights, into out; fused:
     qgemv's norm_in, norm_out, act."""
-    if t in PLANAR_TYPES and not planar:
+    if t in RELAID_TYPES and not planar:
         raws = [to_planar(raw, t, shape) for raw, shape in zip(raws, shapes)]
     # the word loads need at least 4-byte alignment; a fresh tensor has 256
     raws = [raw.clone() if raw.data_ptr() % 16 else raw for raw in raws]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ggtriton.gguf import GGMLType
+from ggtriton.gguf import TYPE_TRAITS, GGMLType
 from ggtriton.gguf.quants import dequantize as dequantize_ref
 from ggtriton.kernels.flash_attention import flash_attention_ref
 from ggtriton.kernels.paged_decode import paged_decode_ref
@@ -32,13 +32,16 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-@pytest.mark.parametrize("ggml_type, kind", [(GGMLType.Q4_0, "int4"), (GGMLType.Q4_1, "int4"), (GGMLType.Q4_K, "int4"),
-                                             (GGMLType.Q8_0, "bf16"), (GGMLType.Q6_K, "bf16"), (GGMLType.F32, "dense")])
+@pytest.mark.parametrize("ggml_type, kind", [
+    (GGMLType.Q4_0, "int4"), (GGMLType.Q4_1, "int4"), (GGMLType.Q4_K, "int4"), (GGMLType.Q5_0, "int4x2"),
+    (GGMLType.Q5_1, "int4x2"), (GGMLType.Q5_K, "int4x2"), (GGMLType.Q8_0, "int4x2"), (GGMLType.Q6_K, "bf16"),
+    (GGMLType.F32, "dense")])
 @pytest.mark.parametrize("rows", [1, 3, cpu_weights.DENSE_ROWS])
 def test_cpu_weight_matches_dequantized_product(ggml_type, kind, rows):
     """Two weights stacked in one product (q/k/v-like: 64 and 32 rows) against x @ W^T in float64."""
     k = 256
-    parts = [QuantWeight(f"w{i}", weight(ggml_type, n, k, CPU, seed=i), ggml_type, (n, k)) for i, n in enumerate((64, 32))]
+    parts = [QuantWeight(f"w{i}", weight(ggml_type, n, k, CPU, seed=i), ggml_type, (n, k))
+             for i, n in enumerate((64, 32))]
     w = CpuWeight(parts)
     assert w.kind == kind
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(7))
@@ -51,6 +54,30 @@ def test_cpu_weight_matches_dequantized_product(ggml_type, kind, rows):
 def test_int4_reads_fewer_bytes_than_float32():
     w = CpuWeight([QuantWeight("w", weight(GGMLType.Q4_K, 64, 512, CPU), GGMLType.Q4_K, (64, 512))])
     assert w.nbytes == 64 * 512 // 2 + 2 * 2 * 64 * 512 // 32  # nibbles + bf16 scale and zero per 32
+    w = CpuWeight([QuantWeight("w", weight(GGMLType.Q8_0, 64, 512, CPU), GGMLType.Q8_0, (64, 512))])
+    assert w.nbytes == 64 * 512 + 2 * 2 * 2 * 64 * 512 // 32  # two halves of nibbles, scales and zeros
+
+
+@pytest.mark.parametrize("ggml_type", [GGMLType.Q8_0, GGMLType.Q5_0])
+def test_split_product_is_exact_in_the_quants(ggml_type):
+    """The two 4-bit halves lose nothing but the bfloat16 rounding of x, of the scales and of the output: with x
+    bfloat16 already and every block's d one that bfloat16 holds, the product is the float64 x @ W^T to within the
+    output's rounding (half a bfloat16 ulp: <= 2^-8 relative) and float32 sums."""
+    n, k = 48, 256
+    raw = weight(ggml_type, n, k, CPU, seed=4).reshape(-1, TYPE_TRAITS[ggml_type].block_bytes)
+    raw[:, :2] = raw[:, :2].contiguous().view(torch.float16).to(torch.bfloat16).to(torch.float16).view(torch.uint8)
+    w = CpuWeight([QuantWeight("w", raw.reshape(-1), ggml_type, (n, k))])
+    assert w.kind == "int4x2"
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16).float()
+    ref = x.double() @ dequantize_ref(raw.reshape(-1), ggml_type, (n, k)).double().t()
+    err = (w.matmul(x).double() - ref).abs()
+    assert (err <= 2**-8 * ref.abs() + 1e-6 * ref.abs().max()).all()
+
+
+def test_cpu_weight_rejects_parts_of_different_k():
+    parts = [QuantWeight(f"w{k}", weight(GGMLType.Q8_0, 32, k, CPU), GGMLType.Q8_0, (32, k)) for k in (64, 96)]
+    with pytest.raises(ValueError, match="one K.*w64.*w96"):
+        CpuWeight(parts)
 
 
 def _batch(ctx: list[int], n_new: list[int], page: int, pages: int) -> ForwardBatch:
@@ -69,13 +96,19 @@ def _batch(ctx: list[int], n_new: list[int], page: int, pages: int) -> ForwardBa
 @pytest.mark.parametrize("window", [None, 6])
 def test_cpu_attention_matches_references(neox, rope_dim, ctx, n_new, window):
     """RoPE + KV store, then attention (decode: three sequences; prefill: one with a cached prefix), against the
-    references on random queries and a random (NaN-free) cache."""
+    references on random queries and a random cache, NaN where no sequence has written (a shorter sequence's
+    padding must not read it)."""
     page, heads, kv_heads, d = 4, 4, 2, 16
     g = torch.Generator().manual_seed(sum(ctx) + rope_dim)
     batch = _batch(ctx, n_new, page, 24)
     t = sum(n_new)
     q, k, v = (torch.randn(t, h, d, generator=g) for h in (heads, kv_heads, kv_heads))
     caches = [torch.randn(24, page, kv_heads, d, generator=g) for _ in range(2)]
+    written = torch.zeros(24 * page, dtype=torch.bool)  # rows no sequence has reached hold NaN (unwritten memory)
+    for b, c in enumerate(ctx):
+        written[(batch.block_tables[b, :, None] * page + torch.arange(page)).flatten()[:c]] = True
+    for c in caches:
+        c.view(-1, kv_heads, d)[~written] = float("nan")
     inv_freq, attn_factor = rope_inv_freq(rope_dim, 10000.0)
     attn_factor = 0.9  # a non-trivial magnitude factor (YaRN's)
     ref_q, ref_caches = q.clone(), [c.clone() for c in caches]
@@ -86,12 +119,14 @@ def test_cpu_attention_matches_references(neox, rope_dim, ctx, n_new, window):
         out_q = q.clone()
         ops.rope_kv_store(out_q, k, v, *caches, batch.slot_mapping, batch.positions, inv_freq, neox=neox,
                           attn_factor=attn_factor)
-    assert rel(out_q, ref_q) <= 1e-5 and rel(caches[0], ref_caches[0]) <= 1e-5 and torch.equal(caches[1], ref_caches[1])
+    assert rel(out_q, ref_q) <= 1e-5 and rel(caches[0].nan_to_num(), ref_caches[0].nan_to_num()) <= 1e-5
+    assert torch.equal(caches[1].nan_to_num(), ref_caches[1].nan_to_num())
     opts = {"scale": d**-0.5, "sliding_window": window, "soft_cap": None, "sinks": None}
     if batch.is_decode:
         ref = paged_decode_ref(ref_q, *ref_caches, batch.block_tables, batch.context_lens, **opts)
     else:
-        ref = flash_attention_ref(ref_q, *ref_caches, batch.block_tables, batch.cu_seqlens_q, batch.context_lens, **opts)
+        ref = flash_attention_ref(ref_q, *ref_caches, batch.block_tables, batch.cu_seqlens_q, batch.context_lens,
+                                  **opts)
     out = ops.attention(out_q, *caches, batch, **opts)
     assert out.shape == ref.shape and rel(out, ref) <= 1e-5
 

@@ -137,8 +137,9 @@ def test_planar_experts(device) -> None:
                          ids=str)
 def test_mxfp4_experts_in_planes_per_expert(block_m: int, dtype: torch.dtype, device) -> None:
     # gpt-oss's experts on qgemv's word decoders: in MXFP4's planes per expert (relaid once, as a model loads them)
-    # or as the file has them (relaid per call), the same bits; 9 blocks per gate/up row (a step of 8 and one more)
-    n_expert, hidden, n_ff, tokens = 4, 288, 64, 5
+    # or as the file has them (relaid per call), the same bits; 9 blocks per gate/up row (a step of 8 and one more);
+    # one row of x per program: 2 tokens (4 token-expert pairs) cover it, tiles: an odd 5
+    n_expert, hidden, n_ff, tokens = 4, 288, 64, 2 if block_m == 1 else 5
     gate, up, down = experts((Q.MXFP4, Q.MXFP4), n_expert, hidden, n_ff, device, seed=11)
     gen = torch.Generator().manual_seed(block_m)
     x = torch.randn(tokens, hidden, generator=gen).to(device, dtype)

@@ -3,17 +3,22 @@ and the PyPI-independent GGUF reference decoder, at the edges of their tiles, on
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from ggtriton.gguf import TYPE_TRAITS, GGMLType
 from ggtriton.gguf.quants import dequantize as dequantize_reference
 from ggtriton.kernels import dequantize, gelu_mul, qmatmul, qmatmul_many, rmsnorm, silu_mul
-from ggtriton.kernels.planar import MATRIX_PLANAR_TYPES, PLANAR_TYPES, check_planar, from_planar, to_planar
+from ggtriton.kernels.planar import (MATRIX_PLANAR_TYPES, PLANAR_TYPES, RELAID_TYPES, check_planar, from_planar,
+                                     matrix_rows, to_planar)
 from ggtriton.kernels._common import arrival_counters
 from ggtriton.kernels.qgemv import _STEP, GEMV_TYPES, gemv_fits, gemv_splits, qgemv
 from ggtriton.kernels.qmatmul import fusable, qmatmul_act, qmatmul_add_norm
 from ggtriton.kernels.rmsnorm import RMS_CHUNK, PendingNorm, pending_norm_ref
+from ggtriton.runtime.models.ops import Ops
+from ggtriton.runtime.models.weights import QuantWeight
 from quant_weights import weight
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
@@ -27,8 +32,8 @@ def blocks_k(ggml_type: GGMLType, blocks: int) -> int:
 
 
 def layout(raw: torch.Tensor, ggml_type: GGMLType, shape: tuple[int, int]) -> torch.Tensor:
-    """The bytes the GEMV reads: planar for the types it relays, else the file's."""
-    return to_planar(raw, ggml_type, shape) if ggml_type in PLANAR_TYPES else raw
+    """The bytes the GEMV reads: relaid for the types it reads so, else the file's."""
+    return to_planar(raw, ggml_type, shape) if ggml_type in RELAID_TYPES else raw
 
 
 def gemv_error(ggml_type: GGMLType, n: int, k: int, x: torch.Tensor, splits: int, denormal: bool | None,
@@ -48,7 +53,9 @@ def gemv_error(ggml_type: GGMLType, n: int, k: int, x: torch.Tensor, splits: int
 
 # Rows of W: one, fewer than a row tile, not a multiple of it. Blocks: one, a K range crossing the 32-element types'
 # steps of 8 blocks (and ending inside one), several K ranges of uneven length. Rows of x: one (the FMA loop), an
-# odd count and a full tensor-core tile. Both ways of decoding fields.
+# odd count and a full tensor-core tile. Both ways of decoding fields. The 256-element types' loops step one block
+# at a time, so fewer of their (8x larger) blocks cross the same edges: BLOCKS_256.
+BLOCKS_256 = {11: 3, 10: 7}
 EDGES = [(n, blocks, splits, m, "denormal") for n, blocks, splits in [(1, 1, 1), (13, 2, 1), (37, 11, 1), (37, 10, 3)]
          for m in (1, 5, 16)]
 EDGES += [(n, blocks, splits, m, "exponent") for n, blocks, splits in [(13, 2, 1), (37, 10, 3)] for m in (1, 5)]
@@ -58,6 +65,8 @@ EDGES += [(n, blocks, splits, m, "exponent") for n, blocks, splits in [(13, 2, 1
 @pytest.mark.parametrize("ggml_type", GEMV, ids=lambda t: t.name)
 def test_gemv_tile_edges(ggml_type: GGMLType, n: int, blocks: int, splits: int, m: int, fields: str,
                          device) -> None:
+    if TYPE_TRAITS[ggml_type].block_elements == 256:
+        blocks = BLOCKS_256.get(blocks, blocks)
     k = blocks_k(ggml_type, blocks)
     if not gemv_fits(ggml_type, k):
         blocks += 1
@@ -204,6 +213,35 @@ def test_mxfp4_planes_per_matrix(shape: tuple[int, ...], device) -> None:
         check_planar(GGMLType.MXFP4)
     with pytest.raises(ValueError, match="MXFP4 has no planar layout"):
         dequantize(planar, GGMLType.MXFP4, shape, planar=True)
+
+
+@pytest.mark.parametrize("m", [1, 16, 1024], ids=str)
+def test_mxfp4_matrix_relaid_once_at_load(m: int, device, monkeypatch) -> None:
+    # a 2-D MXFP4 weight (outside the experts): relaid into its planes once when a model loads it, then read in
+    # place by the word decoders (1 and 16 rows: no copy per product), and taken back to the file's bytes by the
+    # dequant path (1024 rows) and for an embedding's rows
+    n, k = 21, 96
+    raw = weight(GGMLType.MXFP4, n, k, device, seed=m)
+    w = QuantWeight("w", raw.clone(), GGMLType.MXFP4, (n, k))
+    ops = Ops("triton", torch.float32)
+    assert ops.preload([w]) == raw.numel() and w.planar
+    assert torch.equal(w.raw, to_planar(raw, GGMLType.MXFP4, (n, k)))
+    if m <= 16:
+        def copy(*args):
+            raise AssertionError("a relaid weight was relaid again")
+        for name in ("planar", "qmatmul", "qgemv"):  # every module of the product's path that could relay
+            module = importlib.import_module(f"ggtriton.kernels.{name}")
+            if hasattr(module, "to_planar"):
+                monkeypatch.setattr(module, "to_planar", copy)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(device)
+    reference = dequantize_reference(raw, GGMLType.MXFP4, (n, k))
+    out = ops.linear(x, w)
+    ref = x.double() @ reference.double().t().to(device)
+    assert ((out.double() - ref).norm() / ref.norm()).item() <= TOL[torch.float32]
+    ids = torch.tensor([20, 0, 7, 7], device=device)
+    assert torch.equal(ops.embedding(ids, w), reference.to(device)[ids])
+    with pytest.raises(ValueError, match="matrix_rows takes a 2-D weight of MXFP4, got Q8_0"):
+        matrix_rows(weight(GGMLType.Q8_0, 2, 64, device), GGMLType.Q8_0, (2, 64), ids[:1])
 
 
 def test_planar_bad_input(device) -> None:

@@ -3,6 +3,7 @@ and one real compile for sm_90 in a fresh process (this session's kernels were m
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import re
@@ -286,6 +287,30 @@ def test_rate_ceiling_and_check():
     assert failures[1].startswith("Q8_0: best M=1 gemv loop (N32 K256 w4 s3) takes 0.58 ")
 
 
+def test_check_holds_the_m16_loops_reached():
+    # IQ4_XS's and MXFP4's M = 16 gemv loops are held to the figures reached with each Triton: a spill-free config
+    # over the bound fails, a spilling one under it does not count, and a Triton without figures holds none
+    ones = [skinny_row(t, 400) for t in sass.DECODE_TYPES]
+
+    def m16(t: str, ipb: float, spill: tuple[int, int] = (0, 0)) -> sass.Row:
+        return dataclasses.replace(skinny_row(t, round(ipb * 8704 / 4), spill), job=sass.Job(t, "gemv", 16))
+
+    bound = sass.M16_IPB["3.9"]
+    rows = ones + [m16("IQ4_XS", bound["IQ4_XS"] - 0.01), m16("MXFP4", bound["MXFP4"] - 0.01)]
+    assert sass.check(rows, triton_version="3.9.0") == []
+    rows = ones + [m16("IQ4_XS", bound["IQ4_XS"] + 0.01), m16("MXFP4", bound["MXFP4"] - 0.01, (8, 8)),
+                   m16("MXFP4", bound["MXFP4"] + 0.02)]
+    failures = sass.check(rows, triton_version="3.9.0")
+    assert len(failures) == 2 and all("M=16 gemv loop" in f and "Triton 3.9.0" in f for f in failures)
+    assert failures[0].startswith(f"IQ4_XS: best spill-free M=16 gemv loop (N32 K256 w4 s3) takes "
+                                  f"{bound['IQ4_XS'] + 0.01:.3f}, over {bound['IQ4_XS']}")
+    assert failures[1].startswith("MXFP4")
+    assert sass.check(rows, triton_version="2.0.0") == []
+    spilling = ones + [m16("MXFP4", 0.1, (4, 4))]
+    assert sass.check(spilling, triton_version="3.6.0") == [
+        "MXFP4: best spill-free M=16 gemv loop spills, over 0.31 for Triton 3.6.0"]
+
+
 def test_gemm_rows_count_tensor_core_instructions_per_flop():
     code = ["MOV R5, RZ", "HMMA.16816.F32.BF16 R32, R40, R52, R32", "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24",
             "WARPGROUP.ARRIVE", "IADD3 R5, R5, 0x1, RZ", "ISETP.NE.AND P0, PT, R5, 0x8, PT", "@P0 BRA 0x10", "EXIT"]
@@ -336,3 +361,16 @@ def test_decode_loops_meet_the_target_on_sm90():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and " gemv " in line]
     assert {line.split("|")[1].strip() for line in rows} == set(types.split(","))
+
+
+def test_table_types_m16_loops_hold_the_figures_reached_on_sm90():
+    """IQ4_XS's and MXFP4's decode kernel at 16 rows of x, compiled for sm_90 with the installed Triton: their best
+    spill-free loops within `sass.M16_IPB` (`sass.py --check` at --m 16)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(BENCH / "sass.py"), "--types", "IQ4_XS,MXFP4", "--paths", "gemv",
+                           "--m", "16", "--check", "--no-append"], check=False, env=env, capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ") and " gemv | 16 " in line]
+    assert {r[1].strip() for r in rows} == {"IQ4_XS", "MXFP4"}
+    assert any(line.startswith("MXFP4: gemv M=16 / M=1 = ") for line in proc.stdout.splitlines())

@@ -5,16 +5,22 @@ A `CpuWeight` is one or more 2-D GGUF weights of the same K stacked along N (q/k
 - "int4" (every part Q4_0, Q4_1 or Q4_K, N a multiple of 16): the file's own 4-bit values, packed by
   `aten._convert_weight_to_int4pack_for_cpu`, with one bfloat16 scale s and zero z per 32 weights, w = (q - 8) s + z:
   Q4_0 s = d, z = 0; Q4_1 s = d, z = m + 8 d; Q4_K s = d sc_j, z = 8 s - dmin m_j. 0.5625 bytes per weight.
-- "bf16" (any other quantized type): the float32 values rounded to bfloat16, dense (oneDNN). 2 bytes per weight.
-  (int8 with one scale per row, `aten._weight_int8pack_mm`, reads half of that but its requantization of Q5_0,
-  Q6_K and Q8_0 took Gemma-3-270M's mean KL divergence against llama.cpp from 4.4e-3 / 5.5e-3 to 8.3e-3 / 8.9e-3.)
+- "int4x2" (every part Q5_0, Q5_1, Q5_K or Q8_0, N a multiple of 16): the same kernel on the file's own 5- or 8-bit
+  values q (centred: -16..15 or -128..127, w = q s + z per 32 weights) split exactly into two 4-bit halves,
+  q = 16 hi + lo (hi = q >> 4 in -8..7, lo = q & 15): the packed weight is [hi + 8 | lo] along a doubled K, with
+  scales and zeros (16 s, 0) and (s, 8 s + z), and x is [x | x]. 1.25 bytes per weight, the scales and zeros
+  rounded to bfloat16 as in "int4".
+- "bf16" (any other quantized type, Q6_K among them: the kernel takes no groups of 16): the float32 values rounded to
+  bfloat16, dense (oneDNN). 2 bytes per weight. (int8 with one scale per row, `aten._weight_int8pack_mm`, reads half
+  of that but its requantization of Q5_0, Q6_K and Q8_0 took Gemma-3-270M's mean KL divergence against llama.cpp
+  from 4.4e-3 / 5.5e-3 to 8.3e-3 / 8.9e-3.)
 - "dense" (F32, F16, BF16): float32, exact.
 
 Products of one or a few rows (decode) read the packed weight, with x rounded to bfloat16 and the sums returned in
-bfloat16. Products of many rows (prefill) are compute-bound: an int4 weight then multiplies a bfloat16 dense copy
+bfloat16. Products of many rows (prefill) are compute-bound: a packed weight then multiplies a bfloat16 dense copy
 of its values (oneDNN; AMX where the CPU has it), made on first use. So the rounding differs from the float32
-reference path in: x and the output in bfloat16, the int4 scales and zeros in bfloat16, and the weights of the
-"bf16" kind and of prefill in bfloat16.
+reference path in: x and the output in bfloat16, the packed kinds' scales and zeros in bfloat16, and the weights of
+the "bf16" kind and of prefill in bfloat16.
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from ggtriton.gguf import GGMLType
-from ggtriton.gguf.quants import _f16, _fields, _nibbles, _scale_min_k4
+from ggtriton.gguf import TYPE_TRAITS, GGMLType
+from ggtriton.gguf.quants import _bits, _f16, _fields, _nibbles, _scale_min_k4
 from ggtriton.gguf.quants import dequantize as dequantize_ref
 
 from .weights import QuantWeight
 
 INT4_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K)
+SPLIT_TYPES = (GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q5_K, GGMLType.Q8_0)
 FLOAT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 _GROUP = 32  # weights per int4 scale and zero
 # Rows at and above which a product multiplies the bfloat16 dense copy (compute-bound) instead of the packed weight.
@@ -46,16 +53,21 @@ class CpuWeight:
         self.k = parts[0].shape[1]
         types = {w.ggml_type for w in parts}
         self._bf16: torch.Tensor | None = None
+        packs = self.n % 16 == 0 and self.k % _GROUP == 0
         if types <= set(FLOAT_TYPES):
             self.kind = "dense"
             self.data, self.scales = self._values(), None
-        elif types <= set(INT4_TYPES) and self.n % 16 == 0 and self.k % _GROUP == 0:
-            self.kind = "int4"
-            q, s, z = zip(*(_int4(w) for w in parts))
-            self.data = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.cat(q), 1)
-            # [K / 32, N, 2]: the layout the kernel reads
-            self.scales = torch.stack([torch.cat(s), torch.cat(z)], -1).transpose(0, 1).to(torch.bfloat16)
-            self.scales = self.scales.contiguous()
+        elif packs and (types <= set(INT4_TYPES) or types <= set(SPLIT_TYPES)):
+            self.kind = "int4" if types <= set(INT4_TYPES) else "int4x2"
+            q, s, z = (torch.cat(t) for t in zip(*(_quants(w) for w in parts)))
+            if self.kind == "int4x2":  # q = 16 hi + lo: w = (hi + 8 - 8) 16 s + (lo - 8) s + 8 s + z
+                q, s, z = torch.cat([(q >> 4) + 8, q & 15], 1), torch.cat([16 * s, s], 1), torch.cat(
+                    [torch.zeros_like(z), 8 * s + z], 1)
+            else:
+                q = q + 8
+            self.data = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            # [K' / 32, N, 2]: the layout the kernel reads
+            self.scales = torch.stack([s, z], -1).transpose(0, 1).to(torch.bfloat16).contiguous()
         else:
             self.kind = "bf16"
             self.data, self.scales = self._values().to(torch.bfloat16), None
@@ -76,27 +88,39 @@ class CpuWeight:
         if self.kind == "dense":
             return (x.to(torch.float32) @ self.data.t()).to(out_dtype)
         xb = x.to(torch.bfloat16)
-        if self.kind == "int4" and len(x) < DENSE_ROWS:
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), self.data, _GROUP,
-                                                              self.scales).to(out_dtype)
+        if self.kind in ("int4", "int4x2") and len(x) < DENSE_ROWS:
+            xb = torch.cat([xb, xb], -1) if self.kind == "int4x2" else xb.contiguous()
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.data, _GROUP, self.scales).to(out_dtype)
         if self._bf16 is None:
             self._bf16 = self._values().to(torch.bfloat16)
         return (xb @ self._bf16.t()).to(out_dtype)
 
 
-def _int4(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q int32 [N, K] in 0..15, s, z float32 [N, K / 32]) of a Q4_0 / Q4_1 / Q4_K weight: w = (q - 8) s + z."""
+def _quants(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q int32 [N, K], s, z float32 [N, K / 32]) of a weight of INT4_TYPES (q in -8..7) or SPLIT_TYPES (q in
+    -16..15 or -128..127): w = q s + z."""
     n, k = w.shape
     t = w.ggml_type
-    if t == GGMLType.Q4_K:
-        b = w.raw.reshape(-1, 144)
+    b = w.raw.reshape(-1, TYPE_TRAITS[t].block_bytes)
+    if t in (GGMLType.Q4_K, GGMLType.Q5_K):
         sc, m = _scale_min_k4(b[:, 4:16])
         s = _f16(b[:, 0:2]) * sc.float()  # [blocks, 8]
-        z = 8 * s - _f16(b[:, 2:4]) * m.float()
-        q = _fields(b[:, 16:].reshape(-1, 4, 32), 4).reshape(-1, 8, 32)
-    else:
-        b = w.raw.reshape(-1, 18 if t == GGMLType.Q4_0 else 20)
+        q = _fields(b[:, -128:].reshape(-1, 4, 32), 4).reshape(-1, 8, 32)
+        if t == GGMLType.Q5_K:
+            q = q | _fields(b[:, 16:48], 1) << 4
+        half = 8 if t == GGMLType.Q4_K else 16
+        z = half * s - _f16(b[:, 2:4]) * m.float()
+        q = q.int() - half
+    elif t == GGMLType.Q8_0:
+        s, z, q = _f16(b[:, 0:2]), 0, b[:, 2:].view(torch.int8).int()
+    else:  # Q4_0, Q4_1, Q5_0, Q5_1: d, then m (_1), then the fifth bits (Q5), then the nibbles
+        size = b.shape[1]
         s = _f16(b[:, 0:2])
-        z = torch.zeros_like(s) if t == GGMLType.Q4_0 else _f16(b[:, 2:4]) + 8 * s
-        q = _nibbles(b[:, -16:])
-    return q.reshape(n, k).int(), s.reshape(n, k // _GROUP), z.reshape(n, k // _GROUP)
+        q = _nibbles(b[:, -16:]).int()
+        if t in (GGMLType.Q5_0, GGMLType.Q5_1):
+            q = q | _bits(b[:, size - 20: size - 16]).int() << 4
+        half = 8 if t in (GGMLType.Q4_0, GGMLType.Q4_1) else 16
+        z = 0 if t in (GGMLType.Q4_0, GGMLType.Q5_0) else _f16(b[:, 2:4]) + half * s
+        q = q - half
+    z = z + torch.zeros_like(s)
+    return q.reshape(n, k), s.reshape(n, k // _GROUP), z.reshape(n, k // _GROUP)

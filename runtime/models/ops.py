@@ -10,7 +10,7 @@ the activation dtype (a reference path: it trades memory for never dequantizing 
 backend multiplies with the fused dequantize-matmul kernel, which picks its own path (GEMV, split-K,
 tiled GEMM, or dequantize then cuBLAS) by the number of rows. At load the Triton backend relays the
 weights of the 2-byte aligned formats (Q4_0, Q5_0, Q8_0, Q6_K) into the planar layout its GEMV reads
-with 16-byte loads: the same bytes, moved within each row.
+with 16-byte loads: the same bytes, moved within each row (MXFP4's 17-byte blocks: within each matrix).
 
 Fewer launches on the Triton backend where the matmul kernel takes them (`fuses_norm`, `gated`): an RMSNorm
 between two products runs in their epilogues (`linear_add_norm` leaves a `PendingNorm`, which `linear` and
@@ -29,7 +29,7 @@ from ggtriton.gguf.quants import dequantize as dequantize_ref
 from ggtriton.kernels.activations import gelu_mul_ref, silu_mul_ref
 from ggtriton.kernels.flash_attention import flash_attention_ref
 from ggtriton.kernels.moe import swiglu_oai_ref
-from ggtriton.kernels.planar import MATRIX_PLANAR_TYPES, PLANAR_TYPES, to_planar
+from ggtriton.kernels.planar import MATRIX_PLANAR_TYPES, PLANAR_TYPES, matrix_rows, to_planar
 from ggtriton.kernels.qgemv import gemv_fits
 from ggtriton.kernels.qmatmul import fusable
 from ggtriton.kernels.paged_decode import paged_decode_ref
@@ -37,7 +37,7 @@ from ggtriton.kernels.rmsnorm import PendingNorm, rmsnorm_ref
 from ggtriton.kernels.rope_kv_store import rope_kv_store_ref
 
 from .cpu_attention import CpuAttention
-from .cpu_weights import FLOAT_TYPES, INT4_TYPES, CpuWeight
+from .cpu_weights import FLOAT_TYPES, INT4_TYPES, SPLIT_TYPES, CpuWeight
 from .moe import moe_dense
 from .weights import QuantWeight
 
@@ -85,16 +85,16 @@ class Ops:
     def preload(self, weights: Iterable[QuantWeight]) -> int:
         """Prepare every weight now, so no step pays for it: dense copies (torch backend), or the planar layout
         of the matrices the GEMV reads in it and of the 3-D expert tensors, which only the fused MoE kernel reads,
-        with either of its decoders (MXFP4's planes per expert: with its word decoders, where they take the
-        experts) (Triton backend). Returns the bytes relaid."""
+        with either of its decoders (MXFP4's planes per matrix: with its word decoders, where they take the
+        weight) (Triton backend). Returns the bytes relaid."""
         relaid = 0
         for w in weights:
             if self.backend == "torch":
                 self._dense(w)
             elif self.backend == "triton" and not w.planar and (w.ggml_type in PLANAR_TYPES and (
                     len(w.shape) == 3 or len(w.shape) == 2 and gemv_fits(w.ggml_type, w.shape[1]))
-                    or w.ggml_type in MATRIX_PLANAR_TYPES and len(w.shape) == 3
-                    and gemv_fits(w.ggml_type, w.shape[2], w.shape[1])):
+                    or w.ggml_type in MATRIX_PLANAR_TYPES and (len(w.shape) == 2 and gemv_fits(w.ggml_type, w.shape[1])
+                    or len(w.shape) == 3 and gemv_fits(w.ggml_type, w.shape[2], w.shape[1]))):
                 w.raw = to_planar(w.raw, w.ggml_type, w.shape)
                 w.planar = True
                 relaid += w.raw.numel()
@@ -186,6 +186,9 @@ class Ops:
             return self._dense(w)[ids]
         if self.backend == "cpu":  # only the rows looked up, dequantized exactly
             return dequantize_ref(w.raw.view(w.rows, -1)[ids], w.ggml_type, (len(ids), *w.shape[1:]))
+        if w.planar and w.ggml_type in MATRIX_PLANAR_TYPES:  # rows are spread over planes: their file bytes
+            return kernels.dequantize(matrix_rows(w.raw, w.ggml_type, w.shape, ids), w.ggml_type,
+                                      (len(ids), *w.shape[1:]), self.dtype)
         rows = w.raw.view(w.rows, -1)[ids]
         return self.dequantize(w, rows, (len(ids), *w.shape[1:]))
 
@@ -227,7 +230,8 @@ class Ops:
 
 def _cpu_kind(w: QuantWeight) -> str:
     """The `CpuWeight` kind `w` takes, by its type (those stacked into one product share it)."""
-    return "dense" if w.ggml_type in FLOAT_TYPES else "int4" if w.ggml_type in INT4_TYPES else "bf16"
+    t = w.ggml_type
+    return "dense" if t in FLOAT_TYPES else "int4" if t in INT4_TYPES else "int4x2" if t in SPLIT_TYPES else "bf16"
 
 
 def _rmsnorm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float,
