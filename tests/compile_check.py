@@ -1,6 +1,6 @@
 """Every kernel variant compiled for a GPU target by Triton's own backend, on a machine without a GPU.
 
-    python tests/compile_check.py [--target cuda:90] [--quick] [--only qmatmul,flash_attention]
+    python tests/compile_check.py [--target cuda:90] [--quick] [--dtypes float32,bfloat16] [--only qmatmul,rope]
 
 Triton compiles in-process down to the target's binary (PTX and a cubin through the ptxas it ships, for
 CUDA); only loading and launching need the device. Here a driver that names the target and has no device
@@ -117,9 +117,12 @@ def raw_weight(ggml_type: GGMLType, n: int, k: int) -> torch.Tensor:
     return torch.zeros(n * k // traits.block_elements * traits.block_bytes, dtype=torch.uint8)
 
 
-def launches(quick: bool):
-    """(description, call) for every variant: each GGUF type, float dtype, matmul path and attention shape."""
-    dtypes = [torch.bfloat16] if quick else [torch.float32, torch.float16, torch.bfloat16]
+def launches(quick: bool, dtypes: list[torch.dtype] | None = None):
+    """(description, call) for every variant: each GGUF type, float dtype, matmul path and attention shape.
+    quick: bfloat16 (unless `dtypes` says otherwise), a few types, and the element decoders' skinny and split-K
+    paths only for the types that the word decoders do not take, and for Q4_K (the others' decoders compile in the
+    dequant kernel)."""
+    dtypes = dtypes or ([torch.bfloat16] if quick else [torch.float32, torch.float16, torch.bfloat16])
     types = QUICK_TYPES if quick else tuple(DEQUANTIZERS)
     for t in DEQUANTIZERS:
         k = 2 * TYPE_TRAITS[t].block_elements if TYPE_TRAITS[t].block_elements > 1 else 256
@@ -128,8 +131,11 @@ def launches(quick: bool):
                 raw_weight(t, 4, k), t, (4, k), d)
     for t in types:
         k = max(256, TYPE_TRAITS[t].block_elements)
+        # "gemm" of a type the word decoders take runs their GEMM tiles; "skinny" and "splitk" the element decoders
+        element_paths = not quick or t == GGMLType.Q4_K or not qgemv.gemv_fits(t, 4 * k)
+        paths = [(1, "skinny"), (16, "skinny"), (1, "splitk"), (64, "gemm")] if element_paths else [(64, "gemm")]
         for dtype in dtypes:
-            for m, path in [(1, "skinny"), (16, "skinny"), (1, "splitk"), (64, "gemm")]:
+            for m, path in paths:
                 yield f"qmatmul {t.name} {dtype} M={m} {path}", lambda t=t, k=k, d=dtype, m=m, p=path: \
                     qmatmul.qmatmul(torch.zeros(m, 4 * k, dtype=d), raw_weight(t, 64, 4 * k), t, (64, 4 * k), path=p)
             planar = t in PLANAR_TYPES
@@ -226,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="cuda:90", help="cuda:<sm> or hip:<gfx arch>, e.g. cuda:80, hip:gfx942")
     parser.add_argument("--quick", action="store_true", help="bfloat16 and a few GGUF types only")
+    parser.add_argument("--dtypes", default="", help="comma-separated float dtypes, e.g. float32,bfloat16")
     parser.add_argument("--only", default="", help="comma-separated launchers to compile, e.g. qmatmul,rope")
     args = parser.parse_args(argv)
     target = parse_target(args.target)
@@ -234,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     start = time.perf_counter()
     only = tuple(args.only.split(",")) if args.only else ("",)
-    for description, call in launches(args.quick):
+    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")] if args.dtypes else None
+    for description, call in launches(args.quick, dtypes):
         if not description.split()[0].startswith(only):
             continue
         compiler.latest.clear()
