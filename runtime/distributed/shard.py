@@ -49,24 +49,26 @@ class ShardPlan:
     def __post_init__(self) -> None:
         check_tensor_parallel(self.config, self.size)
 
+    def _share(self, total: int) -> range:
+        """This rank's equal share of `total` items (heads, rows), in rank order."""
+        n = total // self.size
+        return range(self.rank * n, (self.rank + 1) * n)
+
     @property
     def q_heads(self) -> range:
-        n = self.config.n_heads // self.size
-        return range(self.rank * n, (self.rank + 1) * n)
+        return self._share(self.config.n_heads)
 
     @property
     def kv_heads(self) -> range:
         kv = self.config.n_kv_heads
         if kv >= self.size:
-            n = kv // self.size
-            return range(self.rank * n, (self.rank + 1) * n)
+            return self._share(kv)
         head = self.rank * kv // self.size  # replicated: the KV head this rank's q heads are grouped on
         return range(head, head + 1)
 
     @property
     def ffn_rows(self) -> range:
-        n = self.config.ffn // self.size
-        return range(self.rank * n, (self.rank + 1) * n)
+        return self._share(self.config.ffn)
 
     @property
     def vocab_per_rank(self) -> int:
