@@ -38,6 +38,7 @@ from ggtriton.kernels.flash_attention import flash_attention, flash_attention_re
 from ggtriton.kernels.paged_decode import paged_decode, paged_decode_ref
 from ggtriton.kernels.planar import to_planar
 from ggtriton.kernels.qgemv import GEMV_TYPES
+from ggtriton.kernels.qmatmul import path_takes
 from ggtriton.kernels.rmsnorm import rmsnorm_ref
 from ggtriton.kernels.rope import rope_ref
 from ggtriton.runtime import LLM, SamplingParams
@@ -253,7 +254,7 @@ def qmatmul_check(t: GGMLType, paths: tuple[str, ...], sizes: Sizes) -> Callable
     """qmatmul on `paths` (those that take type t) with each of their configs forced in turn (compiled, never
     tuned: the speed stage then finds every config in the cache), against float64 x @ W^T, W from the torch
     reference decoder."""
-    paths = tuple(p for p in paths if any(qbench.takes(p, t, m, k) for m in sizes.check_ms[p]
+    paths = tuple(p for p in paths if any(path_takes(p, t, m) for m in sizes.check_ms[p]
                                           for _, k in sizes.check_shapes))
 
     def run(rec: Recorder) -> None:
@@ -273,7 +274,7 @@ def qmatmul_check(t: GGMLType, paths: tuple[str, ...], sizes: Sizes) -> Callable
                 for i, config in enumerate(qbench.configs(path, dev) or [None]):
                     with qbench.only_config(path, config, dev) if config else nullcontext(), poisoned():
                         for m in sizes.check_ms[path]:
-                            if not qbench.takes(path, t, m, k):
+                            if not path_takes(path, t, m):
                                 continue
                             out = qmatmul(xs[m], raw, t, (n, k), path=path, planar=planar)
                             where = f" ({n}x{k}, M={m}" + (f", config {i})" if config else ")")
@@ -552,7 +553,7 @@ def sweep_row(rec: Recorder, bench: qbench.Bench, name: str, n: int, k: int, ms:
     close the dispatched path comes to the fastest."""
     t = GGMLType[name]
     dev = device()
-    paths = {m: [p for p in qbench.PATHS if qbench.takes(p, t, m, k)] for m in ms}
+    paths = {m: [p for p in qbench.PATHS if path_takes(p, t, m)] for m in ms}
     pts = {(p, m): bench.point(t, n, k, m, p) for m in ms for p in paths[m]}
     check = f"dispatch {name} {n}x{k}"
     errs = [(p["err"], f" ({p['path']}, M={p['m']})") for p in pts.values()]

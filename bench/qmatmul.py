@@ -28,9 +28,9 @@ import torch
 from ggtriton.gguf import GGMLType
 from ggtriton.kernels import dequantize, qmatmul
 from ggtriton.kernels._common import backend
-from ggtriton.kernels.planar import PLANAR_TYPES, to_planar
-from ggtriton.kernels.qgemv import gemv_fits
-from ggtriton.kernels.qmatmul import PATHS, _choose_path
+from ggtriton.kernels.planar import RELAID_TYPES, to_planar
+from ggtriton.kernels.qgemv import rows_aligned
+from ggtriton.kernels.qmatmul import PATHS, _choose_path, path_takes
 from ggtriton.runtime.synthetic import random_tensor
 from gpu_timing import append_results, copy_gbps, device, heading, l2_bytes, median_ms, rel_err, require_gpu, rotated
 
@@ -49,14 +49,9 @@ def random_weight(t: GGMLType, shape: Sequence[int], dev: torch.device, seed: in
     return torch.from_numpy(np.ascontiguousarray(data).view(np.uint8).reshape(-1)).to(dev)
 
 
-def takes(path: str, t: GGMLType, m: int, k: int) -> bool:
-    """Whether `path` takes an [m, k] x of a weight of type t (gemv: up to 16 rows, its types)."""
-    return path != "gemv" or (m <= 16 and gemv_fits(t, k))
-
-
 def planar(t: GGMLType, k: int) -> bool:
-    """Whether the engine keeps a weight of type t and rows of k in the planar layout (see Ops.preload)."""
-    return t in PLANAR_TYPES and gemv_fits(t, k)
+    """Whether the engine keeps a weight of type t and rows of k relaid (see Ops.preload)."""
+    return t in RELAID_TYPES and rows_aligned(t, (1, k))
 
 
 def _tables(path: str) -> tuple[dict, object]:
@@ -164,7 +159,7 @@ def main() -> None:
         bench.weights.clear()
         for t in types:
             for m in ms_rows:
-                if args.path and not takes(args.path, t, m, k):
+                if args.path and not path_takes(args.path, t, m):
                     continue
                 p = bench.point(t, n, k, m, args.path)
                 cublas = bench.cublas_ms(n, k, m)

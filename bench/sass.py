@@ -5,11 +5,14 @@
 
 Each matmul path compiles at every autotune config of its backend's table (tests/compile_check.py's compile-only
 launches), for x [M, 4096] (gemm: M = 256, where no config is pruned; its code does not depend on M) and a 4096 x
-4096 weight of each GGUF type; the dequant kernel compiles once per type. For each compiled kernel the report
+4096 weight of each GGUF type (skinny and splitk: the types without word decoders, which decode on every other
+path); the dequant kernel compiles once per type. For each compiled kernel the report
 gives its main loop, the longest backward branch: the instructions from the branch target to the backward branch,
 with an inner loop's instructions multiplied by its trip count when the SASS shows a counted loop (a counter set
 to a constant before it, stepped by an immediate and compared with an immediate), else counted once and marked ~.
-The dequant kernel has no loop: a program decodes one tile, so its row counts the whole kernel once.
+The dequant kernel of the types of `qgemv.GEMV_TYPES` runs the gemv path's loop over the blocks of its rows (its
+weight bytes per pass counted as the gemv path's); for the others it has no loop: a program decodes one tile, so its
+row counts the whole kernel once.
 
 Per kernel: loop instructions; global loads in the loop by width (LDG and LDGSTS: .U8/.S8, .U16/.S16, 32-bit,
 .64, .128); registers and the spill stores / loads in bytes that ptxas reports (a kernel's n_regs and n_spills
@@ -72,6 +75,7 @@ from triton.runtime.jit import JITFunction
 
 from ggtriton.gguf import TYPE_TRAITS, GGMLType
 from ggtriton.kernels.qgemv import GEMV_TYPES
+from ggtriton.kernels.qmatmul import path_takes
 from gpu_timing import append_results
 
 ISSUE_PER_CLOCK = 4  # warp instructions an H200 SM issues per clock (4 schedulers)
@@ -82,8 +86,8 @@ BYTES_PER_SM_CLOCK = HBM_BYTES_PER_S / (SMS * CLOCK_HZ)  # ~18.4
 CHECK_IPB = 0.25  # DESIGN.md's bound on a decode loop
 # The best spill-free M = 16 gemv loops reached, warp instructions per weight byte, per Triton minor version: --check
 # holds the types compiled at M = 16 to them, so that a regression fails (the aim: 1.3x the M = 1 loop).
-M16_IPB = {"3.9": {"Q5_K": 0.27, "Q6_K": 0.22, "IQ4_XS": 0.37, "MXFP4": 0.31},
-           "3.6": {"Q5_K": 0.27, "Q6_K": 0.22, "IQ4_XS": 0.42, "MXFP4": 0.31}}
+M16_IPB = {"3.9": {"Q5_K": 0.27, "Q6_K": 0.22, "Q8_0": 0.14, "Q5_0": 0.25, "IQ4_XS": 0.35, "MXFP4": 0.30},
+           "3.6": {"Q5_K": 0.27, "Q6_K": 0.22, "Q8_0": 0.14, "Q5_0": 0.26, "IQ4_XS": 0.40, "MXFP4": 0.30}}
 
 DECODE_TYPES = ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "IQ4_XS", "MXFP4")
 PATHS = ("gemv", "skinny", "splitk", "gemm", "dequant", "moe")
@@ -366,7 +370,8 @@ def compile_rows(target_text: str, jobs: list[Job], dtype: torch.dtype) -> list[
 
     def record(fn, *args, **kwargs):
         kernel = launch(fn, *args, **kwargs)
-        if fn.fn.__name__ in ("_qmatmul_kernel", "_dequant_kernel", "_qgemv_kernel", "_moe_kernel"):
+        if fn.fn.__name__ in ("_qmatmul_kernel", "_dequant_kernel", "_dequant_words_kernel", "_qgemv_kernel",
+                              "_moe_kernel"):
             compiled.setdefault(kernel.hash, (kernel, kwargs))  # the autotuner's final launch repeats a config
         return kernel
 
@@ -400,12 +405,13 @@ def read(job: Job, kernel, kw: dict, backend: str) -> Row:
     """The row of one compiled kernel, launched with the arguments kw."""
     meta = kernel.metadata
     traits = TYPE_TRAITS[GGMLType[job.type]]
-    if job.path == "dequant":
+    whole_kernel = "TILE" in kw  # the element decoders' dequant kernel
+    if whole_kernel:
         config, tile_m, elements = f"TILE{kw['TILE']} w{meta.num_warps}", 0, kw["TILE"] * traits.block_elements
-    elif "BLOCK_K" not in kw or kw.get("WORDS"):  # qgemv's decoders: gemv, gemm of their types, moe of their types
+    elif "BLOCK_K" not in kw or kw.get("WORDS"):  # qgemv's decoders: gemv, gemm, moe and dequant of their types
         # a pass covers one block of each row (K-quants) or a step of 8 blocks (32-element types)
         blocks = 1 if traits.block_elements == 256 else GEMV_STEP_BLOCKS
-        tile_m = kw["BLOCK_M"]
+        tile_m = 0 if job.path == "dequant" else kw["BLOCK_M"]
         tile = f"M{tile_m} " if job.path == "gemm" else _moe_part(kw) if job.path == "moe" else ""
         config, elements = f"{tile}N{kw['BLOCK_N']} w{meta.num_warps}", kw["BLOCK_N"] * blocks * traits.block_elements
     else:
@@ -418,7 +424,7 @@ def read(job: Job, kernel, kw: dict, backend: str) -> Row:
         instrs, (regs, *spill) = parse_sass(sass(kernel.asm["cubin"])), ptxas_report(kernel)
     else:
         instrs, (regs, *spill) = parse_amdgcn(kernel.asm["amdgcn"]), amdgcn_report(kernel.asm["amdgcn"])
-    return Row(job, config, meta.num_warps, profile(instrs, whole_kernel=job.path == "dequant"), regs,
+    return Row(job, config, meta.num_warps, profile(instrs, whole_kernel=whole_kernel), regs,
                tuple(spill), meta.shared, weight_bytes, elements, tile_m)
 
 
@@ -533,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     ms = [int(m) for m in args.m.split(",")]
     jobs = [Job(t, p, None if p == "dequant" else GEMM_M if p == "gemm" else m)
             for t in types for p in paths for m in (ms if p in ("gemv", "skinny", "splitk", "moe") else ms[:1])
-            if p != "gemv" or (GGMLType[t] in GEMV_TYPES and m <= 16)]
+            if path_takes(p, GGMLType[t], m)]
     checked = tuple(t for t in types if t in DECODE_TYPES) if args.check else ()
     jobs += [job for job in (Job(t, decode_path(t), 1) for t in checked) if job not in jobs]
     rows = compile_rows(args.target, jobs, getattr(torch, args.dtype))

@@ -23,6 +23,15 @@ def tanh(x):
 
 
 @triton.jit
+def to_bf16(v):
+    """float32 -> bfloat16, round to nearest even (NaN stays NaN), spelled out: the interpreter's cast truncates."""
+    bits = v.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    quiet_nan = (bits >> 16) | 0x40
+    return tl.where(v != v, quiet_nan, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def dot(a, b, F32: tl.constexpr):
     """a @ b with float32 accumulation; F32: as exact float32 products (see `f32_dot`)."""
     if F32:

@@ -1,4 +1,6 @@
-"""Triton decoders of the GGUF block formats: the one source of truth for every kernel that reads GGUF weights.
+"""Element decoders of the GGUF block formats that qgemv's word decoders do not take (all but `qgemv.GEMV_TYPES`):
+for those types, the one source of truth for every kernel that reads them (the dequant kernel, qmatmul's element
+paths, the fused MoE kernel's fallback).
 
 Each `decode_<type>(blk_ptr, j[, table_ptr])` turns raw blocks into float32 values: `blk_ptr` points (uint8) at
 the first byte of a block, `j` is an element index inside it (0 <= j < block elements), and the two broadcast
@@ -23,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..gguf.quant_tables import GRIDS, IQ1_DELTA, IQ4NL_VALUES, KSIGNS, MXFP4_VALUES
+from ..gguf.quant_tables import GRIDS, IQ1_DELTA, IQ4NL_VALUES, KSIGNS
 from ..gguf.types import GGMLType
 
 _IQ1_DELTA = tl.constexpr(IQ1_DELTA)
@@ -43,10 +45,8 @@ def decode_table(ggml_type: GGMLType) -> np.ndarray | None:
     if ggml_type in GRIDS:
         grid = GRIDS[ggml_type].reshape(-1).view(np.uint8)
         return np.concatenate([KSIGNS, grid]) if ggml_type in _SIGNED_GRIDS else grid
-    if ggml_type in (GGMLType.IQ4_NL, GGMLType.IQ4_XS):
+    if ggml_type == GGMLType.IQ4_NL:
         return IQ4NL_VALUES.view(np.uint8)
-    if ggml_type == GGMLType.MXFP4:
-        return MXFP4_VALUES.view(np.uint8)
     return None
 
 
@@ -120,34 +120,9 @@ def _bit(bits_ptr, j):
 
 
 @triton.jit
-def decode_q4_0(blk_ptr, j):
-    """Q4_0, 32 elements in 18 bytes: d f16 @0 | qs[16] @2."""
-    return _q4_0(blk_ptr, blk_ptr + 2, j)
-
-
-@triton.jit
-def _q4_0(d_ptr, qs_ptr, j):
-    """Q4_0 from its fields (d f16, qs[16]): x = d * (q - 8)."""
-    return _f16(d_ptr) * _f(_nibble(qs_ptr, j) - 8)
-
-
-@triton.jit
 def decode_q4_1(blk_ptr, j):
     """Q4_1, 32 elements in 20 bytes: d f16 @0 | m f16 @2 | qs[16] @4.  x = d * q + m."""
     return _f16(blk_ptr) * _f(_nibble(blk_ptr + 4, j)) + _f16(blk_ptr + 2)
-
-
-@triton.jit
-def decode_q5_0(blk_ptr, j):
-    """Q5_0, 32 elements in 22 bytes: d f16 @0 | qh u32 @2 | qs[16] @6."""
-    return _q5_0(blk_ptr, blk_ptr + 2, blk_ptr + 6, j)
-
-
-@triton.jit
-def _q5_0(d_ptr, qh_ptr, qs_ptr, j):
-    """Q5_0 from its fields (d f16, qh u32: bit j is the fifth bit, qs[16]): x = d * (q - 16)."""
-    q = _nibble(qs_ptr, j) | _bit(qh_ptr, j) << 4
-    return _f16(d_ptr) * _f(q - 16)
 
 
 @triton.jit
@@ -155,18 +130,6 @@ def decode_q5_1(blk_ptr, j):
     """Q5_1, 32 elements in 24 bytes: d f16 @0 | m f16 @2 | qh u32 @4 | qs[16] @8.  x = d * q + m."""
     q = _nibble(blk_ptr + 8, j) | _bit(blk_ptr + 4, j) << 4
     return _f16(blk_ptr) * _f(q) + _f16(blk_ptr + 2)
-
-
-@triton.jit
-def decode_q8_0(blk_ptr, j):
-    """Q8_0, 32 elements in 34 bytes: d f16 @0 | qs[32] int8 @2."""
-    return _q8_0(blk_ptr, blk_ptr + 2, j)
-
-
-@triton.jit
-def _q8_0(d_ptr, qs_ptr, j):
-    """Q8_0 from its fields (d f16, qs[32] int8): x = q * d."""
-    return _f(_i8(qs_ptr + j)) * _f16(d_ptr)
 
 
 # K-quants: 256-element super-blocks of 16 or 8 sub-blocks with their own scales.
@@ -207,70 +170,6 @@ def decode_q3_k(blk_ptr, j):
     return dl * _f(_crumb(blk_ptr + 32, j) - ((h ^ 1) << 2))
 
 
-@triton.jit
-def _scale_min_k4(s_ptr, i):
-    """6-bit scale and min of sub-block i (of 8) from the 12 packed bytes s of Q4_K / Q5_K.
-
-    i < 4: scale = s[i] & 63, min = s[i + 4] & 63.
-    i >= 4: scale = (s[i + 4] & 15) | (s[i - 4] >> 6) << 4, min = (s[i + 4] >> 4) | (s[i] >> 6) << 4.
-    """
-    a = _u8(s_ptr + i % 4)
-    b = _u8(s_ptr + 4 + i % 4)
-    c = _u8(s_ptr + 8 + i % 4)
-    low = i < 4
-    sc = tl.where(low, a & 63, (c & 15) | (a >> 6) << 4)
-    m = tl.where(low, b & 63, (c >> 4) | (b >> 6) << 4)
-    return sc, m
-
-
-@triton.jit
-def _k_nibble(qs_ptr, j):
-    """4-bit field of element j (of 256) in 128 bytes: four runs of 32 bytes, each byte holding elements 32 apart."""
-    return (_u8(qs_ptr + j // 64 * 32 + j % 32) >> (j // 32 % 2 * 4)) & 15
-
-
-@triton.jit
-def decode_q4_k(blk_ptr, j):
-    """Q4_K, 256 elements in 144 bytes: d f16 @0 | dmin f16 @2 | scales[12] @4 | qs[128] @16.
-
-    x = (d * scale) * q - dmin * min, scale and min of sub-block j // 32 (`_scale_min_k4`), q from `_k_nibble`.
-    """
-    sc, m = _scale_min_k4(blk_ptr + 4, j // 32)
-    dl = _f16(blk_ptr) * _f(sc)
-    ml = _f16(blk_ptr + 2) * _f(m)
-    return dl * _f(_k_nibble(blk_ptr + 16, j)) - ml
-
-
-@triton.jit
-def decode_q5_k(blk_ptr, j):
-    """Q5_K, 256 elements in 176 bytes: d f16 @0 | dmin f16 @2 | scales[12] @4 | qh[32] @16 | qs[128] @48.
-
-    As Q4_K, with a fifth bit: bit j // 32 of qh[j % 32].
-    """
-    sc, m = _scale_min_k4(blk_ptr + 4, j // 32)
-    dl = _f16(blk_ptr) * _f(sc)
-    ml = _f16(blk_ptr + 2) * _f(m)
-    q = _k_nibble(blk_ptr + 48, j) | ((_u8(blk_ptr + 16 + j % 32) >> (j // 32)) & 1) << 4
-    return dl * _f(q) - ml
-
-
-@triton.jit
-def decode_q6_k(blk_ptr, j):
-    """Q6_K, 256 elements in 210 bytes: ql[128] @0 | qh[64] @128 | scales[16] int8 @192 | d f16 @208."""
-    return _q6_k(blk_ptr, blk_ptr + 128, blk_ptr + 192, blk_ptr + 208, j)
-
-
-@triton.jit
-def _q6_k(ql_ptr, qh_ptr, sc_ptr, d_ptr, j):
-    """Q6_K from its fields. Low 4 bits: nibble (j % 128) // 64 of ql[j // 128 * 64 + j % 64]; high 2 bits: the
-    2-bit field of j in qh (`_crumb`). x = (d * scales[j // 16]) * (q - 32).
-    """
-    lo = (_u8(ql_ptr + j // 128 * 64 + j % 64) >> (j % 128 // 64 * 4)) & 15
-    q = lo | _crumb(qh_ptr, j) << 4
-    dl = _f16(d_ptr) * _f(_i8(sc_ptr + j // 16))
-    return dl * _f(q - 32)
-
-
 # Ternary formats: x = d * (q - 1).
 
 
@@ -307,31 +206,6 @@ def _value(table_ptr, q):
 def decode_iq4_nl(blk_ptr, j, table_ptr):
     """IQ4_NL, 32 elements in 18 bytes: d f16 @0 | qs[16] @2 (nibbles as Q4_0).  x = d * values[q]."""
     return _f16(blk_ptr) * _value(table_ptr, _nibble(blk_ptr + 2, j))
-
-
-@triton.jit
-def decode_iq4_xs(blk_ptr, j, table_ptr):
-    """IQ4_XS, 256 elements in 136 bytes: d f16 @0 | scales_h u16 @2 | scales_l[4] @4 | qs[128] @8.
-
-    Sub-block i = j // 32: 6-bit scale = nibble i % 2 of scales_l[i // 2] | bits 2i of scales_h << 4, stored + 32;
-    its 16 bytes at 8 + 16 i hold elements as Q4_0. x = (d * (scale - 32)) * values[q].
-    """
-    i = j // 32
-    lo = (_u8(blk_ptr + 4 + i // 2) >> (i % 2 * 4)) & 15
-    hi = (_u16(blk_ptr + 2) >> (2 * i)) & 3
-    dl = _f16(blk_ptr) * _f((lo | hi << 4) - 32)
-    return dl * _value(table_ptr, _nibble(blk_ptr + 8 + i * 16, j % 32))
-
-
-@triton.jit
-def decode_mxfp4(blk_ptr, j, table_ptr):
-    """MXFP4, 32 elements in 17 bytes: e u8 @0 (E8M0 scale) | qs[16] @1 (nibbles as Q4_0, E2M1 codes).
-
-    x = 2^(e - 128) * values[q] (the doubled E2M1 values with a halved scale; e < 2 gives a subnormal scale).
-    """
-    e = _u8(blk_ptr)
-    d = tl.where(e < 2, 0x00200000 << e, (e - 1) << 23).to(tl.float32, bitcast=True)
-    return d * _value(table_ptr, _nibble(blk_ptr + 1, j))
 
 
 # I-quants: groups of 8 (IQ3: 4) values from a grid of lattice points, each with a sign.
@@ -460,23 +334,6 @@ def decode_iq1_m(blk_ptr, j, table_ptr):
 
 
 @triton.jit
-def decode_planar(row_ptr, blk, j, nb, TYPE: tl.constexpr):
-    """Element j of block blk of the row at row_ptr (nb blocks) in the planar layout of kernels/planar.py (Q4_0,
-    Q5_0, Q8_0, Q6_K): the same decoders as `decode_block`, reading each field from its plane."""
-    if TYPE == "Q4_0":
-        v = _q4_0(row_ptr + nb * 16 + 2 * blk, row_ptr + 16 * blk, j)
-    elif TYPE == "Q5_0":
-        v = _q5_0(row_ptr + nb * 20 + 2 * blk, row_ptr + nb * 16 + 4 * blk, row_ptr + 16 * blk, j)
-    elif TYPE == "Q8_0":
-        v = _q8_0(row_ptr + nb * 32 + 2 * blk, row_ptr + 32 * blk, j)
-    else:
-        tl.static_assert(TYPE == "Q6_K", "no planar layout for this GGUF block type")
-        v = _q6_k(row_ptr + 128 * blk, row_ptr + nb * 128 + 64 * blk, row_ptr + nb * 192 + 16 * blk,
-                  row_ptr + nb * 208 + 2 * blk, j)
-    return v
-
-
-@triton.jit
 def decode_block(blk_ptr, j, table_ptr, TYPE: tl.constexpr):
     """Element j of the block at blk_ptr of the GGUF type named TYPE (a `GGMLType` name), as float32."""
     if TYPE == "F32":
@@ -485,36 +342,20 @@ def decode_block(blk_ptr, j, table_ptr, TYPE: tl.constexpr):
         v = decode_f16(blk_ptr, j)
     elif TYPE == "BF16":
         v = decode_bf16(blk_ptr, j)
-    elif TYPE == "Q4_0":
-        v = decode_q4_0(blk_ptr, j)
     elif TYPE == "Q4_1":
         v = decode_q4_1(blk_ptr, j)
-    elif TYPE == "Q5_0":
-        v = decode_q5_0(blk_ptr, j)
     elif TYPE == "Q5_1":
         v = decode_q5_1(blk_ptr, j)
-    elif TYPE == "Q8_0":
-        v = decode_q8_0(blk_ptr, j)
     elif TYPE == "Q2_K":
         v = decode_q2_k(blk_ptr, j)
     elif TYPE == "Q3_K":
         v = decode_q3_k(blk_ptr, j)
-    elif TYPE == "Q4_K":
-        v = decode_q4_k(blk_ptr, j)
-    elif TYPE == "Q5_K":
-        v = decode_q5_k(blk_ptr, j)
-    elif TYPE == "Q6_K":
-        v = decode_q6_k(blk_ptr, j)
     elif TYPE == "TQ1_0":
         v = decode_tq1_0(blk_ptr, j)
     elif TYPE == "TQ2_0":
         v = decode_tq2_0(blk_ptr, j)
     elif TYPE == "IQ4_NL":
         v = decode_iq4_nl(blk_ptr, j, table_ptr)
-    elif TYPE == "IQ4_XS":
-        v = decode_iq4_xs(blk_ptr, j, table_ptr)
-    elif TYPE == "MXFP4":
-        v = decode_mxfp4(blk_ptr, j, table_ptr)
     elif TYPE == "IQ2_XXS":
         v = decode_iq2_xxs(blk_ptr, j, table_ptr)
     elif TYPE == "IQ2_XS":

@@ -23,14 +23,14 @@ blocks). Five launches, none of which reads a device value back to the host (CUD
    stored per pair in float32.
 5. Combine (`_combine_kernel`): out[t] = the sum over j of the pair rows, in slot order (the same bits every run).
 
-The grouped products decode the weights in the kernel with qgemv's word decoders (one source of truth per block
-format), in three forms picked by BLOCK_M (`_block_m`): 1 for decode, one pair per program, qgemv's FMA loop; 16
-when each expert sees a few tokens, the decoded tile multiplied on the tensor cores once for 16 rows; 32 and 64 for
-prefill, the GEMM tiles of qgemv (each weight decoded once per BLOCK_M rows). Weights whose type or row length
-qgemv's decoders do not take (`qgemv.gemv_fits`) go through the element decoders of blocks.py, BLOCK_K elements at a
-time, as qmatmul's generic kernel does. Q4_0, Q5_0, Q8_0 and Q6_K experts are read in the planar layout of
-planar.py, MXFP4 experts (on the word decoders) in its planes per expert (relaid here unless `planar`: a model relays
-them once when it loads them).
+The grouped products decode the weights in the kernel with the one decoder every path uses for their type: for the
+types of `qgemv.GEMV_TYPES`, qgemv's word decoders (`qgemv.walk`), in three forms picked by BLOCK_M (`_block_m`): 1
+for decode, one pair per program, qgemv's FMA loop; 16 when each expert sees a few tokens, the decoded tile multiplied
+on the tensor cores once for 16 rows; 32 and 64 for prefill, the GEMM tiles of qgemv (each weight decoded once per
+BLOCK_M rows). Their experts are read in `qgemv.word_layout`'s layout: Q4_0, Q5_0, Q8_0 and Q6_K in the planar layout
+of planar.py, MXFP4 in its planes per expert (relaid here unless `planar`: a model relays them once when it loads
+them). The other types go through the element decoders of blocks.py, BLOCK_K elements at a time, as qmatmul's generic
+kernel does.
 
 Activations: "silu" (SwiGLU), "gelu" (GeGLU, tanh form) and "swiglu_oai" (gpt-oss: g = min(gate, 7),
 u = clamp(up, -7, 7), act = g * sigmoid(1.702 g) * (u + 1)). Optional float biases per expert row (gpt-oss) are
@@ -50,10 +50,9 @@ from ..gguf.quants import check_size
 from ..gguf.quants import dequantize as _gguf_dequantize
 from ..gguf.types import TYPE_TRAITS, GGMLType
 from ._common import FLOAT_DTYPES, backend, check_float, check_last_dim_contiguous, dot, f32_dot, tanh
-from .blocks import decode_block, decode_planar, decode_table_tensor
-from .planar import MATRIX_PLANAR_TYPES, PLANAR_TYPES, RELAID_TYPES, from_planar, to_planar
-from .qgemv import (_BLOCKS_PER_STEP, _T, GEMV_TYPES, _iq4_xs_block, _k4_block, _mxfp4_block, _q6_k_block,
-                    _q32_block, _table_stages, _value_table, _zero_acc, gemv_fits, lanes, w_left)
+from .blocks import decode_block, decode_table_tensor
+from .planar import RELAID_TYPES, from_planar
+from .qgemv import _T, GEMV_TYPES, _value_table, _zero_acc, walk, w_left, word_layout
 
 GATINGS = ("softmax", "softmax_weight")
 ACTIVATIONS = ("silu", "gelu", "swiglu_oai")
@@ -160,40 +159,22 @@ def _align_kernel(ids_ptr, pairs_ptr, tile_expert_ptr, n_pairs, E, n_tiles, BLOC
 
 @triton.jit
 def _products(w_ptr, row, x_ptr, xm, x_stride, table_ptr, nb, K, N, TYPE: tl.constexpr, WORDS: tl.constexpr,
-              PLANAR: tl.constexpr, QK: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_M: tl.constexpr,
+              QK: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_K: tl.constexpr, DENORMAL: tl.constexpr, F32: tl.constexpr):
     """x . W[row]^T over all K for the BLOCK_N rows `row` (byte offsets) of the weight at w_ptr: [BLOCK_N] for one
     row of x at x_ptr (BLOCK_M = 1), or [BLOCK_M, BLOCK_N] for the rows xm of the x at x_ptr. WORDS: qgemv's word
-    decoders (MXFP4's reading its planes per matrix of N rows); else the element decoders (PLANAR: reading the
-    planar layout)."""
+    decoders (MXFP4's reading its planes per matrix of N rows); else the element decoders."""
     BN: tl.constexpr = row.shape[0]
     if WORDS:
-        acc = _zero_acc(BN, TYPE, BLOCK_M)  # qgemv's: per-thread lanes, or a tile, [BN, BLOCK_M] where w_left
-        if TYPE == "Q4_K" or TYPE == "Q5_K":
-            for b in range(0, nb):
-                acc = _k4_block(acc, w_ptr, row, b, x_ptr, xm, x_stride, BLOCK_BYTES, DENORMAL, TYPE == "Q5_K",
-                                BLOCK_M, F32)
-        elif TYPE == "IQ4_XS":
-            for b in tl.range(0, nb, num_stages=_table_stages(BLOCK_M)):
-                acc = _iq4_xs_block(acc, w_ptr, row, b, x_ptr, table_ptr, xm, x_stride, DENORMAL, BLOCK_M, F32)
-        elif TYPE == "Q6_K":
-            for b in range(0, nb):
-                acc = _q6_k_block(acc, w_ptr, row, b, nb, x_ptr, xm, x_stride, DENORMAL, BLOCK_M, F32)
-        elif TYPE == "MXFP4":  # row: n * nb * 17; the qs plane (nb * 16 bytes a row), then the scales' (nb)
-            n_nb = row // BLOCK_BYTES
-            for b in tl.range(0, nb, _BLOCKS_PER_STEP, num_stages=_table_stages(BLOCK_M)):
-                acc = _mxfp4_block(acc, w_ptr, n_nb * 16, N.to(tl.int64) * nb * 16 + n_nb, b, nb, x_ptr, table_ptr,
-                                   xm, x_stride, lanes(TYPE), DENORMAL, BLOCK_M, F32)
-        else:
-            for b in range(0, nb, _BLOCKS_PER_STEP):
-                acc = _q32_block(acc, w_ptr, row, b, nb, nb, x_ptr, xm, x_stride, TYPE, lanes(TYPE), DENORMAL,
-                                 BLOCK_M, F32)
+        # qgemv's accumulator: per-thread lanes, or a tile, [BN, BLOCK_M] where w_left
+        acc = walk(_zero_acc(BN, TYPE, BLOCK_M), w_ptr, row, N, 0, nb, nb, x_ptr, table_ptr, xm, x_stride, TYPE,
+                   BLOCK_BYTES, DENORMAL, BLOCK_M, F32)
         if BLOCK_M == 1:
             res = tl.sum(acc, axis=1)
         else:
             if DENORMAL:  # the decoded weights were scaled by 2^-T (qgemv)
                 acc *= 2.0 ** _T
-            if w_left(TYPE):
+            if w_left(TYPE, BLOCK_M):
                 res = tl.trans(acc)  # once per tile, after the loop
             else:
                 res = acc
@@ -207,11 +188,8 @@ def _products(w_ptr, row, x_ptr, xm, x_stride, table_ptr, nb, K, N, TYPE: tl.con
             k = k0 + tl.arange(0, BLOCK_K)
             k_in = k < K
             kc = tl.minimum(k, K - 1)
-            if PLANAR:
-                w = decode_planar(w_ptr + row[:, None], (kc // QK)[None, :], (kc % QK)[None, :], nb, TYPE)
-            else:
-                w = decode_block(w_ptr + row[:, None] + (kc // QK * BLOCK_BYTES)[None, :], (kc % QK)[None, :],
-                                 table_ptr, TYPE)
+            w = decode_block(w_ptr + row[:, None] + (kc // QK * BLOCK_BYTES)[None, :], (kc % QK)[None, :],
+                             table_ptr, TYPE)
             w = tl.where(k_in[None, :], w, 0.0)  # a clamped column may decode to inf, and 0 * inf is NaN
             if BLOCK_M == 1:
                 acc += w * tl.load(x_ptr + k, mask=k_in, other=0.0).to(tl.float32)[None, :]
@@ -230,7 +208,7 @@ def _products(w_ptr, row, x_ptr, xm, x_stride, table_ptr, nb, K, N, TYPE: tl.con
 @triton.jit(do_not_specialize=["n_pairs", "p_bucket"])
 def _moe_kernel(x_ptr, w0_ptr, w1_ptr, bias0_ptr, bias1_ptr, table_ptr, out_ptr, pairs_ptr, tile_expert_ptr,
                 route_w_ptr, n_pairs, p_bucket, top_k, N, K, nb, x_stride, row_bytes, expert_bytes,
-                TYPE: tl.constexpr, WORDS: tl.constexpr, PLANAR: tl.constexpr, QK: tl.constexpr,
+                TYPE: tl.constexpr, WORDS: tl.constexpr, QK: tl.constexpr,
                 BLOCK_BYTES: tl.constexpr, ACT: tl.constexpr, BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DENORMAL: tl.constexpr, F32: tl.constexpr):
     """Columns [c * BLOCK_N, + BLOCK_N) of the pairs in tile s (pid = s * column blocks + c) of the sorted pairs.
@@ -265,7 +243,7 @@ def _moe_kernel(x_ptr, w0_ptr, w1_ptr, bias0_ptr, bias1_ptr, table_ptr, out_ptr,
             xa = x_ptr + xm * x_stride
         else:
             xa = x_ptr
-        a = _products(w0_ptr + w_off, row, xa, xm, x_stride, table_ptr, nb, K, N, TYPE, WORDS, PLANAR, QK, BLOCK_BYTES,
+        a = _products(w0_ptr + w_off, row, xa, xm, x_stride, table_ptr, nb, K, N, TYPE, WORDS, QK, BLOCK_BYTES,
                       BLOCK_M, BLOCK_K, DENORMAL, F32)
         if BIAS:
             a += tl.load(bias0_ptr + expert * N + n, mask=n_in, other=0.0).to(tl.float32)
@@ -275,7 +253,7 @@ def _moe_kernel(x_ptr, w0_ptr, w1_ptr, bias0_ptr, bias1_ptr, table_ptr, out_ptr,
             else:
                 h = a * tl.load(route_w_ptr + pc)[:, None]
         else:
-            u = _products(w1_ptr + w_off, row, xa, xm, x_stride, table_ptr, nb, K, N, TYPE, WORDS, PLANAR, QK,
+            u = _products(w1_ptr + w_off, row, xa, xm, x_stride, table_ptr, nb, K, N, TYPE, WORDS, QK,
                           BLOCK_BYTES, BLOCK_M, BLOCK_K, DENORMAL, F32)
             if BIAS:
                 u += tl.load(bias1_ptr + expert * N + n, mask=n_in, other=0.0).to(tl.float32)
@@ -383,14 +361,14 @@ def _grouped(x: torch.Tensor, raw: torch.Tensor, raw1: torch.Tensor | None, t: G
     E, N, K = shape
     traits = TYPE_TRAITS[t]
     nb = K // traits.block_elements
-    words = t in GEMV_TYPES and gemv_fits(t, K, N)
+    words = t in GEMV_TYPES
     raws = [r for r in (raw, raw1) if r is not None]
-    if t in RELAID_TYPES and words and not planar:
-        raws = [to_planar(r, t, shape) for r in raws]
-    elif t in MATRIX_PLANAR_TYPES and not words and planar:  # the element decoders read the file's layout
-        raws = [from_planar(r, t, shape) for r in raws]
-    if words:  # the word loads need at least 4-byte alignment; a fresh tensor has 256
-        raws = [r.clone() if r.data_ptr() % 16 else r for r in raws]
+    row_bytes = nb * traits.block_bytes
+    expert_bytes = N * row_bytes
+    if words:
+        layouts = [word_layout(r, t, shape, planar) for r in raws]
+        raws = [r for r, _, _ in layouts]
+        _, row_bytes, expert_bytes = layouts[0]
     be = backend(x.device)
     table = _value_table(t, x.device) if words else decode_table_tensor(t, x.device)
     bias0, bias1 = biases
@@ -398,9 +376,8 @@ def _grouped(x: torch.Tensor, raw: torch.Tensor, raw1: torch.Tensor | None, t: G
     _tuned(be, block_m)[lambda meta: (tile_expert.numel() * triton.cdiv(N, meta["BLOCK_N"]),)](
         x, raws[0], raws[-1], route_w if bias0 is None else bias0, route_w if bias1 is None else bias1,
         raws[0] if table is None else table, out, pairs, tile_expert, route_w, P,
-        min(triton.next_power_of_2(P), _P_BUCKET_CAP), top_k, N, K, nb, x.stride(0), nb * traits.block_bytes,
-        N * nb * traits.block_bytes,
-        TYPE=t.name, WORDS=words, PLANAR=planar and t in PLANAR_TYPES, QK=traits.block_elements,
+        min(triton.next_power_of_2(P), _P_BUCKET_CAP), top_k, N, K, nb, x.stride(0), row_bytes, expert_bytes,
+        TYPE=t.name, WORDS=words, QK=traits.block_elements,
         BLOCK_BYTES=traits.block_bytes, ACT=act, BIAS=bias0 is not None, BLOCK_M=block_m, BLOCK_K=_BLOCK_K[be],
         DENORMAL=be != "hip" and (block_m == 1 or x.dtype != torch.float16), F32=f32_dot(x),
     )

@@ -11,8 +11,8 @@ row of nb blocks is
     Q6_K:  ql[nb x 128] | qh[nb x 64] | scales[nb x 16] | d[nb x 2]
 
 Rows keep their size and order, so a row slice is still whole rows, and the quant planes start at the row start
-(16-byte aligned whenever the row size is a multiple of 16, as for K a multiple of 256). Every decoder reads these
-(`PLANAR_TYPES`): qgemv's word decoders and the element decoders of blocks.py.
+(16-byte aligned whenever the row size is a multiple of 16, as for K a multiple of 256). qgemv's word decoders, the
+only decoders of these types, read these (`PLANAR_TYPES`).
 
 MXFP4 (17-byte blocks: an E8M0 scale byte, then 16 bytes of nibbles) has rows of odd size when they hold an odd
 count of blocks and only 2-byte aligned ones unless they hold a multiple of 4 (gpt-oss's 2880-element rows hold 90),
@@ -21,11 +21,10 @@ of a 2-D weight, each expert of a 3-D one), N rows of nb blocks becoming
 
     MXFP4: qs[N x nb x 16] | e[N x nb]
 
-so that every row's quants start 16-byte aligned (from an aligned matrix). Rows are no longer contiguous: only
-qgemv's word decoders read it (`MATRIX_PLANAR_TYPES`; `check_planar`, which guards the element decoders' `planar`
-argument, refuses it): qmatmul's word paths and the fused MoE kernel, for weights relaid once by a model at load
-(`check_relaid`); qmatmul's other paths take the file's bytes back (`from_planar`), and an embedding's rows
-(`matrix_rows`). `RELAID_TYPES`: the types the word decoders read relaid.
+so that every row's quants start 16-byte aligned (from an aligned matrix). Rows are no longer contiguous: an
+embedding's rows are gathered plane by plane (`matrix_rows`). `RELAID_TYPES`: the types the word decoders read relaid,
+from weights relaid once by a model at load (`check_relaid`), or per call (`qgemv.word_layout`, which also pads rows
+or matrices that would start unaligned: the `stride` of `to_planar`).
 
 The file is read as it is; the relayout is a copy made on the device when a weight is loaded (`to_planar`), undone
 by `from_planar`.
@@ -52,12 +51,6 @@ PLANAR_TYPES = frozenset(PLANES)
 MATRIX_PLANES: dict[GGMLType, tuple[tuple[int, int], ...]] = {GGMLType.MXFP4: ((1, 16), (0, 1))}
 MATRIX_PLANAR_TYPES = frozenset(MATRIX_PLANES)
 RELAID_TYPES = PLANAR_TYPES | MATRIX_PLANAR_TYPES
-
-
-def check_planar(t: GGMLType) -> None:
-    """Raise a ValueError naming the type unless it has a planar layout that every decoder reads (per row)."""
-    if t not in PLANES:
-        raise ValueError(f"{t.name} has no planar layout (only {', '.join(p.name for p in PLANES)})")
 
 
 def check_relaid(t: GGMLType) -> None:
@@ -87,12 +80,20 @@ def _planes(t: GGMLType) -> tuple[tuple[int, int], ...]:
     return PLANES.get(t) or MATRIX_PLANES[t]
 
 
-def to_planar(raw: torch.Tensor, ggml_type: int, shape: Sequence[int]) -> torch.Tensor:
+def to_planar(raw: torch.Tensor, ggml_type: int, shape: Sequence[int], stride: int | None = None) -> torch.Tensor:
     """The planar copy of a tensor's raw GGUF bytes (same size, same device): per row for `PLANAR_TYPES`, per matrix
-    for `MATRIX_PLANAR_TYPES`."""
+    for `MATRIX_PLANAR_TYPES`. stride: bytes from one row (matrix) to the next, at least its size, the rest zeros:
+    a copy whose rows start aligned whatever their size, for one call of the word decoders (`from_planar` and the
+    size checks take only the unpadded layout)."""
     t, groups, rows, nb = _blocks(raw, ggml_type, shape)
+    size = rows * nb * TYPE_TRAITS[t].block_bytes
     blocks = raw.view(groups, rows * nb, TYPE_TRAITS[t].block_bytes)
-    return torch.cat([blocks[:, :, o:o + n].reshape(groups, rows * nb * n) for o, n in _planes(t)], dim=1).view(-1)
+    planes = [blocks[:, :, o:o + n].reshape(groups, rows * nb * n) for o, n in _planes(t)]
+    if stride is not None and stride != size:
+        if stride < size:
+            raise ValueError(f"{t.name}: a stride of {stride} bytes is below the {size} of a row or matrix")
+        planes.append(raw.new_zeros(groups, stride - size))
+    return torch.cat(planes, dim=1).view(-1)
 
 
 def from_planar(planar: torch.Tensor, ggml_type: int, shape: Sequence[int]) -> torch.Tensor:
@@ -108,16 +109,15 @@ def from_planar(planar: torch.Tensor, ggml_type: int, shape: Sequence[int]) -> t
 
 
 def matrix_rows(planar: torch.Tensor, ggml_type: int, shape: Sequence[int], rows: torch.Tensor) -> torch.Tensor:
-    """The file's bytes of rows `rows` (indices) of a 2-D weight of `shape` in `to_planar`'s planes per matrix."""
+    """Rows `rows` (indices) of a 2-D weight of `shape` in `to_planar`'s planes per matrix, as a matrix of their own
+    in that layout (each plane's rows gathered)."""
     t, _, n, nb = _blocks(planar, ggml_type, shape)
     if t not in MATRIX_PLANES or len(shape) != 2:
         raise ValueError(f"matrix_rows takes a 2-D weight of {', '.join(p.name for p in MATRIX_PLANES)}, got "
                          f"{t.name} {tuple(shape)}")
-    fields = []
+    planes = []
     start = 0
     for _, size in MATRIX_PLANES[t]:
-        fields.append(planar[start:start + n * nb * size].view(n, nb, size)[rows])
+        planes.append(planar[start:start + n * nb * size].view(n, nb * size)[rows].reshape(-1))
         start += n * nb * size
-    # each plane's field back at its offset in the block (MATRIX_PLANES lists them in plane order)
-    order = sorted(range(len(fields)), key=lambda i: MATRIX_PLANES[t][i][0])
-    return torch.cat([fields[i] for i in order], dim=2).view(-1)
+    return torch.cat(planes)

@@ -23,12 +23,33 @@ What keeps it low:
   thread and shared by its rows.
 - 2 to 16 rows (BLOCK_M = 16, batched decode, speculative verification): one FFMA per weight scales the field
   (by dl * 2^(149 - P), and 2^-T) and adds the offset or min, the tile is rounded to x's dtype and multiplied on
-  the tensor cores, one tl.dot per field position (K = 16 to 64 elements; the table types: one per step, K = 256,
-  the weights the left operand, which Hopper's wgmma takes from registers), so each weight is decoded once
-  whatever M is.
+  the tensor cores, one tl.dot per field position (K = 16 to 64 elements; the table types, Q8_0 and Q5_0: one per
+  step, K = 256, the fields joined in element order so that x is read as contiguous runs, the weights the left
+  operand, which Hopper's wgmma takes from registers), so each weight is decoded once whatever M is.
 - More than 16 rows (prefill): the same decoding into tiles of BLOCK_M = 32 to 128 rows of x, program_id(2)
   picking the tile, so each weight is decoded once per BLOCK_M rows: at [128, 128] tiles the loop issues about one
   warp instruction per 1000 FLOPs (bench/sass.py), about what the tensor cores' peak allows.
+
+Block layouts of these types in the file (little-endian; element j of a block; q its unsigned field):
+    Q4_0    32 in 18 bytes: d f16 @0 | qs[16] @2, q = nibble j // 16 of qs[j % 16]               x = d * (q - 8)
+    Q5_0    32 in 22 bytes: d f16 @0 | qh u32 @2 | qs[16] @6, as Q4_0 with bit j of qh on top    x = d * (q - 16)
+    Q8_0    32 in 34 bytes: d f16 @0 | qs[32] int8 @2                                           x = d * qs[j]
+    MXFP4   32 in 17 bytes: e u8 @0 | qs[16] @1 as Q4_0, E2M1 codes    x = 2^(e - 128) * (doubled E2M1 value of q)
+            (e < 2: a subnormal scale)
+    Q4_K   256 in 144 bytes: d f16 @0 | dmin f16 @2 | scales[12] @4 | qs[128] @16, q = nibble j // 32 % 2 of
+            qs[j // 64 * 32 + j % 32]; sub-block i = j // 32 has a 6-bit scale and min: i < 4: scales[i] & 63,
+            scales[i + 4] & 63; else (scales[i + 4] & 15) | (scales[i - 4] >> 6) << 4, (scales[i + 4] >> 4) |
+            (scales[i] >> 6) << 4                                                    x = (d * scale) * q - dmin * min
+    Q5_K   256 in 176 bytes: d | dmin | scales[12] @4 | qh[32] @16 | qs[128] @48, as Q4_K with bit j // 32 of
+            qh[j % 32] on top
+    Q6_K   256 in 210 bytes: ql[128] @0 | qh[64] @128 | scales[16] int8 @192 | d f16 @208, q = nibble j % 128 // 64
+            of ql[j // 128 * 64 + j % 64] | (crumb j % 128 // 32 of qh[j // 128 * 32 + j % 32]) << 4
+                                                                                    x = (d * scales[j // 16]) * (q - 32)
+    IQ4_XS 256 in 136 bytes: d f16 @0 | scales_h u16 @2 | scales_l[4] @4 | qs[128] @8; sub-block i = j // 32: its
+            16 bytes at qs[16 i] as Q4_0, scale = nibble i % 2 of scales_l[i // 2] | (crumb i of scales_h) << 4
+                                                                               x = (d * (scale - 32)) * IQ4_NL[q]
+Every path decodes them here (dequant.py's kernel too, in the store mode of `walk`): the values are the reference's,
+rounded as it rounds them.
 
 Types: Q4_K and Q5_K (16-byte aligned blocks) and IQ4_XS (8-byte aligned: 8-byte loads) read the file's layout;
 Q4_0, Q5_0, Q8_0 and Q6_K read the planar layout of `planar.py` (their file blocks are 2-byte aligned), MXFP4 (17-byte
@@ -48,6 +69,7 @@ them). A decoder layer then launches q/k/v, RoPE + KV store, attention, o, gate/
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -59,9 +81,9 @@ from triton.language.target_info import is_cuda
 
 from ..gguf.quant_tables import IQ4NL_VALUES, MXFP4_VALUES
 from ..gguf.types import TYPE_TRAITS, GGMLType
-from ._common import ARRIVAL_COUNTERS, arrival_counters, backend, dot, f32_dot
+from ._common import ARRIVAL_COUNTERS, arrival_counters, backend, dot, f32_dot, to_bf16
 from .activations import activate
-from .planar import MATRIX_PLANAR_TYPES
+from .planar import MATRIX_PLANAR_TYPES, RELAID_TYPES, from_planar, to_planar
 from .rmsnorm import rms_rstd, store_sumsq
 
 GEMV_TYPES = frozenset({GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q4_0,
@@ -84,7 +106,7 @@ _CONFIGS = {
     "interpreter": [(16, 1)],
 }
 _DOT_CONFIGS = {
-    "cuda": [(64, 4), (128, 4), (256, 8)],
+    "cuda": [(64, 4), (128, 4), (128, 8), (256, 8)],
     "hip": [(64, 4), (128, 4)],  # unmeasured
     "interpreter": [(16, 1)],
 }
@@ -100,6 +122,7 @@ _SPLIT_ROWS = 128  # rows per program assumed when sizing split-K
 _STEP = 8  # 32-element types: blocks a program decodes per row per step
 _BLOCKS_PER_STEP = tl.constexpr(_STEP)
 _INTERPRETED = tl.constexpr(knobs.runtime.interpret)  # triton.jit made interpreted functions (TRITON_INTERPRET=1)
+_STORE = tl.constexpr(0)  # BLOCK_M of the decoders' store mode: the dequant kernel's (dequant.py)
 _IQ4NL_OFFSET = tl.constexpr(128)  # the table bytes are value + offset: IQ4_NL's values are -127..113,
 _MXFP4_OFFSET = tl.constexpr(12)  # MXFP4's (doubled E2M1) -12..12
 
@@ -120,6 +143,53 @@ def _field(w, P: tl.constexpr, BITS: tl.constexpr, DENORMAL: tl.constexpr):
 
 
 @triton.jit
+def _store_weights(ptr, v, mask):
+    """Store decoded weights v at ptr (mask None: all) in ptr's dtype, rounded to nearest even."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        v = to_bf16(v)
+    else:
+        v = v.to(ptr.dtype.element_ty)
+    if mask is None:
+        tl.store(ptr, v)
+    else:
+        tl.store(ptr, v, mask=mask)
+
+
+@triton.jit
+def _runs(acc, v, x_ptr, xm, x_stride, e, RUN: tl.constexpr, mask, BLOCK_M: tl.constexpr, F32: tl.constexpr,
+          W_LEFT: tl.constexpr):
+    """acc plus the weights v [BN, L * RUN], runs of RUN elements from each of e [L] (mask: None, or [L] the runs
+    in range), times the rows xm of x read as contiguous runs (one tl.dot): [BN, BLOCK_M] (W_LEFT: the weights the
+    tensor cores' left operand) or [BLOCK_M, BN]; or, in the store mode, v stored at x_ptr, rows xm."""
+    BN: tl.constexpr = v.shape[0]
+    L: tl.constexpr = e.shape[0]
+    x_at = x_ptr + xm[:, None, None] * x_stride + e[None, :, None] + tl.arange(0, RUN)[None, None, :]
+    m3 = None if mask is None else mask[None, :, None]
+    if BLOCK_M == _STORE:
+        _store_weights(x_at, tl.reshape(v, [BN, L, RUN]), m3)
+    else:
+        if mask is None:
+            xt = tl.load(x_at)
+        else:
+            xt = tl.load(x_at, mask=m3, other=0.0)
+        acc = _mma(acc, v, tl.reshape(xt, [xm.shape[0], L * RUN]), F32, W_LEFT)
+    return acc
+
+
+@triton.jit
+def _mma(acc, v, xt, F32: tl.constexpr, W_LEFT: tl.constexpr):
+    """acc plus the weights v [BN, K] (rounded to x's dtype) times the rows of x xt [BLOCK_M, K]: [BN, BLOCK_M]
+    where W_LEFT (the weights the tensor cores' left operand), else [BLOCK_M, BN]."""
+    if not F32:
+        v = v.to(xt.dtype)
+    if W_LEFT:
+        acc += dot(v, tl.trans(xt), F32)
+    else:
+        acc += dot(xt, tl.trans(v), F32)
+    return acc
+
+
+@triton.jit
 def _x(x_ptr, mask, P: tl.constexpr, DENORMAL: tl.constexpr):
     """(x, x') at x_ptr (mask None: all in range): x' * _field(.., P, ..) = x * q * 2^-S."""
     if mask is None:
@@ -133,18 +203,25 @@ def _x(x_ptr, mask, P: tl.constexpr, DENORMAL: tl.constexpr):
 
 @triton.jit
 def _take(s, sx, acc, w, P: tl.constexpr, BITS: tl.constexpr, x_ptr, e, mask, dl, bias, xm, x_stride,
-          DENORMAL: tl.constexpr, BLOCK_M: tl.constexpr, F32: tl.constexpr, W_LEFT: tl.constexpr = False):
+          DENORMAL: tl.constexpr, BLOCK_M: tl.constexpr, F32: tl.constexpr, W_LEFT: tl.constexpr = False,
+          OFFSET: tl.constexpr = 0.0):
     """The weights of field position P of the words w [BN, A, B], elements e [A, B] of the block at x_ptr.
 
     BLOCK_M = 1: s += field * x', sx += x. Else acc [BLOCK_M, BN] += x[xm, e] @ (field * dl + bias)^T, with dl and
     bias (broadcast against w) the block's scale and offset, the weights rounded to x's dtype for tl.dot; W_LEFT:
     acc [BN, BLOCK_M] += (field * dl + bias) @ x[xm, e]^T, the weights the tensor cores' left operand.
+    BLOCK_M = 0 (`_STORE`, DENORMAL off): the weights stored at x_ptr, row xm of x_stride elements, element e:
+    (field - OFFSET) * dl where the type's offset OFFSET is not 0 (bias = -OFFSET * dl), else field * dl + bias,
+    the reference's formula and rounding (a zero keeps the reference's sign).
     """
     f = _field(w, P, BITS, DENORMAL)
     if BLOCK_M == 1:
         x, xs = _x(x_ptr + e, mask, P, DENORMAL)
         s += f * xs[None]
         sx += x
+    elif BLOCK_M == _STORE:
+        v = (f - OFFSET) * dl if OFFSET != 0.0 else f * dl + bias
+        _store_weights(x_ptr + xm[:, None, None] * x_stride + e[None], v, mask)
     else:
         if DENORMAL:  # weights times 2^-T (see _T)
             v = f * (dl * 2.0 ** (149 - _T - P)) + bias * 2.0 ** (-_T)
@@ -157,13 +234,7 @@ def _take(s, sx, acc, w, P: tl.constexpr, BITS: tl.constexpr, x_ptr, e, mask, dl
             xt = tl.load(ptr)
         else:
             xt = tl.load(ptr, mask=tl.reshape(tl.broadcast_to(mask, e.shape), [EL])[None, :], other=0.0)
-        v = tl.reshape(v, [BN, EL])
-        if not F32:
-            v = v.to(xt.dtype)
-        if W_LEFT:
-            acc += dot(v, tl.trans(xt), F32)
-        else:
-            acc += dot(xt, tl.trans(v), F32)
+        acc = _mma(acc, tl.reshape(v, [BN, EL]), xt, F32, W_LEFT)
     return s, sx, acc
 
 
@@ -309,13 +380,13 @@ def _q6_k_block(acc, w_ptr, row, b, nb, x_ptr, xm, x_stride, DENORMAL: tl.conste
     hi = ((ql >> 4) & 0x0F0F0F0F) | ((qh >> crumb) & 0x30303030)
     for t in tl.static_range(3):
         s0, sx0, acc = _take(s0, sx0, acc, lo, 8 * t, 6, xb, e + t, None, dl0, -32.0 * dl0, xm, x_stride,
-                             DENORMAL, BLOCK_M, F32, True)
+                             DENORMAL, BLOCK_M, F32, True, 32.0)
         s1, sx1, acc = _take(s1, sx1, acc, hi, 8 * t, 6, xb, e + 64 + t, None, dl1, -32.0 * dl1, xm, x_stride,
-                             DENORMAL, BLOCK_M, F32, True)
+                             DENORMAL, BLOCK_M, F32, True, 32.0)
     s0, sx0, acc = _take(s0, sx0, acc, lo >> 16, 8, 6, xb, e + 3, None, dl0, -32.0 * dl0, xm, x_stride,
-                         DENORMAL, BLOCK_M, F32, True)
+                         DENORMAL, BLOCK_M, F32, True, 32.0)
     s1, sx1, acc = _take(s1, sx1, acc, hi >> 16, 8, 6, xb, e + 67, None, dl1, -32.0 * dl1, xm, x_stride,
-                         DENORMAL, BLOCK_M, F32, True)
+                         DENORMAL, BLOCK_M, F32, True, 32.0)
     if BLOCK_M == 1:
         scale = 2.0 ** _S
         acc += d * (sc0 * (scale * tl.sum(s0, axis=2) - 32.0 * tl.sum(sx0, axis=1)[None, :])
@@ -325,6 +396,22 @@ def _q6_k_block(acc, w_ptr, row, b, nb, x_ptr, xm, x_stride, DENORMAL: tl.conste
 
 # 32-element types, planar: a thread owns 16 quant bytes of a row (Q4_0, Q5_0: one block; Q8_0: half a block), and
 # a step covers U such units. Neighbouring units are neighbouring 16 bytes of the plane: one contiguous row tile.
+
+
+@triton.jit
+def _q32_nibbles(q, base, nb, blk, m2, g, TYPE: tl.constexpr):
+    """(low, high) nibbles of the Q4_0 / Q5_0 quant words q [BN, U, 4] as bytes (Q5_0: the fifth bit from the qh
+    plane at bit 4 of each), blocks blk [U] of the rows at base [BN, 1] (m2: blocks in range)."""
+    lo = q & 0x0F0F0F0F
+    hi = (q >> 4) & 0x0F0F0F0F
+    if TYPE == "Q5_0":
+        qh_ptr = (base + nb * 16 + blk[None, :] * 4).to(tl.pointer_type(tl.int32))
+        qh = tl.load(qh_ptr, mask=m2, other=0)[:, :, None]
+        # bits 4g..4g+3 (16 + 4g..) of qh, the fifth bits of word g's low (high) nibbles, spread to bit 8t + 4 of
+        # byte t by a multiply: bit t lands on t + 4 + 7k for k = 0..3, and k = t is the one the mask keeps
+        lo |= (((qh >> (4 * g)[None, None, :]) & 15) * 0x2040810) & 0x10101010
+        hi |= (((qh >> (16 + 4 * g)[None, None, :]) & 15) * 0x2040810) & 0x10101010
+    return lo, hi
 
 
 @triton.jit
@@ -347,62 +434,66 @@ def _q32_block(acc, w_ptr, row, b, b_end, nb, x_ptr, xm, x_stride, TYPE: tl.cons
     km = b_in[:, None]
     s = tl.zeros([row.shape[0], U, 4], tl.float32)
     sx = tl.zeros([U, 4], tl.float32)
-    if TYPE == "Q8_0":
-        offset = 128.0
-        d_at = nb * 32
-    elif TYPE == "Q5_0":
-        offset = 16.0
-        d_at = nb * 20
-    else:
-        offset = 8.0
-        d_at = nb * 16
+    OFFSET: tl.constexpr = 128.0 if TYPE == "Q8_0" else 16.0 if TYPE == "Q5_0" else 8.0  # q - OFFSET: signed
+    d_at = nb * (32 if TYPE == "Q8_0" else 20 if TYPE == "Q5_0" else 16)
     d = tl.load((base + d_at + 2 * blk[None, :]).to(tl.pointer_type(tl.float16)), mask=m2, other=0.0).to(tl.float32)
     dl = d[:, :, None]
-    bias = -offset * dl
-    if TYPE == "Q8_0":
+    bias = -OFFSET * dl
+    if _runs_of_x(TYPE, BLOCK_M):
+        # the fields of a step decoded into one tile in element order: one dot (or store), x read as contiguous runs
+        if TYPE == "Q8_0":  # unit u: elements 16u..16u+15, byte 4g + t element 4g + t
+            v = _byte_fields(q ^ -0x7F7F7F80, 8, dl, OFFSET, DENORMAL)  # 0x80808080: int8 q to q + 128, unsigned
+            RUN: tl.constexpr = 16
+            e = b * 32 + 16 * u
+        else:  # unit u: block b + u, byte 4g + t its elements 4g + t (low nibble) and 16 + 4g + t (high)
+            lo, hi = _q32_nibbles(q, base, nb, blk, m2, g, TYPE)
+            v = tl.join(_byte_fields(lo, 5, dl, OFFSET, DENORMAL), _byte_fields(hi, 5, dl, OFFSET, DENORMAL))
+            v = tl.permute(v, [0, 1, 4, 2, 3])  # [BN, U, 2 (high), 4 (g), 4 (t)]
+            RUN: tl.constexpr = 32
+            e = blk * 32
+        acc = _runs(acc, tl.reshape(v, [row.shape[0], U * RUN]), x_ptr, xm, x_stride, e, RUN, b_in, BLOCK_M, F32,
+                    w_left(TYPE, BLOCK_M))
+    elif TYPE == "Q8_0":
         e = (b * 32 + 16 * u)[:, None] + 4 * g[None, :]  # [U, 4]: element of byte 0 of word g
         q = q ^ -0x7F7F7F80  # 0x80808080: int8 q to q + 128, unsigned
         v = q >> 16
-        s, sx, acc = _take(s, sx, acc, q, 0, 8, x_ptr, e, km, dl, bias, xm, x_stride, DENORMAL, BLOCK_M, F32)
-        s, sx, acc = _take(s, sx, acc, q, 8, 8, x_ptr, e + 1, km, dl, bias, xm, x_stride, DENORMAL, BLOCK_M, F32)
-        s, sx, acc = _take(s, sx, acc, v, 0, 8, x_ptr, e + 2, km, dl, bias, xm, x_stride, DENORMAL, BLOCK_M, F32)
-        s, sx, acc = _take(s, sx, acc, v, 8, 8, x_ptr, e + 3, km, dl, bias, xm, x_stride, DENORMAL, BLOCK_M, F32)
+        s, sx, acc = _take(s, sx, acc, q, 0, 8, x_ptr, e, km, dl, bias, xm, x_stride, DENORMAL, BLOCK_M, F32,
+                           False, OFFSET)
+        s, sx, acc = _take(s, sx, acc, q, 8, 8, x_ptr, e + 1, km, dl, bias, xm, x_stride, DENORMAL, BLOCK_M, F32,
+                           False, OFFSET)
+        s, sx, acc = _take(s, sx, acc, v, 0, 8, x_ptr, e + 2, km, dl, bias, xm, x_stride, DENORMAL, BLOCK_M, F32,
+                           False, OFFSET)
+        s, sx, acc = _take(s, sx, acc, v, 8, 8, x_ptr, e + 3, km, dl, bias, xm, x_stride, DENORMAL, BLOCK_M, F32,
+                           False, OFFSET)
     else:
         e = (blk * 32)[:, None] + 4 * g[None, :]  # byte 4g + t holds elements 4g + t and 16 + 4g + t
         if TYPE == "Q5_0":
-            qh_ptr = (base + nb * 16 + blk[None, :] * 4).to(tl.pointer_type(tl.int32))
-            qh = tl.load(qh_ptr, mask=m2, other=0)[:, :, None]
-            # bits 4g..4g+3 (16 + 4g..) of qh, the fifth bits of word g's low (high) nibbles, spread to bit 8t + 4
-            # of byte t by a multiply: bit t lands on t + 4 + 7k for k = 0..3, and k = t is the one the mask keeps
-            lo5 = (((qh >> (4 * g)[None, None, :]) & 15) * 0x2040810) & 0x10101010
-            hi5 = (((qh >> (16 + 4 * g)[None, None, :]) & 15) * 0x2040810) & 0x10101010
-            lo = (q & 0x0F0F0F0F) | lo5
-            hi = ((q >> 4) & 0x0F0F0F0F) | hi5
+            lo, hi = _q32_nibbles(q, base, nb, blk, m2, g, TYPE)
             for t in tl.static_range(3):
                 s, sx, acc = _take(s, sx, acc, lo, 8 * t, 5, x_ptr, e + t, km, dl, bias, xm, x_stride, DENORMAL,
-                                   BLOCK_M, F32)
+                                   BLOCK_M, F32, False, OFFSET)
                 s, sx, acc = _take(s, sx, acc, hi, 8 * t, 5, x_ptr, e + 16 + t, km, dl, bias, xm, x_stride,
-                                   DENORMAL, BLOCK_M, F32)
+                                   DENORMAL, BLOCK_M, F32, False, OFFSET)
             s, sx, acc = _take(s, sx, acc, lo >> 16, 8, 5, x_ptr, e + 3, km, dl, bias, xm, x_stride, DENORMAL,
-                               BLOCK_M, F32)
+                               BLOCK_M, F32, False, OFFSET)
             s, sx, acc = _take(s, sx, acc, hi >> 16, 8, 5, x_ptr, e + 19, km, dl, bias, xm, x_stride, DENORMAL,
-                               BLOCK_M, F32)
+                               BLOCK_M, F32, False, OFFSET)
         else:
             v = q >> 12  # nibbles at bits 20, 24, 28 to 8, 12, 16: a field must end below the exponent (bit 23)
             for t in tl.static_range(3):  # low nibbles of bytes 0..2 at bits 8t, high ones of bytes 0..1 at 8t + 4
                 s, sx, acc = _take(s, sx, acc, q, 8 * t, 4, x_ptr, e + t, km, dl, bias, xm, x_stride, DENORMAL,
-                                   BLOCK_M, F32)
+                                   BLOCK_M, F32, False, OFFSET)
             for t in tl.static_range(2):
                 s, sx, acc = _take(s, sx, acc, q, 8 * t + 4, 4, x_ptr, e + 16 + t, km, dl, bias, xm, x_stride,
-                                   DENORMAL, BLOCK_M, F32)
+                                   DENORMAL, BLOCK_M, F32, False, OFFSET)
             s, sx, acc = _take(s, sx, acc, v, 8, 4, x_ptr, e + 18, km, dl, bias, xm, x_stride, DENORMAL, BLOCK_M,
-                               F32)
+                               F32, False, OFFSET)
             s, sx, acc = _take(s, sx, acc, v, 12, 4, x_ptr, e + 3, km, dl, bias, xm, x_stride, DENORMAL, BLOCK_M,
-                               F32)
+                               F32, False, OFFSET)
             s, sx, acc = _take(s, sx, acc, v, 16, 4, x_ptr, e + 19, km, dl, bias, xm, x_stride, DENORMAL, BLOCK_M,
-                               F32)
+                               F32, False, OFFSET)
     if BLOCK_M == 1:
-        acc += d * (2.0 ** _S * tl.sum(s, axis=2) - offset * tl.sum(sx, axis=1)[None, :])
+        acc += d * (2.0 ** _S * tl.sum(s, axis=2) - OFFSET * tl.sum(sx, axis=1)[None, :])
     return acc
 
 
@@ -431,6 +522,18 @@ def _perm(a, b, s):
             byte = (tl.where((sel & 7) < 4, a, b) >> ((sel & 3) * 8)) & 0xFF
             r |= tl.where(sel < 8, byte, tl.where(byte < 128, 0, 0xFF)) << (8 * k)
     return r
+
+
+@triton.jit
+def _byte(r, K: tl.constexpr):
+    """Byte K of words r alone at the bottom of a word (as a float32: that byte times 2^-149): one byte permute on
+    CUDA (a shift and an AND elsewhere)."""
+    if not _INTERPRETED and is_cuda():
+        zero = tl.zeros_like(r)
+        v = _perm(r, zero, zero + (0x4440 + K))
+    else:
+        v = (r >> (8 * K)) & 0xFF
+    return v
 
 
 @triton.jit
@@ -485,23 +588,26 @@ def _take_bytes(s, sx, acc, r, x_ptr, el, mask, dl, bias, xm, x_stride, DENORMAL
 
 
 @triton.jit
-def _dot_weights(r, P: tl.constexpr, dl, OFFSET: tl.constexpr, DENORMAL: tl.constexpr):
-    """The byte fields at bits P and P + 8 of words r as weights (u - OFFSET) * dl for tl.dot, [.., 2]: times 2^-T
-    where DENORMAL (see _T)."""
+def _dot_weights(r, P: tl.constexpr, BITS: tl.constexpr, dl, OFFSET: tl.constexpr, DENORMAL: tl.constexpr):
+    """The BITS-bit fields at bits P and P + 8 of words r as weights (u - OFFSET) * dl for tl.dot or a store,
+    [.., 2]: times 2^-T where DENORMAL (see _T)."""
     if DENORMAL:
-        f0 = _field(r, P, 8, DENORMAL) * (dl * 2.0 ** (149 - _T - P))
-        if P == 0:
-            f1 = _field(r, 8, 8, DENORMAL) * (dl * 2.0 ** (141 - _T))
-        else:  # the top byte would end past bit 23: moved down
-            f1 = _field((r.to(tl.uint32, bitcast=True) >> 24).to(tl.int32, bitcast=True), 0, 8, DENORMAL) * (
-                dl * 2.0 ** (149 - _T))
+        f0 = _byte(r, P // 8).to(tl.float32, bitcast=True) * (dl * 2.0 ** (149 - _T))
+        f1 = _byte(r, P // 8 + 1).to(tl.float32, bitcast=True) * (dl * 2.0 ** (149 - _T))
         bias = dl * (-OFFSET * 2.0 ** (-_T))
-    else:
+        v = tl.join(f0 + bias, f1 + bias)
+    else:  # as the reference rounds: u - OFFSET exact, one product
         w = r >> P
-        f0 = _field(w, 0, 8, DENORMAL) * dl
-        f1 = _field(w, 8, 8, DENORMAL) * dl
-        bias = -OFFSET * dl
-    return tl.join(f0 + bias, f1 + bias)
+        v = tl.join((_field(w, 0, BITS, DENORMAL) - OFFSET) * dl, (_field(w, 8, BITS, DENORMAL) - OFFSET) * dl)
+    return v
+
+
+@triton.jit
+def _byte_fields(r, BITS: tl.constexpr, dl, OFFSET: tl.constexpr, DENORMAL: tl.constexpr):
+    """The BITS-bit fields at the start of each byte of words r [BN, U, 4], in byte order, as `_dot_weights`:
+    [BN, U, 4, 4]."""
+    v = tl.join(_dot_weights(r, 0, BITS, dl, OFFSET, DENORMAL), _dot_weights(r, 16, BITS, dl, OFFSET, DENORMAL))
+    return tl.reshape(tl.permute(v, [0, 1, 2, 4, 3]), [r.shape[0], r.shape[1], 4, 4])
 
 
 @triton.jit
@@ -514,7 +620,8 @@ def _table_units(acc, rows, off, L: tl.constexpr, n_units, e, dl, tab, x_ptr, xm
     from it on reading unit n_units - 1 (no masks, nor the zeroing and predicates they take: their scales must be 0);
     e [L]: each unit's first element; dl [BN, L]: its scale; tab: `_table` [L]; OFFSET, SMALL: the table's (see
     `_lookup`); WIDE: units 16-byte aligned (one 16-byte load per unit and row, else two 8-byte ones). [BN, L] sums
-    (BLOCK_M = 1), or [BN, BLOCK_M] products (the weights the tensor cores' left operand, see `w_left`)."""
+    (BLOCK_M = 1), or [BN, BLOCK_M] products (the weights the tensor cores' left operand, see `w_left`); or the
+    weights stored (`_STORE`, see `_take`)."""
     BN: tl.constexpr = rows.shape[0]
     if BLOCK_M == 1:
         # words g = 0..3 of each unit as 4 tensors [BN, L] (loaded together, split in registers): one FMA chain per
@@ -552,7 +659,7 @@ def _table_units(acc, rows, off, L: tl.constexpr, n_units, e, dl, tab, x_ptr, xm
         s, sx, acc = _take_bytes(s, sx, acc, r0, x_ptr, e + 12, None, dl, dl, xm, x_stride, DENORMAL, BLOCK_M, F32)
         s, sx, acc = _take_bytes(s, sx, acc, r1, x_ptr, e + 14, None, dl, dl, xm, x_stride, DENORMAL, BLOCK_M, F32)
         acc += dl * (2.0 ** _S * s - OFFSET * sx[None, :])
-    else:
+    else:  # 2..16 rows of x, or the store mode
         words = tl.arange(0, 4 * L)
         unit = words // 4
         if n_units is not None:
@@ -564,14 +671,14 @@ def _table_units(acc, rows, off, L: tl.constexpr, n_units, e, dl, tab, x_ptr, xm
         d3 = dl[:, :, None]
         # the 8 byte fields of word g as [BN, L, 4 (g), 2 (h), 2 (c % 2), 2 (c // 2)], then elements in order: one
         # dot of K = 32 L per call, x read as contiguous runs of 32
-        v = tl.join(tl.join(_dot_weights(r0, 0, d3, OFFSET, DENORMAL), _dot_weights(r0, 16, d3, OFFSET, DENORMAL)),
-                    tl.join(_dot_weights(r1, 0, d3, OFFSET, DENORMAL), _dot_weights(r1, 16, d3, OFFSET, DENORMAL)))
+        v = tl.join(
+            tl.join(_dot_weights(r0, 0, 8, d3, OFFSET, DENORMAL), _dot_weights(r0, 16, 8, d3, OFFSET, DENORMAL)),
+            tl.join(_dot_weights(r1, 0, 8, d3, OFFSET, DENORMAL), _dot_weights(r1, 16, 8, d3, OFFSET, DENORMAL)))
         v = tl.reshape(tl.permute(v, [0, 1, 3, 2, 5, 4]), [BN, L * 32])
-        xt = tl.load(x_ptr + xm[:, None, None] * x_stride + e[None, :, None] + tl.arange(0, 32)[None, None, :])
-        xt = tl.reshape(xt, [xm.shape[0], L * 32])
-        if not F32:
-            v = v.to(xt.dtype)
-        acc += dot(v, tl.trans(xt), F32)
+        mask = None
+        if BLOCK_M == _STORE and n_units is not None:  # the products read clamped units, whose scales are 0
+            mask = tl.arange(0, L) < n_units
+        acc = _runs(acc, v, x_ptr, xm, x_stride, e, 32, mask, BLOCK_M, F32, True)
     return acc
 
 
@@ -625,11 +732,20 @@ def lanes(type_name: str) -> int:
 
 
 @triton.constexpr_function
-def w_left(type_name: str) -> bool:
-    """Whether a type's weights are the tensor cores' left operand at 2+ rows of x (acc [BN, BLOCK_M]), else the
-    right (acc [BLOCK_M, BN]): Q6_K's and the table types' (bench/sass.py: fewer instructions; Hopper's wgmma then
-    takes them from registers)."""
-    return type_name in ("Q6_K", "IQ4_XS", "MXFP4")
+def w_left(type_name: str, block_m: int) -> bool:
+    """Whether a type's weights are the tensor cores' left operand at block_m (2+) rows of x (acc [BN, BLOCK_M]),
+    else the right (acc [BLOCK_M, BN]): Q6_K's and the table types', and Q8_0's up to MAX_M rows (bench/sass.py:
+    fewer instructions; Hopper's wgmma then takes them from registers)."""
+    return type_name in ("Q6_K", "IQ4_XS", "MXFP4") or type_name in ("Q8_0", "Q5_0") and block_m <= MAX_M
+
+
+@triton.constexpr_function
+def _runs_of_x(type_name: str, block_m: int) -> bool:
+    """Whether the 32-element types' loop at block_m rows of x (or in the store mode) decodes a step's weights into
+    one tile in element order, multiplied by one tl.dot with x read as contiguous runs: up to MAX_M rows
+    (bench/sass.py: Q8_0 1.24x the one-row loop per byte, where a dot per byte position takes 1.54x); GEMM tiles
+    keep a dot per byte position (in one tile the decoded weights spill)."""
+    return type_name in ("Q8_0", "Q5_0") and block_m != 1 and block_m <= MAX_M
 
 
 @triton.constexpr_function
@@ -642,13 +758,44 @@ def _table_stages(block_m: int) -> int | None:
 
 @triton.jit
 def _zero_acc(BN: tl.constexpr, TYPE: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The zero accumulator of the word decoders for BN rows of W of type TYPE and BLOCK_M rows of x."""
-    if BLOCK_M == 1:
+    """The zero accumulator of the word decoders for BN rows of W of type TYPE and BLOCK_M rows of x (the store
+    mode's is not read)."""
+    if BLOCK_M <= 1:
         acc = tl.zeros([BN, lanes(TYPE)], tl.float32)
-    elif w_left(TYPE):
+    elif w_left(TYPE, BLOCK_M):
         acc = tl.zeros([BN, BLOCK_M], tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BN], tl.float32)
+    return acc
+
+
+@triton.jit
+def walk(acc, w_ptr, row, n_rows, b0, b1, nb, x_ptr, table_ptr, xm, x_stride, TYPE: tl.constexpr,
+         BLOCK_BYTES: tl.constexpr, DENORMAL: tl.constexpr, BLOCK_M: tl.constexpr, F32: tl.constexpr):
+    """acc plus blocks [b0, b1) of the rows of W at byte offsets `row` [BN] from w_ptr (nb blocks a row; MXFP4: rows
+    of its planes per matrix of n_rows rows, `row` a multiple of nb * BLOCK_BYTES) times the rows xm of x (x_stride
+    apart): the loop every product over the word decoders runs (BLOCK_M 1, 16 or a GEMM tile; see `_zero_acc`), and
+    with BLOCK_M = `_STORE` (DENORMAL off) the dequant kernel's, storing the weights at x_ptr, rows xm."""
+    if TYPE == "Q4_K" or TYPE == "Q5_K":
+        for b in range(b0, b1):
+            acc = _k4_block(acc, w_ptr, row, b, x_ptr, xm, x_stride, BLOCK_BYTES, DENORMAL, TYPE == "Q5_K", BLOCK_M,
+                            F32)
+    elif TYPE == "IQ4_XS":
+        for b in tl.range(b0, b1, num_stages=_table_stages(BLOCK_M)):
+            acc = _iq4_xs_block(acc, w_ptr, row, b, x_ptr, table_ptr, xm, x_stride, DENORMAL, BLOCK_M, F32)
+    elif TYPE == "Q6_K":
+        for b in range(b0, b1):
+            acc = _q6_k_block(acc, w_ptr, row, b, nb, x_ptr, xm, x_stride, DENORMAL, BLOCK_M, F32)
+    elif TYPE == "MXFP4":  # the qs plane (nb * 16 bytes a row), then the scales' (nb)
+        n_nb = row // BLOCK_BYTES
+        erow = n_rows.to(tl.int64) * nb * 16 + n_nb
+        for b in tl.range(b0, b1, _BLOCKS_PER_STEP, num_stages=_table_stages(BLOCK_M)):
+            acc = _mxfp4_block(acc, w_ptr, n_nb * 16, erow, b, b1, x_ptr, table_ptr, xm, x_stride, lanes(TYPE),
+                               DENORMAL, BLOCK_M, F32)
+    else:
+        for b in range(b0, b1, _BLOCKS_PER_STEP):
+            acc = _q32_block(acc, w_ptr, row, b, b1, nb, x_ptr, xm, x_stride, TYPE, lanes(TYPE), DENORMAL, BLOCK_M,
+                             F32)
     return acc
 
 
@@ -684,29 +831,9 @@ def _qgemv_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, table_ptr, out_ptr, part_ptr, c
     xm = tl.minimum(m_first + tl.arange(0, BLOCK_M), M - 1).to(tl.int64)
     b0 = split * split_blocks
     b1 = tl.minimum(b0 + split_blocks, nb)
-    acc = _zero_acc(BLOCK_N, TYPE, BLOCK_M)
-    W_LEFT: tl.constexpr = w_left(TYPE)
-    if TYPE == "Q4_K" or TYPE == "Q5_K":
-        for b in range(b0, b1):
-            acc = _k4_block(acc, w_ptr, row, b, x_ptr, xm, x_row_stride, BLOCK_BYTES, DENORMAL,
-                            TYPE == "Q5_K", BLOCK_M, F32)
-    elif TYPE == "IQ4_XS":
-        for b in tl.range(b0, b1, num_stages=_table_stages(BLOCK_M)):
-            acc = _iq4_xs_block(acc, w_ptr, row, b, x_ptr, table_ptr, xm, x_row_stride, DENORMAL, BLOCK_M, F32)
-    elif TYPE == "Q6_K":
-        for b in range(b0, b1):
-            acc = _q6_k_block(acc, w_ptr, row, b, nb, x_ptr, xm, x_row_stride, DENORMAL, BLOCK_M, F32)
-    elif TYPE == "MXFP4":  # planes per weight: qs of its n_weight rows, then their scales
-        nn = tl.minimum(n, n_weight - 1).to(tl.int64)
-        qrow = nn * (nb * 16)
-        erow = n_weight.to(tl.int64) * (nb * 16) + nn * nb
-        for b in tl.range(b0, b1, _BLOCKS_PER_STEP, num_stages=_table_stages(BLOCK_M)):
-            acc = _mxfp4_block(acc, w_ptr, qrow, erow, b, b1, x_ptr, table_ptr, xm, x_row_stride, lanes(TYPE),
-                               DENORMAL, BLOCK_M, F32)
-    else:
-        for b in range(b0, b1, _BLOCKS_PER_STEP):
-            acc = _q32_block(acc, w_ptr, row, b, b1, nb, x_ptr, xm, x_row_stride, TYPE, lanes(TYPE), DENORMAL,
-                             BLOCK_M, F32)
+    acc = walk(_zero_acc(BLOCK_N, TYPE, BLOCK_M), w_ptr, row, n_weight, b0, b1, nb, x_ptr, table_ptr, xm,
+               x_row_stride, TYPE, BLOCK_BYTES, DENORMAL, BLOCK_M, F32)
+    W_LEFT: tl.constexpr = w_left(TYPE, BLOCK_M)
     QK: tl.constexpr = 32 if TYPE == "Q4_0" or TYPE == "Q5_0" or TYPE == "Q8_0" or TYPE == "MXFP4" else 256
     m = m_first + tl.arange(0, BLOCK_M)
     # the tile's rows of x and columns of out as index tiles that broadcast to its shape
@@ -815,16 +942,16 @@ _GEMM_SPILLS = {(32, 64): {"Q4_K"}, (64, 128): {"Q6_K", "Q8_0", "Q5_0", "IQ4_XS"
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """The configs that do not spill on sm_90 (bench/sass.py). One row of x: 256 rows of W only for Q4_K, Q5_K,
     IQ4_XS and MXFP4 (whose loops, at 16 rows of W per thread, issue the fewest instructions per byte), 32 too for
-    IQ4_XS and MXFP4. 2..16 rows of x: more than 64 rows of W only for Q4_K, Q5_K, Q6_K and Q4_0. GEMM tiles: those
-    of _GEMM_SPILLS left out."""
+    IQ4_XS and MXFP4. 2..16 rows of x: more than 16 rows of W per warp only for Q4_K, Q5_K, Q6_K and Q4_0. GEMM
+    tiles: those of _GEMM_SPILLS left out."""
     t, block_m = kwargs["TYPE"], kwargs.get("BLOCK_M")
     if block_m is None:  # GEMM tiles
         return [c for c in configs if t not in _GEMM_SPILLS.get((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]), ())]
     if block_m == 1:
         low, high = (32, 256) if t in ("IQ4_XS", "MXFP4") else (64, 256 if t in ("Q4_K", "Q5_K") else 128)
-    else:
-        low, high = 0, 256 if t in ("Q4_K", "Q5_K", "Q6_K", "Q4_0") else 64
-    return [c for c in configs if low <= c.kwargs["BLOCK_N"] <= high] or configs[:1]
+        return [c for c in configs if low <= c.kwargs["BLOCK_N"] <= high] or configs[:1]
+    per_warp = 256 if t in ("Q4_K", "Q5_K", "Q6_K", "Q4_0") else 16
+    return [c for c in configs if c.kwargs["BLOCK_N"] <= per_warp * c.num_warps] or configs[:1]
 
 
 @functools.cache
@@ -853,16 +980,38 @@ def _value_table(ggml_type: GGMLType, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(words).to(device)
 
 
-def gemv_fits(ggml_type: GGMLType, K: int, N: int | None = None) -> bool:
-    """Whether the kernel takes a weight of this type and row length: its rows (and planes) must start 4-byte
-    aligned for the word loads, which the planar types' rows do when they hold an even number of blocks. MXFP4's
-    planes per matrix align its quants whatever K; N, the rows of each matrix of a 3-D (expert) tensor, must keep
-    the matrices' starts aligned."""
+def rows_aligned(ggml_type: GGMLType, shape: Sequence[int]) -> bool:
+    """Whether a weight of this type and `shape` ((N, K), or (E, N, K) experts) keeps every row 4-byte aligned for
+    the word loads in the layout the decoders read unpadded: the file's (Q4_K, Q5_K, IQ4_XS: always), or `to_planar`'s
+    (the per-row planar types: rows of an even count of blocks; MXFP4: its matrices' starts). Such weights are relaid
+    once at load; others take a padded copy per call (`word_layout`)."""
     traits = TYPE_TRAITS[ggml_type]
-    row_bytes = K // traits.block_elements * traits.block_bytes
-    if ggml_type in MATRIX_PLANAR_TYPES:
-        return ggml_type in GEMV_TYPES and (N is None or N * row_bytes % 4 == 0)
+    row_bytes = shape[-1] // traits.block_elements * traits.block_bytes
+    if ggml_type in MATRIX_PLANAR_TYPES:  # one matrix, or matrices of whole words
+        return math.prod(shape[:-2]) <= 1 or shape[-2] * row_bytes % 4 == 0
     return ggml_type in GEMV_TYPES and row_bytes % 4 == 0
+
+
+def word_layout(raw: torch.Tensor, ggml_type: GGMLType, shape: Sequence[int], planar: bool
+                ) -> tuple[torch.Tensor, int, int]:
+    """(bytes, row stride, matrix stride) the word decoders read for the weight `raw` of `shape` ((N, K) or
+    (E, N, K); planar: relaid by `to_planar`): `RELAID_TYPES` relaid here unless given so, each row (MXFP4: matrix)
+    padded to 16 bytes where `rows_aligned` fails (a copy per call); 16-byte aligned (a fresh tensor has 256)."""
+    traits = TYPE_TRAITS[ggml_type]
+    n_rows, K = shape[-2] if len(shape) > 1 else 1, shape[-1]
+    row_bytes = K // traits.block_elements * traits.block_bytes
+    matrix_bytes = n_rows * row_bytes
+    if ggml_type in RELAID_TYPES and not (planar and rows_aligned(ggml_type, shape)):
+        if planar:
+            raw = from_planar(raw, ggml_type, shape)
+        if ggml_type in MATRIX_PLANAR_TYPES:
+            matrix_bytes = triton.cdiv(matrix_bytes, 16) * 16
+            raw = to_planar(raw, ggml_type, shape, matrix_bytes)
+        else:
+            row_bytes = triton.cdiv(row_bytes, 16) * 16
+            matrix_bytes = n_rows * row_bytes
+            raw = to_planar(raw, ggml_type, shape, row_bytes)
+    return (raw.clone() if raw.data_ptr() % 16 else raw), row_bytes, matrix_bytes
 
 
 def gemv_splits(ggml_type: GGMLType, N: int, K: int, sms: int, splits: int | None = None) -> int:
@@ -888,7 +1037,7 @@ def act_fits(M: int, N0: int, device: torch.device) -> bool:
 
 
 def qgemv(x: torch.Tensor, raws: Sequence[torch.Tensor], ggml_type: GGMLType, shapes: Sequence[tuple[int, int]],
-          out: torch.Tensor, split_blocks: int, *, denormal: bool | None = None,
+          out: torch.Tensor, split_blocks: int, *, row_bytes: int | None = None, denormal: bool | None = None,
           norm_in: tuple[torch.Tensor, float] | None = None,
           norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
           act: str | None = None) -> torch.Tensor:
@@ -896,11 +1045,10 @@ def qgemv(x: torch.Tensor, raws: Sequence[torch.Tensor], ggml_type: GGMLType, sh
     blocks (as many as nb / split_blocks: see `gemv_splits`).
 
     x: any number of rows (more than MAX_M: GEMM tiles, in one range), last dim contiguous. Weights Wi of
-    `shapes[i]` (Ni, K), of one type in GEMV_TYPES, as `raws[i]` bytes: relaid (`planar.to_planar`) for
-    `planar.RELAID_TYPES` (MXFP4: its planes per matrix; qgemv makes no copy), else the file's layout; 16-byte
-    aligned. out: [M, sum Ni], any float dtype. denormal: the field decoding (default: the backend's, see the module
-    docstring). Arguments are checked by `qmatmul`, the public entry point. Split launches count their arrivals in
-    `arrival_counters`. Fused variants (rmsnorm.PendingNorm):
+    `shapes[i]` (Ni, K), of one type in GEMV_TYPES, as `raws[i]` bytes in `word_layout`'s layout, rows row_bytes
+    apart (default: unpadded); qgemv makes no copy. out: [M, sum Ni], any float dtype. denormal: the field decoding
+    (default: the backend's, see the module docstring). Arguments are checked by `qmatmul`, the public entry
+    point. Split launches count their arrivals in `arrival_counters`. Fused variants (rmsnorm.PendingNorm):
     - norm_in (sumsq, eps): x is a PendingNorm's y, sumsq its chunk sums; out's rows are scaled by its rstd.
     - norm_out (residual, norm_w, h, sumsq), one weight: h = x @ W0^T rounded to out's dtype, + residual (both
       [M, N0], out's dtype) is stored in h, and out [M, N0] with sumsq [M, cdiv(N0, RMS_CHUNK)] float32 are the
@@ -935,7 +1083,7 @@ def qgemv(x: torch.Tensor, raws: Sequence[torch.Tensor], ggml_type: GGMLType, sh
                                       triton.cdiv(M, meta["BLOCK_M"]))](
         x, *ws, _value_table(ggml_type, x.device), out, part, arrival_counters(x.device), residual, norm_w, h, sumsq,
         norm_in[1] if norm_in else 0.0, M, min(triton.next_power_of_2(M), _M_BUCKET_CAP), *ns, nb, x.stride(0),
-        nb * traits.block_bytes, split_blocks,
+        row_bytes or nb * traits.block_bytes, split_blocks,
         SPLIT=splits > 1, TYPE=ggml_type.name, BLOCK_BYTES=traits.block_bytes,
         DENORMAL=be != "hip" and (M == 1 or x.dtype != torch.float16) if denormal is None else denormal,
         F32=f32_dot(x), NORM_IN=norm_in is not None, NORM_OUT=norm_out is not None, ACT=act or "", **tile,

@@ -3,19 +3,20 @@
     out[m, n] = sum_k x[m, k] * W[n, k],   W[n, k] = element k % QK of block k // QK of row n
 
 x: [M, K] float32, float16 or bfloat16 (last dim contiguous). W: (N, K) as `raw` uint8 bytes, rows of K / QK
-whole blocks of BLOCK_BYTES bytes (row n starts at byte n * K / QK * BLOCK_BYTES), decoded by
-`blocks.decode_block`, the decoder the dequant kernel uses too (block layouts are documented there). Sums are
-float32; out is [M, N] in x's dtype, or in `out_dtype` (float32 logits from bfloat16 activations).
+whole blocks of BLOCK_BYTES bytes (row n starts at byte n * K / QK * BLOCK_BYTES). Each type is decoded by one
+decoder on every path, the dequant kernel's too: the types of `qgemv.GEMV_TYPES` by qgemv's word decoders, the others
+by the element decoders of blocks.py (block layouts are documented there and in qgemv.py). Sums are float32; out is
+[M, N] in x's dtype, or in `out_dtype` (float32 logits from bfloat16 activations).
 
-Five paths, picked by `_choose_path` from per-backend thresholds (or forced with `path=`):
+Paths, picked by `_choose_path` from per-backend thresholds (or forced with `path=`):
 - "gemv" (M <= 16, the types of `qgemv.GEMV_TYPES`): the decode step's product, a kernel of its own (qgemv.py)
   that decodes 32-bit words of whole blocks and streams the weight at the bandwidth limit, one FMA per weight for
   one row of x, tensor cores for 2..16; K is split into ranges when N alone makes too few programs, their partial
   sums added in range order by the last program of each row tile to finish (one launch).
-- "skinny" (small M: decode, small batches, speculative verification). A program owns BLOCK_N rows of W over
-  the whole K range and all M rows of x (padded to 16 rows for tl.dot; M = 1 multiplies and sums in float32
-  instead, a GEMV, as no tensor-core tile is that thin), so each weight byte is read and decoded once per call
-  whatever M is: the path is bound by reading W.
+- "skinny" (small M, the other types: decode, small batches, speculative verification). A program owns BLOCK_N rows
+  of W over the whole K range and all M rows of x (padded to 16 rows for tl.dot; M = 1 multiplies and sums in
+  float32 instead, a GEMV, as no tensor-core tile is that thin), so each weight byte is read and decoded once per
+  call whatever M is: the path is bound by reading W.
 - "splitk": the skinny path with K cut into ranges, one program per (rows, range), when N alone makes too few
   programs to fill the GPU. Each range writes float32 partial sums; a second kernel adds them in range order
   (deterministic, no atomics).
@@ -29,10 +30,8 @@ Five paths, picked by `_choose_path` from per-backend thresholds (or forced with
 "skinny", "splitk" and the other types' "gemm" are one kernel, `_qmatmul_kernel`, with different tiles and grids.
 
 Weights of the types in `planar.RELAID_TYPES` may come relaid (`planar=True`, `planar.to_planar`), the layout
-qgemv's word decoders read with 16-byte loads (given the file's layout, the word paths relay a copy per call); the
-element decoders read either layout of `planar.PLANAR_TYPES`, and MXFP4's file layout, taken back per call
-(`from_planar`) from its planes per matrix on the paths that use them (the dequant path: M >= 1024 rows, where one
-copy of W costs little beside the product).
+qgemv's word decoders read with 16-byte loads; given the file's layout, or relaid rows that would not start 4-byte
+aligned, the word paths take a copy per call (`qgemv.word_layout`).
 
 Fused into the products on qgemv's word decoders (where `fusable` says so; the callers fall back to separate
 launches elsewhere): the RMSNorm between two matmuls (`qmatmul_add_norm` adds the residual and leaves a
@@ -53,10 +52,10 @@ from ..gguf.quants import check_size
 from ..gguf.quants import dequantize as _gguf_dequantize
 from ..gguf.types import TYPE_TRAITS, GGMLType
 from ._common import FLOAT_DTYPES, backend, check_float, check_last_dim_contiguous, dot, f32_dot, sm_count
-from .blocks import decode_block, decode_planar, decode_table_tensor
+from .blocks import decode_block, decode_table_tensor
 from .dequant import dequantize
-from .planar import MATRIX_PLANAR_TYPES, RELAID_TYPES, check_relaid, from_planar, to_planar
-from .qgemv import GEMV_TYPES, MAX_M, act_fits, gemv_fits, gemv_splits, qgemv
+from .planar import check_relaid, from_planar
+from .qgemv import GEMV_TYPES, MAX_M, act_fits, gemv_splits, qgemv, word_layout
 from .rmsnorm import RMS_CHUNK, PendingNorm
 
 PATHS = ("gemv", "skinny", "splitk", "gemm", "dequant")
@@ -99,7 +98,7 @@ _GROUP_M = 8
 def _qmatmul_kernel(
     x_ptr, raw_ptr, table_ptr, out_ptr, M, N, K, m_bucket, x_row_stride, w_row_stride, out_row_stride,
     out_split_stride, split_len,
-    TYPE: tl.constexpr, QK: tl.constexpr, BLOCK_BYTES: tl.constexpr, F32: tl.constexpr, PLANAR: tl.constexpr,
+    TYPE: tl.constexpr, QK: tl.constexpr, BLOCK_BYTES: tl.constexpr, F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[split] tile (pid_m, pid_n) = sum of x[m, k] W[n, k] over k in [split * split_len, + split_len).
@@ -129,11 +128,7 @@ def _qmatmul_kernel(
         x = tl.load(x_row_ptr[:, None] + k[None, :], mask=m_in[:, None] & k_in[None, :], other=0.0)
         kc = tl.minimum(k, K - 1)
         # [BLOCK_N, BLOCK_K], K fastest: neighbouring threads read neighbouring bytes of a row.
-        if PLANAR:
-            w = decode_planar(w_row_ptr[:, None], (kc // QK)[None, :], (kc % QK)[None, :], K // QK, TYPE)
-        else:
-            w = decode_block(w_row_ptr[:, None] + (kc // QK * BLOCK_BYTES)[None, :], (kc % QK)[None, :],
-                             table_ptr, TYPE)
+        w = decode_block(w_row_ptr[:, None] + (kc // QK * BLOCK_BYTES)[None, :], (kc % QK)[None, :], table_ptr, TYPE)
         w = tl.where(k_in[None, :], w, 0.0)  # a clamped column may decode to inf, and 0 * inf is NaN
         if BLOCK_M == 1:
             acc += tl.sum(w * x.to(tl.float32), axis=1)[None, :]
@@ -174,16 +169,25 @@ def _tuned(be: str, gemm: bool):
                            cache_results=True)(_qmatmul_kernel)
 
 
+def path_takes(path: str, ggml_type: int, M: int) -> bool:
+    """Whether `path` multiplies a weight of this type by M rows of x: "gemv" the types of qgemv.GEMV_TYPES, up to
+    MAX_M rows; "skinny" and "splitk" the others (the element decoders'); "gemm" and "dequant" every type."""
+    words = ggml_type in GEMV_TYPES
+    if path == "gemv":
+        return words and M <= MAX_M
+    return not words if path in ("skinny", "splitk") else True
+
+
 def _choose_path(ggml_type: GGMLType, M: int, N: int, K: int, device: torch.device) -> str:
     """The path for an [M, K] x (N, K) product on `device`: the one place that reads the dispatch thresholds."""
     th = _DISPATCH[backend(device)]
     dequant_min_m = th["float_dequant_min_m"] if ggml_type in _FLOAT_TYPES else th["dequant_min_m"]
-    if M <= th["skinny_max_m"] and gemv_fits(ggml_type, K):
-        return "gemv"
     if M >= dequant_min_m:
         return "dequant"
     if M > th["skinny_max_m"]:
         return "gemm"
+    if ggml_type in GEMV_TYPES:
+        return "gemv"
     return "splitk" if N <= th["split_max_n"] and _split_count(N, K, device) > 1 else "skinny"
 
 
@@ -231,10 +235,12 @@ def qmatmul(
     if split_k is not None and (path not in ("splitk", "gemv") or split_k < 1):
         raise ValueError(f"split_k must be >= 1 and only goes with path='splitk' or 'gemv', got {split_k} with "
                          f"{path!r}")
-    if path == "gemv" and (M > MAX_M or not gemv_fits(t, K)):
-        raise ValueError(f"{t.name}: path 'gemv' takes up to {MAX_M} rows of x and a weight of "
-                         f"{', '.join(g.name for g in sorted(GEMV_TYPES))} whose rows are a multiple of 4 bytes, "
-                         f"got {M} rows of {K}")
+    if not path_takes(path, t, M):
+        if path == "gemv":
+            raise ValueError(f"{t.name}: path 'gemv' takes up to {MAX_M} rows of x and a weight of "
+                             f"{', '.join(g.name for g in sorted(GEMV_TYPES))}, got {M} rows of {K}")
+        raise ValueError(f"{t.name} is decoded by qgemv's word decoders: paths 'gemv', 'gemm' and 'dequant', not "
+                         f"{path!r}")
     out_dtype = out_dtype or x.dtype
     if out_dtype not in FLOAT_DTYPES:
         raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
@@ -243,10 +249,8 @@ def qmatmul(
         return out
     if K == 0:
         return out.zero_()
-    if _word_path(t, path, K):
+    if _word_path(t, path):
         return _gemv(x, [raw], t, [(N, K)], out, planar, split_k, norm_in=norm_in)
-    if planar and t in MATRIX_PLANAR_TYPES:  # the element decoders read rows of the file's layout
-        raw, planar = from_planar(raw, t, shape), False
     if norm_in is not None:
         raise ValueError(f"{t.name}: path {path!r} takes no PendingNorm (see `fusable`)")
     if path == "dequant":
@@ -268,7 +272,7 @@ def qmatmul(
         x, raw, raw if table is None else table, part,
         M, N, K, min(triton.next_power_of_2(M), _M_BUCKET_CAP),
         x.stride(0), K // traits.block_elements * traits.block_bytes, N, M * N, split_len,
-        TYPE=t.name, QK=traits.block_elements, BLOCK_BYTES=traits.block_bytes, F32=f32_dot(x), PLANAR=planar,
+        TYPE=t.name, QK=traits.block_elements, BLOCK_BYTES=traits.block_bytes, F32=f32_dot(x),
         GROUP_M=_GROUP_M,
         # tl.dot takes at least 16 rows: 2..16 rows pad to 16; a single row takes the GEMV branch.
         **({} if gemm else {"BLOCK_M": 1 if M == 1 else 16}),
@@ -300,7 +304,7 @@ def qmatmul_many(
     ns = [shape[0] for shape in shapes]
     if planar:
         check_relaid(t)
-    if M == 0 or K == 0 or not _word_path(t, _choose_path(t, M, sum(ns), K, xt.device), K):
+    if M == 0 or K == 0 or not _word_path(t, _choose_path(t, M, sum(ns), K, xt.device)):
         return [qmatmul(x, raw, t, shape, out_dtype=out_dtype, planar=planar) for raw, shape in zip(raws, shapes)]
     out = torch.empty((M, sum(ns)), dtype=out_dtype or xt.dtype, device=xt.device)
     return list(_gemv(xt, raws, t, [(n, K) for n in ns], out, planar, None, norm_in=norm_in).split(ns, dim=1))
@@ -310,7 +314,7 @@ def fusable(ggml_type: int, M: int, N: int, K: int, device: torch.device, *, act
     """Whether an [M, K] x (N, K) product of this type runs on qgemv's word decoders, which take a PendingNorm as x
     and fuse `qmatmul_add_norm`'s epilogue, and with act, `qmatmul_act`'s (N: gate's and up's columns together)."""
     t = GGMLType(ggml_type)
-    if M == 0 or K == 0 or not _word_path(t, _choose_path(t, M, N, K, device), K):
+    if M == 0 or K == 0 or not _word_path(t, _choose_path(t, M, N, K, device)):
         return False
     return not act or act_fits(M, N // 2, device)
 
@@ -374,22 +378,20 @@ def _norm_in(x: torch.Tensor | PendingNorm) -> tuple[torch.Tensor, tuple | None]
     return y, (sumsq, x.eps)
 
 
-def _word_path(t: GGMLType, path: str, K: int) -> bool:
-    """Whether `path` runs on qgemv's word decoders: "gemv", and "gemm" for the weights qgemv takes."""
-    return path == "gemv" or path == "gemm" and gemv_fits(t, K)
+def _word_path(t: GGMLType, path: str) -> bool:
+    """Whether `path` runs on qgemv's word decoders: "gemv", and "gemm" for their types."""
+    return path == "gemv" or path == "gemm" and t in GEMV_TYPES
 
 
 def _gemv(x: torch.Tensor, raws: Sequence[torch.Tensor], t: GGMLType, shapes: list[tuple[int, int]],
           out: torch.Tensor, planar: bool, split_k: int | None, **fused) -> torch.Tensor:
     """The "gemv" path (or qgemv's GEMM tiles, for more than MAX_M rows) for one to three weights, into out; fused:
     qgemv's norm_in, norm_out, act."""
-    if t in RELAID_TYPES and not planar:
-        raws = [to_planar(raw, t, shape) for raw, shape in zip(raws, shapes)]
-    # the word loads need at least 4-byte alignment; a fresh tensor has 256
-    raws = [raw.clone() if raw.data_ptr() % 16 else raw for raw in raws]
+    layouts = [word_layout(raw, t, shape, planar) for raw, shape in zip(raws, shapes)]
     M = x.shape[0]
     N, K = sum(s[0] for s in shapes), shapes[0][1]
-    return qgemv(x, raws, t, shapes, out, gemv_splits(t, N, K, sm_count(x.device), 1 if M > MAX_M else split_k),
+    return qgemv(x, [raw for raw, _, _ in layouts], t, shapes, out,
+                 gemv_splits(t, N, K, sm_count(x.device), 1 if M > MAX_M else split_k), row_bytes=layouts[0][1],
                  **fused)
 
 

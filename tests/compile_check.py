@@ -5,16 +5,18 @@
 Triton compiles in-process down to the target's binary (PTX and a cubin through the ptxas it ships, for
 CUDA); only loading and launching need the device. Here a driver that names the target and has no device
 stands in for the real one: every launch stops once its kernel is compiled, the autotuner compiles every
-config instead of timing it, and the launchers run as on a GPU of that backend (its config tables and
-dispatch, tensor-core `dot`). Each kernel's shared memory is held against the target's per-block limit.
-The launchers get CPU tensors, so nothing is computed: this shows that the code compiles for the target,
-not that it computes the right thing (the interpreter tests and the GPU runs do that).
+config instead of timing it (--quick: at each launch the largest tile, and every config once per autotuned
+kernel), and the launchers run as on a GPU of that backend (its config tables and dispatch, tensor-core
+`dot`). Each kernel's shared memory is held against the target's per-block limit. The launchers get CPU
+tensors, so nothing is computed: this shows that the code compiles for the target, not that it computes the
+right thing (the interpreter tests and the GPU runs do that).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 import time
@@ -73,7 +75,7 @@ class Compiler:
     """Installs the compile-only launches and keeps what they compiled: per kernel, the variants and the
     most shared memory one of them takes."""
 
-    def __init__(self, target: GPUTarget):
+    def __init__(self, target: GPUTarget, every_config: bool = True):
         self.target = target
         self.variants: dict[str, set] = defaultdict(set)
         self.shared: dict[str, int] = defaultdict(int)
@@ -90,11 +92,23 @@ class Compiler:
             compiler.latest.append((name, kernel.metadata.shared))
             return kernel
 
+        chosen: set = set()  # (autotuner, config) to compile at the current launch
+        compiled: set = set()  # (autotuner, config) compiled at some launch
+
         def compile_config(tuner, *args, config, **meta):
+            if (id(tuner), config) not in chosen:
+                return [2.0, 2.0, 2.0]  # not compiled, and slower than those that are: never launched
             tuner.fn.run(*args, **(meta | config.all_kwargs() | {"warmup": True}))
-            return [1.0, 1.0, 1.0]  # every config "as fast": the autotuner then launches the first
+            compiled.add((id(tuner), config))
+            return [1.0, 1.0, 1.0]  # every compiled config "as fast": the autotuner then launches the first
 
         def bench_without_disk_cache(tuner, tuning_key, configs, bench_fn):
+            # Every config of the launch, or (quick) the largest tile (the most shared memory) and each config
+            # this autotuner has not compiled at another launch; the launch then takes one of those.
+            picked = configs if every_config else [max(configs, key=tile)] + [
+                c for c in configs if (id(tuner), c) not in compiled]
+            chosen.clear()
+            chosen.update((id(tuner), c) for c in picked)
             bench_fn()  # the stand-in timings must never reach the on-disk tuning cache a real GPU reads
             return False
 
@@ -112,16 +126,20 @@ class Compiler:
                 module.f32_dot = lambda t: t.dtype == torch.float32
 
 
+def tile(config) -> int:
+    """A config's tile elements times its pipeline stages: what its shared memory grows with."""
+    return math.prod(v for k, v in config.kwargs.items() if k.startswith("BLOCK_")) * config.num_stages
+
+
 def raw_weight(ggml_type: GGMLType, n: int, k: int) -> torch.Tensor:
     traits = TYPE_TRAITS[ggml_type]
     return torch.zeros(n * k // traits.block_elements * traits.block_bytes, dtype=torch.uint8)
 
 
-def launches(quick: bool, dtypes: list[torch.dtype] | None = None):
+def launches(quick: bool, dtypes: list[torch.dtype] | None = None, plain_attention: bool = False):
     """(description, call) for every variant: each GGUF type, float dtype, matmul path and attention shape.
-    quick: bfloat16 (unless `dtypes` says otherwise), a few types, and the element decoders' skinny and split-K
-    paths only for the types that the word decoders do not take, and for Q4_K (the others' decoders compile in the
-    dequant kernel)."""
+    quick: bfloat16 (unless `dtypes` says otherwise) and a few types. plain_attention: attention without window, cap
+    or sinks, in one split (those take the same shared memory)."""
     dtypes = dtypes or ([torch.bfloat16] if quick else [torch.float32, torch.float16, torch.bfloat16])
     types = QUICK_TYPES if quick else tuple(DEQUANTIZERS)
     for t in DEQUANTIZERS:
@@ -131,21 +149,21 @@ def launches(quick: bool, dtypes: list[torch.dtype] | None = None):
                 raw_weight(t, 4, k), t, (4, k), d)
     for t in types:
         k = max(256, TYPE_TRAITS[t].block_elements)
-        # "gemm" of a type the word decoders take runs their GEMM tiles; "skinny" and "splitk" the element decoders
-        element_paths = not quick or t == GGMLType.Q4_K or not qgemv.gemv_fits(t, 4 * k)
-        paths = [(1, "skinny"), (16, "skinny"), (1, "splitk"), (64, "gemm")] if element_paths else [(64, "gemm")]
+        # "gemm" of a type the word decoders take runs their GEMM tiles; "skinny" and "splitk": the other types
+        words = t in qgemv.GEMV_TYPES
+        paths = [(64, "gemm")] if words else [(1, "skinny"), (16, "skinny"), (1, "splitk"), (64, "gemm")]
         for dtype in dtypes:
             for m, path in paths:
                 yield f"qmatmul {t.name} {dtype} M={m} {path}", lambda t=t, k=k, d=dtype, m=m, p=path: \
                     qmatmul.qmatmul(torch.zeros(m, 4 * k, dtype=d), raw_weight(t, 64, 4 * k), t, (64, 4 * k), path=p)
             planar = t in PLANAR_TYPES
             # one row of x in one K range, 16 rows in two (the ranges' partial sums added by the last to arrive)
-            for m, splits in [(1, 1), (16, 2)] if qgemv.gemv_fits(t, 4 * k) else ():
+            for m, splits in [(1, 1), (16, 2)] if words else ():
                 yield f"qmatmul {t.name} {dtype} M={m} gemv splits={splits}", \
                     lambda t=t, k=k, d=dtype, m=m, p=planar, s=splits: qmatmul.qmatmul(
                         torch.zeros(m, 4 * k, dtype=d), raw_weight(t, 64, 4 * k), t, (64, 4 * k), path="gemv",
                         planar=p, split_k=s)
-            if qgemv.gemv_fits(t, 4 * k):
+            if words:
                 # the fused epilogues: residual add and norm sums (one row), act(gate) * up of a PendingNorm's rows
                 # (16 rows, K split: the last of both tiles' ranges combines)
                 yield f"qmatmul_add_norm {t.name} {dtype} M=1", lambda t=t, k=k, d=dtype, p=planar: \
@@ -156,15 +174,13 @@ def launches(quick: bool, dtypes: list[torch.dtype] | None = None):
                         16, 4 * k // rmsnorm.RMS_CHUNK), 1e-6), [raw_weight(t, 64, 4 * k)] * 2, t, (64, 4 * k),
                         "silu", planar=p)
             if planar:
-                yield f"qmatmul {t.name} {dtype} M=16 skinny planar", lambda t=t, k=k, d=dtype: qmatmul.qmatmul(
-                    torch.zeros(16, 4 * k, dtype=d), raw_weight(t, 64, 4 * k), t, (64, 4 * k), path="skinny",
-                    planar=True)
                 yield f"dequantize {t.name} {dtype} planar", lambda t=t, k=k, d=dtype: dequant.dequantize(
                     raw_weight(t, 4, k), t, (4, k), d, planar=True)
     page = 16
     for head_dim in (64, 128, 256) if quick else (64, 80, 96, 128, 256):
         for dtype in dtypes:
-            for window, cap, sink in [(None, None, False), (512, 50.0, False), (128, None, True)]:
+            flag_sets = [(None, None, False), (512, 50.0, False), (128, None, True)]
+            for window, cap, sink in flag_sets[:1] if plain_attention else flag_sets:
                 for group in (1, 4) if not quick or head_dim == 128 else (4,):
                     args = attention_args(head_dim, group, dtype, page)
                     sinks = torch.zeros(args["q"].shape[1], dtype=torch.float32) if sink else None
@@ -173,7 +189,7 @@ def launches(quick: bool, dtypes: list[torch.dtype] | None = None):
                            lambda a=args, w=window, c=cap, sk=sinks: flash_attention.flash_attention(
                                a["q"], a["k"], a["v"], a["tables"], a["cu"], a["lens"], scale=0.1,
                                sliding_window=w, soft_cap=c, max_seqlen_q=64, sinks=sk))
-                    for splits in (1, 4):
+                    for splits in (1,) if plain_attention else (1, 4):
                         yield (f"paged_decode d={head_dim} {dtype} group={group} window={window} cap={cap} "
                                f"sinks={sink} splits={splits}",
                                lambda a=args, w=window, c=cap, s=splits, sk=sinks: paged_decode.paged_decode(
@@ -231,18 +247,21 @@ def parse_target(text: str) -> GPUTarget:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="cuda:90", help="cuda:<sm> or hip:<gfx arch>, e.g. cuda:80, hip:gfx942")
-    parser.add_argument("--quick", action="store_true", help="bfloat16 and a few GGUF types only")
+    parser.add_argument("--quick", action="store_true", help="bfloat16, a few GGUF types, and at each autotuned "
+                        "launch the largest tile and the configs not compiled yet")
     parser.add_argument("--dtypes", default="", help="comma-separated float dtypes, e.g. float32,bfloat16")
+    parser.add_argument("--plain-attention", action="store_true", help="attention without window, cap or sinks, "
+                        "in one split: the same shared memory as with them")
     parser.add_argument("--only", default="", help="comma-separated launchers to compile, e.g. qmatmul,rope")
     args = parser.parse_args(argv)
     target = parse_target(args.target)
-    compiler = Compiler(target)
+    compiler = Compiler(target, every_config=not args.quick)
     limit = SHARED_LIMIT.get((target.backend, target.arch))
     failures = []
     start = time.perf_counter()
     only = tuple(args.only.split(",")) if args.only else ("",)
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")] if args.dtypes else None
-    for description, call in launches(args.quick, dtypes):
+    for description, call in launches(args.quick, dtypes, args.plain_attention):
         if not description.split()[0].startswith(only):
             continue
         compiler.latest.clear()

@@ -29,6 +29,21 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
+# The files that take longest, longest first; the rest follow in collection order. Each worker takes the next
+# file when it runs short (`--dist loadfile --no-loadscope-reorder`, pyproject.toml): a long file started last
+# would leave one worker running it alone at the end.
+LONGEST_FIRST = ("test_compile.py", "test_quant_bench.py", "test_gpu_check.py", "test_ray_batch.py",
+                 "test_model_llamacpp.py", "test_sass.py", "test_gguf_fuzz.py", "test_spec_decode.py",
+                 "test_model_architectures.py", "test_moe_kernel.py", "test_gpt_oss.py", "test_qgemv.py",
+                 "test_engine.py", "test_generation.py", "test_server.py", "test_launch_count.py",
+                 "test_device_path.py", "test_attention.py", "test_dequant_kernel.py", "test_qmatmul.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests stay in order
+
+
 def pytest_xdist_auto_num_workers(config) -> int:
     """One worker per core on CPU (the interpreter is single-threaded); one in all with a GPU, which every
     test would share."""

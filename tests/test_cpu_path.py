@@ -74,6 +74,25 @@ def test_split_product_is_exact_in_the_quants(ggml_type):
     assert (err <= 2**-8 * ref.abs() + 1e-6 * ref.abs().max()).all()
 
 
+@pytest.mark.parametrize("ggml_type, n, rows", [(GGMLType.Q8_0, 17000, 1), (GGMLType.Q8_0, 17000, 20),
+                                                (GGMLType.Q4_K, 20480, 3), (GGMLType.Q6_K, 48, 2)])
+def test_top_sums_are_exact(ggml_type, n, rows):
+    """`matmul_top_exact`: TOP_EXACT sums of each row, the largest among them, are the float64 x @ W^T to float32
+    rounding, the rest within the product's bfloat16 tolerance. More blocks than TOP_EXACT, N a whole number of
+    them (20480) or not (17000), and fewer columns than TOP_EXACT (48); the packed (rows < DENSE_ROWS) and dense
+    paths."""
+    k = 256
+    w = QuantWeight("w", weight(ggml_type, n, k, CPU, seed=3), ggml_type, (n, k))
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(9))
+    ref = x.double() @ dequantize_ref(w.raw, ggml_type, w.shape).double().t()
+    out = CpuWeight([w]).matmul_top_exact(x)
+    assert out.dtype == torch.float32 and out.shape == (rows, n)
+    exact = (out.double() - ref).abs() <= 1e-5 * ref.abs() + 1e-7 * ref.abs().max(-1, keepdim=True).values
+    assert (exact.sum(-1) >= min(cpu_weights.TOP_EXACT, n)).all()
+    assert exact.gather(1, ref.argmax(-1, keepdim=True)).all() and torch.equal(out.argmax(-1), ref.argmax(-1))
+    assert rel(out, ref) <= 1e-2
+
+
 def test_cpu_weight_rejects_parts_of_different_k():
     parts = [QuantWeight(f"w{k}", weight(GGMLType.Q8_0, 32, k, CPU), GGMLType.Q8_0, (32, k)) for k in (64, 96)]
     with pytest.raises(ValueError, match="one K.*w64.*w96"):

@@ -19,7 +19,7 @@ from ggtriton.runtime.llm import LLM
 from ggtriton.runtime.synthetic import SyntheticModel, write_synthetic_model
 
 LAYERS = 2
-LLAMA = {"_dequant_kernel": 1, "_rmsnorm_kernel": 2, "_qgemv_kernel": 4 * LAYERS + 1,
+LLAMA = {"_dequant_words_kernel": 1, "_rmsnorm_kernel": 2, "_qgemv_kernel": 4 * LAYERS + 1,
          "_rope_kv_store_kernel": LAYERS, "_paged_decode_kernel": LAYERS}
 # (model, sequences decoded at once, launches by kernel)
 CASES = {
@@ -31,7 +31,7 @@ CASES = {
     # post-norms keep the separate norms (4 per layer); the activation is still fused
     "gemma2-q8_0": (SyntheticModel("gemma2", n_layers=LAYERS, sliding_window=8, ffn=128,
                                    weight_type=GGMLType.Q8_0), 1,
-                    {"_dequant_kernel": 1, "_rmsnorm_kernel": 4 * LAYERS + 1, "_qgemv_kernel": 4 * LAYERS + 1,
+                    {"_dequant_words_kernel": 1, "_rmsnorm_kernel": 4 * LAYERS + 1, "_qgemv_kernel": 4 * LAYERS + 1,
                      "_rope_kv_store_kernel": LAYERS, "_paged_decode_kernel": LAYERS}),
 }
 

@@ -37,7 +37,8 @@ def agreement(logits: torch.Tensor, top_ids: np.ndarray, top_logprobs: np.ndarra
     return torch.cat(top1).numpy(), torch.cat(kl).numpy()
 
 
-@pytest.mark.parametrize("model, backend", [("smollm2", None), ("gemma3", None), ("smollm2", "cpu")])
+@pytest.mark.parametrize("model, backend", [("smollm2", None), ("gemma3", None), ("smollm2", "cpu"),
+                                          ("gemma3", "cpu")])
 def test_logits_agree_with_llamacpp(model, backend, request, device):
     """backend None: the default (on CPU the exact float32 reference ops); "cpu": the fast CPU path (packed int4
     and bfloat16 weights, runtime/models/cpu_weights.py, on the CPU whatever the device), which must hold the same

@@ -120,7 +120,8 @@ def test_only_chosen_experts_are_read(device) -> None:
 
 
 def test_planar_experts(device) -> None:
-    # Q6_K and Q8_0 experts given in the planar layout (relaid once, as a model loads them) or as the file has them
+    # Q6_K and Q8_0 experts given in the planar layout (relaid once, as a model loads them) or as the file has them;
+    # Q6_K's rows of one block (210 bytes) relaid per call with rows padded to whole words
     n_expert, hidden, n_ff = 4, 64, 256
     gate, up, down = experts((Q.Q8_0, Q.Q6_K), n_expert, hidden, n_ff, device, seed=9)
     x = torch.randn(2, hidden, generator=torch.Generator().manual_seed(9)).to(device)
@@ -155,8 +156,9 @@ def test_mxfp4_experts_in_planes_per_expert(block_m: int, dtype: torch.dtype, de
 
 
 def test_mxfp4_experts_off_word_boundaries(device) -> None:
-    # 37 rows of 2 blocks: an expert's 1258 bytes leave the next one 2-byte aligned, which the word loads cannot take:
-    # the element decoders read them, the planes per expert put back as the file's layout first
+    # 37 rows of 2 blocks: an expert's 1258 bytes would leave the next one's planes 2-byte aligned, which the word
+    # loads cannot take: each call relays them at a stride of whole 16 bytes per expert (from the file's layout, or
+    # the planes per expert put back first)
     n_expert, hidden, n_ff, tokens = 3, 64, 37, 4
     gate, up, down = experts((Q.MXFP4, Q.F16), n_expert, hidden, n_ff, device, seed=12)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(3)).to(device)

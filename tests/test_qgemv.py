@@ -11,10 +11,9 @@ import torch
 from ggtriton.gguf import TYPE_TRAITS, GGMLType
 from ggtriton.gguf.quants import dequantize as dequantize_reference
 from ggtriton.kernels import dequantize, gelu_mul, qmatmul, qmatmul_many, rmsnorm, silu_mul
-from ggtriton.kernels.planar import (MATRIX_PLANAR_TYPES, PLANAR_TYPES, RELAID_TYPES, check_planar, from_planar,
-                                     matrix_rows, to_planar)
+from ggtriton.kernels.planar import MATRIX_PLANAR_TYPES, PLANAR_TYPES, RELAID_TYPES, from_planar, matrix_rows, to_planar
 from ggtriton.kernels._common import arrival_counters
-from ggtriton.kernels.qgemv import _STEP, GEMV_TYPES, gemv_fits, gemv_splits, qgemv
+from ggtriton.kernels.qgemv import _STEP, GEMV_TYPES, gemv_splits, qgemv, rows_aligned, word_layout
 from ggtriton.kernels.qmatmul import fusable, qmatmul_act, qmatmul_add_norm
 from ggtriton.kernels.rmsnorm import RMS_CHUNK, PendingNorm, pending_norm_ref
 from ggtriton.runtime.models.ops import Ops
@@ -32,7 +31,7 @@ def blocks_k(ggml_type: GGMLType, blocks: int) -> int:
 
 
 def layout(raw: torch.Tensor, ggml_type: GGMLType, shape: tuple[int, int]) -> torch.Tensor:
-    """The bytes the GEMV reads: relaid for the types it reads so, else the file's."""
+    """The bytes a model keeps for a weight: relaid for the types the GEMV reads so, else the file's."""
     return to_planar(raw, ggml_type, shape) if ggml_type in RELAID_TYPES else raw
 
 
@@ -43,16 +42,18 @@ def gemv_error(ggml_type: GGMLType, n: int, k: int, x: torch.Tensor, splits: int
     raw = weight(ggml_type, n, k, device, seed=n + k)
     blocks = gemv_splits(ggml_type, n, k, 1, splits)
     out = torch.full((x.shape[0], n), torch.nan, device=device)
-    args = (x, [layout(raw, ggml_type, (n, k))], ggml_type, [(n, k)])
-    qgemv(*args, out, blocks, denormal=denormal)
-    assert torch.equal(qgemv(*args, torch.empty_like(out), blocks, denormal=denormal), out)
+    words, row_bytes, _ = word_layout(raw, ggml_type, (n, k), False)
+    args = (x, [words], ggml_type, [(n, k)])
+    qgemv(*args, out, blocks, row_bytes=row_bytes, denormal=denormal)
+    assert torch.equal(qgemv(*args, torch.empty_like(out), blocks, row_bytes=row_bytes, denormal=denormal), out)
     assert not arrival_counters(x.device).any()
     ref = x.double().cpu() @ dequantize_reference(raw, ggml_type, (n, k)).double().t()
     return ((out.double().cpu() - ref).norm() / ref.norm()).item()
 
 
 # Rows of W: one, fewer than a row tile, not a multiple of it. Blocks: one, a K range crossing the 32-element types'
-# steps of 8 blocks (and ending inside one), several K ranges of uneven length. Rows of x: one (the FMA loop), an
+# steps of 8 blocks (and ending inside one), several K ranges of uneven length; odd counts, whose rows the planar
+# types pad to keep aligned. Rows of x: one (the FMA loop), an
 # odd count and a full tensor-core tile. Both ways of decoding fields. The 256-element types' loops step one block
 # at a time, so fewer of their (8x larger) blocks cross the same edges: BLOCKS_256.
 BLOCKS_256 = {11: 3, 10: 7}
@@ -68,9 +69,6 @@ def test_gemv_tile_edges(ggml_type: GGMLType, n: int, blocks: int, splits: int, 
     if TYPE_TRAITS[ggml_type].block_elements == 256:
         blocks = BLOCKS_256.get(blocks, blocks)
     k = blocks_k(ggml_type, blocks)
-    if not gemv_fits(ggml_type, k):
-        blocks += 1
-        k = blocks_k(ggml_type, blocks)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(blocks)).to(device)
     assert gemv_error(ggml_type, n, k, x, splits, fields == "denormal", device) <= TOL[torch.float32]
 
@@ -146,17 +144,27 @@ def test_mxfp4_scale_edges(m: int, scales: tuple[int, ...], device) -> None:
     assert ((out.double() - ref).norm() / ref.norm()).item() <= TOL[torch.float32]
 
 
-def test_gemv_rows_of_odd_blocks_are_not_taken(device) -> None:
-    # 2-byte aligned blocks: an odd count leaves rows 2 bytes off a word, which the word loads cannot take
-    assert not gemv_fits(GGMLType.Q8_0, 32 * 3) and gemv_fits(GGMLType.Q8_0, 32 * 4)
-    assert gemv_fits(GGMLType.Q4_K, 256) and not gemv_fits(GGMLType.Q4_1, 256)
-    raw = weight(GGMLType.Q8_0, 5, 96, device)
-    x = torch.randn(1, 96, device=device)
-    with pytest.raises(ValueError, match="Q8_0: path 'gemv' takes .* multiple of 4 bytes, got 1 rows of 96"):
-        qmatmul(x, raw, GGMLType.Q8_0, (5, 96), path="gemv")
-    out = qmatmul(x, raw, GGMLType.Q8_0, (5, 96))  # another path
-    ref = x.double() @ dequantize_reference(raw, GGMLType.Q8_0, (5, 96)).double().t().to(device)
-    assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-5
+def test_rows_of_odd_blocks_are_padded_per_call(device) -> None:
+    # 2-byte aligned blocks: an odd count leaves relaid rows 2 bytes off a word, so a model keeps such a weight in the
+    # file's layout and each product relays it with rows padded to 16 bytes; a relaid one is taken back first
+    assert not rows_aligned(GGMLType.Q8_0, (5, 32 * 3)) and rows_aligned(GGMLType.Q8_0, (5, 32 * 4))
+    assert rows_aligned(GGMLType.Q4_K, (5, 256)) and not rows_aligned(GGMLType.Q4_1, (5, 256))
+    assert not rows_aligned(GGMLType.MXFP4, (2, 3, 64)) and rows_aligned(GGMLType.MXFP4, (3, 64))
+    shape = (5, 96)
+    raw = weight(GGMLType.Q8_0, *shape, device)
+    words, row_bytes, matrix_bytes = word_layout(raw, GGMLType.Q8_0, shape, False)
+    assert (row_bytes, matrix_bytes, words.numel()) == (112, 560, 560) and words.data_ptr() % 16 == 0
+    assert torch.equal(words.view(5, 112)[:, :102], to_planar(raw, GGMLType.Q8_0, shape).view(5, 102))
+    relaid = word_layout(to_planar(raw, GGMLType.Q8_0, shape), GGMLType.Q8_0, shape, True)[0]
+    assert torch.equal(relaid, words)
+    ref = dequantize_reference(raw, GGMLType.Q8_0, shape).double().t().to(device)
+    for m, path in [(1, "gemv"), (5, "gemv"), (17, "gemm")]:
+        x = torch.randn(m, 96, generator=torch.Generator().manual_seed(m)).to(device)
+        out = qmatmul(x, raw, GGMLType.Q8_0, shape, path=path)
+        assert ((out.double() - x.double() @ ref).norm() / (x.double() @ ref).norm()).item() <= 1e-5
+    with pytest.raises(ValueError, match="Q4_1: path 'gemv' takes up to 16 rows of x and a weight of"):
+        qmatmul(torch.randn(1, 256, device=device), weight(GGMLType.Q4_1, 5, 256, device), GGMLType.Q4_1, (5, 256),
+                path="gemv")
 
 
 @pytest.mark.parametrize("ggml_type", PLANAR, ids=lambda t: t.name)
@@ -181,7 +189,7 @@ def test_planar_dequantize_and_row_slices(ggml_type: GGMLType, dtype: torch.dtyp
     assert torch.equal(dequantize(rows, ggml_type, (3, shape[1]), dtype, planar=True), ref[[5, 0, 5]])
 
 
-@pytest.mark.parametrize("path", ["skinny", "splitk", "gemm", "dequant"])
+@pytest.mark.parametrize("path", ["gemm", "dequant"])
 @pytest.mark.parametrize("ggml_type", PLANAR, ids=lambda t: t.name)
 def test_planar_on_every_other_path(ggml_type: GGMLType, path: str, device) -> None:
     shape = (20, blocks_k(ggml_type, 4))
@@ -190,12 +198,16 @@ def test_planar_on_every_other_path(ggml_type: GGMLType, path: str, device) -> N
     out = qmatmul(x, to_planar(raw, ggml_type, shape), ggml_type, shape, path=path, planar=True)
     ref = x.double() @ dequantize_reference(raw, ggml_type, shape).double().t().to(device)
     assert ((out.double() - ref).norm() / ref.norm()).item() <= 1e-5
+    # the element decoders' paths do not take the types of the word decoders
+    with pytest.raises(ValueError, match=f"{ggml_type.name} is decoded by qgemv's word decoders"):
+        qmatmul(x, raw, ggml_type, shape, path="skinny" if path == "gemm" else "splitk")
 
 
 @pytest.mark.parametrize("shape", [(5, 96), (3, 7, 64), (96,)], ids=str)
 def test_mxfp4_planes_per_matrix(shape: tuple[int, ...], device) -> None:
     # each matrix (a 2-D weight; each expert of a 3-D one) becomes its quants, row after row, then its scales: the
-    # same bytes, every row's quants 16-byte aligned within the matrix; only the word decoders read it
+    # same bytes, every row's quants 16-byte aligned within the matrix; the dequant kernel reads it in place, or (the
+    # experts of (3, 7, 64), 7 * 34 bytes each: the second starts 2 bytes off a word) padded
     rows = 1
     for s in shape[:-1]:
         rows *= s
@@ -209,30 +221,29 @@ def test_mxfp4_planes_per_matrix(shape: tuple[int, ...], device) -> None:
     assert torch.equal(matrices[:, :per_matrix * nb * 16], blocks[:, :, 1:].reshape(rows // per_matrix, -1))
     assert torch.equal(matrices[:, per_matrix * nb * 16:], blocks[:, :, 0])
     assert GGMLType.MXFP4 in MATRIX_PLANAR_TYPES and GGMLType.MXFP4 not in PLANAR_TYPES
-    with pytest.raises(ValueError, match="MXFP4 has no planar layout"):
-        check_planar(GGMLType.MXFP4)
-    with pytest.raises(ValueError, match="MXFP4 has no planar layout"):
-        dequantize(planar, GGMLType.MXFP4, shape, planar=True)
+    ref = dequantize_reference(raw, GGMLType.MXFP4, shape).to(device)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(dequantize(planar, GGMLType.MXFP4, shape, dtype, planar=True), ref.to(dtype))
 
 
 @pytest.mark.parametrize("m", [1, 16, 1024], ids=str)
 def test_mxfp4_matrix_relaid_once_at_load(m: int, device, monkeypatch) -> None:
     # a 2-D MXFP4 weight (outside the experts): relaid into its planes once when a model loads it, then read in
-    # place by the word decoders (1 and 16 rows: no copy per product), and taken back to the file's bytes by the
-    # dequant path (1024 rows) and for an embedding's rows
+    # place by the word decoders (1 and 16 rows) and the dequant kernel (1024 rows): no copy per product; an
+    # embedding's rows are taken back to the file's bytes
     n, k = 21, 96
     raw = weight(GGMLType.MXFP4, n, k, device, seed=m)
     w = QuantWeight("w", raw.clone(), GGMLType.MXFP4, (n, k))
     ops = Ops("triton", torch.float32)
     assert ops.preload([w]) == raw.numel() and w.planar
     assert torch.equal(w.raw, to_planar(raw, GGMLType.MXFP4, (n, k)))
-    if m <= 16:
-        def copy(*args):
-            raise AssertionError("a relaid weight was relaid again")
-        for name in ("planar", "qmatmul", "qgemv"):  # every module of the product's path that could relay
-            module = importlib.import_module(f"ggtriton.kernels.{name}")
-            if hasattr(module, "to_planar"):
-                monkeypatch.setattr(module, "to_planar", copy)
+    def copy(*args):
+        raise AssertionError("a relaid weight was relaid again")
+    for name in ("planar", "qmatmul", "qgemv", "dequant"):  # every module of the product's path that could relay
+        module = importlib.import_module(f"ggtriton.kernels.{name}")
+        for relay in ("to_planar", "from_planar"):
+            if hasattr(module, relay):
+                monkeypatch.setattr(module, relay, copy)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(device)
     reference = dequantize_reference(raw, GGMLType.MXFP4, (n, k))
     out = ops.linear(x, w)
@@ -365,8 +376,6 @@ def test_act_in_the_gate_up_epilogue(ggml_type: GGMLType, dtype: torch.dtype, m:
     # 37 rows per weight: partial row tiles; 3 blocks: K ranges (one SM's worth of programs splits K), whose sums
     # the last of both tiles' programs adds. The same bits as the two products and the activation kernel.
     n, k = 37, blocks_k(ggml_type, blocks if TYPE_TRAITS[ggml_type].block_elements == 256 else 8 * blocks)
-    if not gemv_fits(ggml_type, k):  # Q6_K: rows of an even count of blocks
-        k += blocks_k(ggml_type, 1)
     gen = torch.Generator().manual_seed(blocks)
     raws = [weight(ggml_type, n, k, device, seed=s) for s in (2, 3)]
     ws = [layout(r, ggml_type, (n, k)) for r in raws]

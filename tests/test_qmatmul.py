@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -11,7 +10,7 @@ from ggtriton.gguf import TYPE_TRAITS, GGMLType
 from ggtriton.gguf.quants import DEQUANTIZERS, dequantize
 from ggtriton.kernels import qmatmul
 from ggtriton.kernels._common import backend
-from ggtriton.kernels.qgemv import gemv_fits
+from ggtriton.kernels.qgemv import GEMV_TYPES
 from ggtriton.kernels.qmatmul import _DISPATCH, PATHS, _choose_path, qmatmul_ref
 from quant_weights import weight
 
@@ -25,8 +24,12 @@ def check(device: torch.device, ggml_type: GGMLType, m: int, k: int, dtype: torc
           **kwargs) -> None:
     raw = weight(ggml_type, N, k, device, seed=m + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(device, dtype)
-    if path == "gemv" and not (m <= 16 and gemv_fits(ggml_type, k)):
+    if path == "gemv" and not (m <= 16 and ggml_type in GEMV_TYPES):
         with pytest.raises(ValueError, match=f"{ggml_type.name}: path 'gemv' takes up to 16 rows of x"):
+            qmatmul(x, raw, ggml_type, (N, k), path=path, **kwargs)
+        return
+    if path in ("skinny", "splitk") and ggml_type in GEMV_TYPES:  # the element decoders' paths: not these types
+        with pytest.raises(ValueError, match=f"{ggml_type.name} is decoded by qgemv's word decoders"):
             qmatmul(x, raw, ggml_type, (N, k), path=path, **kwargs)
         return
     out = qmatmul(x, raw, ggml_type, (N, k), path=path, **kwargs)
@@ -85,7 +88,7 @@ def test_choose_path() -> None:
     skinny_m, gemm_m = th["skinny_max_m"], th["dequant_min_m"] - 1
     assert _choose_path(GGMLType.Q4_K, 1, 40, 512, cpu) == "gemv"
     assert _choose_path(GGMLType.Q4_K, skinny_m, 40, 512, cpu) == "gemv"
-    assert _choose_path(GGMLType.Q8_0, 1, 40, 32 * 3, cpu) == "skinny"  # rows of 102 bytes: no word loads
+    assert _choose_path(GGMLType.Q8_0, 1, 40, 32 * 3, cpu) == "gemv"  # rows of 102 bytes: padded per call
     assert _choose_path(GGMLType.Q4_1, 1, 40, 512, cpu) == "splitk"  # one row tile: K splits fill the "SMs"
     assert _choose_path(GGMLType.Q4_1, skinny_m, 40, 64, cpu) == "skinny"  # one K tile: nothing to split
     assert _choose_path(GGMLType.Q4_1, skinny_m, th["split_max_n"] + 1, 4096, cpu) == "skinny"
@@ -96,10 +99,10 @@ def test_choose_path() -> None:
 
 
 def test_split_k_is_deterministic(device) -> None:
-    raw = weight(GGMLType.Q6_K, N, 1024, device)
+    raw = weight(GGMLType.Q3_K, N, 1024, device)
     x = torch.randn(5, 1024, device=device)
-    a = qmatmul(x, raw, GGMLType.Q6_K, (N, 1024), path="splitk", split_k=4)
-    b = qmatmul(x, raw, GGMLType.Q6_K, (N, 1024), path="splitk", split_k=4)
+    a = qmatmul(x, raw, GGMLType.Q3_K, (N, 1024), path="splitk", split_k=4)
+    b = qmatmul(x, raw, GGMLType.Q3_K, (N, 1024), path="splitk", split_k=4)
     assert torch.equal(a, b)
 
 

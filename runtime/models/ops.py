@@ -29,15 +29,15 @@ from ggtriton.gguf.quants import dequantize as dequantize_ref
 from ggtriton.kernels.activations import gelu_mul_ref, silu_mul_ref
 from ggtriton.kernels.flash_attention import flash_attention_ref
 from ggtriton.kernels.moe import swiglu_oai_ref
-from ggtriton.kernels.planar import MATRIX_PLANAR_TYPES, PLANAR_TYPES, matrix_rows, to_planar
-from ggtriton.kernels.qgemv import gemv_fits
+from ggtriton.kernels.planar import MATRIX_PLANAR_TYPES, RELAID_TYPES, matrix_rows, to_planar
+from ggtriton.kernels.qgemv import rows_aligned
 from ggtriton.kernels.qmatmul import fusable
 from ggtriton.kernels.paged_decode import paged_decode_ref
 from ggtriton.kernels.rmsnorm import PendingNorm, rmsnorm_ref
 from ggtriton.kernels.rope_kv_store import rope_kv_store_ref
 
 from .cpu_attention import CpuAttention
-from .cpu_weights import FLOAT_TYPES, INT4_TYPES, SPLIT_TYPES, CpuWeight
+from .cpu_weights import FLOAT_TYPES, INT4_TYPES, SPLIT_TYPES, CpuWeight, quant_rows
 from .moe import moe_dense
 from .weights import QuantWeight
 
@@ -83,18 +83,16 @@ class Ops:
         return w.dense
 
     def preload(self, weights: Iterable[QuantWeight]) -> int:
-        """Prepare every weight now, so no step pays for it: dense copies (torch backend), or the planar layout
-        of the matrices the GEMV reads in it and of the 3-D expert tensors, which only the fused MoE kernel reads,
-        with either of its decoders (MXFP4's planes per matrix: with its word decoders, where they take the
-        weight) (Triton backend). Returns the bytes relaid."""
+        """Prepare every weight now, so no step pays for it: dense copies (torch backend), or the relaid layout
+        the word decoders read (`planar.to_planar`) of the matrices and 3-D expert tensors of its types whose rows
+        it keeps aligned (`qgemv.rows_aligned`; others take a copy per call) (Triton backend). Returns the bytes
+        relaid."""
         relaid = 0
         for w in weights:
             if self.backend == "torch":
                 self._dense(w)
-            elif self.backend == "triton" and not w.planar and (w.ggml_type in PLANAR_TYPES and (
-                    len(w.shape) == 3 or len(w.shape) == 2 and gemv_fits(w.ggml_type, w.shape[1]))
-                    or w.ggml_type in MATRIX_PLANAR_TYPES and (len(w.shape) == 2 and gemv_fits(w.ggml_type, w.shape[1])
-                    or len(w.shape) == 3 and gemv_fits(w.ggml_type, w.shape[2], w.shape[1]))):
+            elif (self.backend == "triton" and not w.planar and w.ggml_type in RELAID_TYPES
+                  and len(w.shape) in (2, 3) and rows_aligned(w.ggml_type, w.shape)):
                 w.raw = to_planar(w.raw, w.ggml_type, w.shape)
                 w.planar = True
                 relaid += w.raw.numel()
@@ -107,7 +105,9 @@ class Ops:
         if self.backend == "triton":
             out = kernels.qmatmul(_contiguous(x), w.raw, w.ggml_type, w.shape, out_dtype=out_dtype, planar=w.planar)
         elif self.backend == "cpu" and len(w.shape) == 2:
-            out = self._cpu_weight((w,)).matmul(x, out_dtype)
+            cpu = self._cpu_weight((w,))
+            # float32 asked for (the logits, a router's): the sums a softmax weighs most not left in bfloat16
+            out = cpu.matmul_top_exact(x) if out_dtype == torch.float32 else cpu.matmul(x, out_dtype)
         else:
             dtype = out_dtype or x.dtype
             out = x.to(dtype) @ self._dense(w).t().to(dtype)
@@ -185,10 +185,10 @@ class Ops:
         if self.backend == "torch":
             return self._dense(w)[ids]
         if self.backend == "cpu":  # only the rows looked up, dequantized exactly
-            return dequantize_ref(w.raw.view(w.rows, -1)[ids], w.ggml_type, (len(ids), *w.shape[1:]))
-        if w.planar and w.ggml_type in MATRIX_PLANAR_TYPES:  # rows are spread over planes: their file bytes
+            return quant_rows(w, ids)
+        if w.planar and w.ggml_type in MATRIX_PLANAR_TYPES:  # rows are spread over planes: gathered per plane
             return kernels.dequantize(matrix_rows(w.raw, w.ggml_type, w.shape, ids), w.ggml_type,
-                                      (len(ids), *w.shape[1:]), self.dtype)
+                                      (len(ids), *w.shape[1:]), self.dtype, planar=True)
         rows = w.raw.view(w.rows, -1)[ids]
         return self.dequantize(w, rows, (len(ids), *w.shape[1:]))
 
