@@ -19,7 +19,7 @@ from ggtriton.gguf import TYPE_TRAITS, GGMLType
 from ggtriton.gguf.quantize import random_blocks
 from ggtriton.gguf.quants import dequantize
 from ggtriton.kernels.cache import device_cache_dir, use_cache_dir
-from ggtriton.kernels.qmatmul import PATHS, _choose_path, qmatmul
+from ggtriton.kernels.qmatmul import PATHS, _choose_path, path_takes, qmatmul
 from ggtriton.runtime.engine import model_runner
 from ggtriton.runtime.engine.model_runner import ModelRunner
 from ggtriton.runtime.entrypoints.cli import build_parser
@@ -118,8 +118,9 @@ def test_decode_splits_follow_each_sequence_length(monkeypatch):
     assert used[:, 0].tolist() == [3, 8, 1, 0]
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("ggml_type", [GGMLType.Q8_0, GGMLType.Q4_K])
+# every path with the types it takes (the word decoders' types: gemv, gemm, dequant; Q4_1: the element decoders')
+@pytest.mark.parametrize(("ggml_type", "path"), [(t, p) for t in (GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q4_1)
+                                                 for p in PATHS if path_takes(p, t, 5)], ids=str)
 def test_float32_output_from_16_bit_activations(device, ggml_type, path):
     """Logits keep float32 precision: qmatmul stores its float32 sums as float32 when asked, and in x's
     dtype they are those sums rounded."""
