@@ -99,9 +99,11 @@ def test_cpu_weight_rejects_parts_of_different_k():
         CpuWeight(parts)
 
 
-def _batch(ctx: list[int], n_new: list[int], page: int, pages: int) -> ForwardBatch:
-    """Sequences with ctx[b] tokens in all, the last n_new[b] of them new, on shuffled pages."""
-    order = torch.randperm(pages, generator=torch.Generator().manual_seed(1)).tolist()
+def _batch(ctx: list[int], n_new: list[int], page: int, pages: int, shuffled: bool = True) -> ForwardBatch:
+    """Sequences with ctx[b] tokens in all, the last n_new[b] of them new, on shuffled pages (or consecutive ones,
+    which a lone sequence reads as a view of the cache)."""
+    order = torch.randperm(pages, generator=torch.Generator().manual_seed(1)).tolist() if shuffled else list(
+        range(pages))
     tables, used = [], 0
     for c in ctx:
         n = -(-c // page)
@@ -111,17 +113,27 @@ def _batch(ctx: list[int], n_new: list[int], page: int, pages: int) -> ForwardBa
 
 
 @pytest.mark.parametrize("neox, rope_dim", [(False, 16), (True, 16), (True, 8)])
-@pytest.mark.parametrize("ctx, n_new", [([5, 19, 33], [1, 1, 1]), ([21, 9], [21, 4])])
+@pytest.mark.parametrize("ctx, n_new", [([5, 19, 33], [1, 1, 1]), ([21, 9], [21, 4]), ([19], [1])])
 @pytest.mark.parametrize("window", [None, 6])
-def test_cpu_attention_matches_references(neox, rope_dim, ctx, n_new, window):
-    """RoPE + KV store, then attention (decode: three sequences; prefill: one with a cached prefix), against the
-    references on random queries and a random cache, NaN where no sequence has written (a shorter sequence's
-    padding must not read it)."""
+@pytest.mark.parametrize("shuffled", [True, False])
+@pytest.mark.parametrize("one_projection", [False, True])
+def test_cpu_attention_matches_references(neox, rope_dim, ctx, n_new, window, shuffled, one_projection):
+    """RoPE + KV store, then attention (decode: three sequences, or one; prefill: one with a cached prefix), against
+    the references on random queries and a random cache, NaN where no sequence has written (a shorter sequence's
+    padding must not read it); pages shuffled or consecutive; q, k and v separate tensors or views into one
+    projection's output rows (q and k then rotate as one)."""
     page, heads, kv_heads, d = 4, 4, 2, 16
     g = torch.Generator().manual_seed(sum(ctx) + rope_dim)
-    batch = _batch(ctx, n_new, page, 24)
+    batch = _batch(ctx, n_new, page, 24, shuffled)
     t = sum(n_new)
-    q, k, v = (torch.randn(t, h, d, generator=g) for h in (heads, kv_heads, kv_heads))
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * d, generator=g)
+
+    def projections() -> list[torch.Tensor]:
+        """q, k, v [t, H, d]: views into a copy of qkv, or separate copies."""
+        parts = qkv.clone().split([heads * d, kv_heads * d, kv_heads * d], -1)
+        return [p.reshape(t, -1, d) if one_projection else p.reshape(t, -1, d).clone() for p in parts]
+
+    q, k, v = projections()
     caches = [torch.randn(24, page, kv_heads, d, generator=g) for _ in range(2)]
     written = torch.zeros(24 * page, dtype=torch.bool)  # rows no sequence has reached hold NaN (unwritten memory)
     for b, c in enumerate(ctx):
@@ -135,8 +147,8 @@ def test_cpu_attention_matches_references(neox, rope_dim, ctx, n_new, window):
                       attn_factor=attn_factor)
     ops = CpuAttention()
     for _ in range(2):  # the second call reads what the first made for the step
-        out_q = q.clone()
-        ops.rope_kv_store(out_q, k, v, *caches, batch.slot_mapping, batch.positions, inv_freq, neox=neox,
+        out_q, out_k, out_v = projections()  # k may rotate in place (one projection's views)
+        ops.rope_kv_store(out_q, out_k, out_v, *caches, batch.slot_mapping, batch.positions, inv_freq, neox=neox,
                           attn_factor=attn_factor)
     assert rel(out_q, ref_q) <= 1e-5 and rel(caches[0].nan_to_num(), ref_caches[0].nan_to_num()) <= 1e-5
     assert torch.equal(caches[1].nan_to_num(), ref_caches[1].nan_to_num())

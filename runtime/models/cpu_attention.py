@@ -29,7 +29,7 @@ class CpuAttention:
         self._slots_key: torch.Tensor | None = None
         self._slots: torch.Tensor | None = None  # the written rows (slot >= 0), None: all
         self._batch = None
-        self._plans: dict[int | None, list[tuple[slice, torch.Tensor, int, torch.Tensor | None]]] = {}
+        self._plans: dict[int | None, list[tuple[slice, torch.Tensor | int, int, torch.Tensor | None]]] = {}
         self._all_attend = False  # every sequence of the batch has keys to attend to
 
     # --- RoPE and KV store ------------------------------------------------------------------------
@@ -62,13 +62,18 @@ class CpuAttention:
 
     def rope_kv_store(self, q, k, v, k_cache, v_cache, slot_mapping, positions, inv_freq, *, neox: bool,
                       attn_factor: float) -> None:
-        """`rope_kv_store_ref`'s result: q rotated in place; rotated k and v stored at their slots."""
+        """`rope_kv_store_ref`'s result: q rotated in place; rotated k and v stored at their slots (k rotated in place
+        too where it follows q in memory)."""
         if q.dtype != torch.float32 or k_cache.dtype != torch.float32:
             return rope_kv_store_ref(q, k, v, k_cache, v_cache, slot_mapping, positions, inv_freq, neox=neox,
                                      attn_factor=attn_factor)
         factors = self._rope_factors(positions, inv_freq, neox, attn_factor)
-        self._rotate(q, factors, neox)
-        k = self._rotate(k.clone(), factors, neox)
+        qk = _joined(q, k)
+        if qk is not None:  # k right after q in each row (one projection's output): one rotation for both
+            self._rotate(qk, factors, neox)
+        else:
+            self._rotate(q, factors, neox)
+            k = self._rotate(k.clone(), factors, neox)
         if slot_mapping is not self._slots_key:
             keep = slot_mapping >= 0
             self._slots_key, self._slots = slot_mapping, None if bool(keep.all()) else keep
@@ -87,9 +92,11 @@ class CpuAttention:
             self._all_attend = bool((batch.context_lens > 0).all())
         return self._all_attend
 
-    def _plan(self, batch, page: int, window: int | None) -> list[tuple[slice, torch.Tensor, int, torch.Tensor | None]]:
+    def _plan(self, batch, page: int, window: int | None) -> list[tuple[slice, torch.Tensor | int, int,
+                                                                         torch.Tensor | None]]:
         """Per call group (decode: the whole batch; prefill: each sequence): (query rows, the cache rows it reads
-        [B * L], context length L, boolean mask [B, 1, T, L] or None: every row sees every key), after
+        [B * L], or the first of them where they are consecutive (one sequence on consecutive pages: a view, no
+        gather), context length L, boolean mask [B, 1, T, L] or None: every row sees every key), after
         `_new_step`."""
         if window in self._plans:
             return self._plans[window]
@@ -109,6 +116,8 @@ class CpuAttention:
             # a shorter sequence's padding reads its own first row, not unwritten cache (NaN there would survive
             # the mask: 0 * NaN)
             rows = torch.where(j < lens[:, 0], rows, rows[:, :1]).flatten()
+            if len(seqs) == 1 and int(rows[-1] - rows[0]) == length - 1 and bool((rows.diff() == 1).all()):
+                rows = int(rows[0])
             pos = lens - n_q + torch.arange(n_q)[:, None]  # [B, T, 1]: each query's position
             seen = (j <= pos) & (j < lens)
             if window is not None:
@@ -132,10 +141,23 @@ class CpuAttention:
         for rows_q, rows, length, mask in self._plan(batch, k_cache.shape[1], sliding_window):
             # [B, H, T, D] queries: decode's B sequences of one token each, or one prefill sequence's T tokens;
             # keys and values [B, L, H_kv, D] by index_select (several times faster than indexing by a 2-D index)
-            k, v = (c.view(-1, *c.shape[2:]).index_select(0, rows).view(-1, length, *c.shape[2:])
+            k, v = ((c.view(-1, *c.shape[2:]).narrow(0, rows, length) if isinstance(rows, int) else
+                     c.view(-1, *c.shape[2:]).index_select(0, rows)).view(-1, length, *c.shape[2:])
                     for c in (k_cache, v_cache))
             qs = q[rows_q].unsqueeze(1) if batch.is_decode else q[rows_q].unsqueeze(0)
             o = F.scaled_dot_product_attention(qs.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                attn_mask=mask, scale=scale, enable_gqa=True)
             outs.append(o.transpose(1, 2).flatten(0, 1))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _joined(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """q and k [T, H, D] as one view [T, H_q + H_k, D] where k's heads follow q's in memory with the same strides
+    (the q/k/v product's output), else None. Rotating it rotates k in place too: the caller's k is a temporary."""
+    if q.shape[2] != k.shape[2] or q.stride()[1:] != (q.shape[2], 1) or k.stride()[1:] != (k.shape[2], 1):
+        return None
+    if q.shape[0] > 1 and q.stride(0) != k.stride(0):  # one row: its stride is whatever the view made it
+        return None
+    if k.data_ptr() != q.data_ptr() + q.shape[1] * q.shape[2] * q.element_size():
+        return None
+    return q.as_strided((q.shape[0], q.shape[1] + k.shape[1], q.shape[2]), q.stride())

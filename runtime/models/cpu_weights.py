@@ -48,6 +48,7 @@ _GROUP = 32  # weights per int4 scale and zero
 DENSE_ROWS = 16
 TOP_EXACT = 64  # sums per row `matmul_top_exact` recomputes exactly
 _TOP_BLOCK = 256  # columns per block whose maximum `_top_columns` ranks first
+_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default  # the overload itself: no per-call lookup
 
 
 class CpuWeight:
@@ -98,7 +99,7 @@ class CpuWeight:
         xb = x.to(torch.bfloat16)
         if self.kind in ("int4", "int4x2") and len(x) < DENSE_ROWS:
             xb = torch.cat([xb, xb], -1) if self.kind == "int4x2" else xb.contiguous()
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.data, _GROUP, self.scales).to(out_dtype)
+            return _INT4_MM(xb, self.data, _GROUP, self.scales).to(out_dtype)
         if self._bf16 is None:
             self._bf16 = self._values().to(torch.bfloat16)
         return (xb @ self._bf16.t()).to(out_dtype)
