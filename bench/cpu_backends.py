@@ -3,9 +3,10 @@
     python bench/cpu_backends.py MODEL [--llama-bench PATH] [-t 2] [--reps 3]
 
 Per round: llama-bench pp512 / tg128 (when its binary is given), then for each backend ("torch": float32 reference
-ops; "cpu": packed int4 / bfloat16 weights) the prompt rate of one 512-token prompt (one prefill step, its logits
-included) and the decode rate of 64 greedy tokens after it. Prints the median of the rounds: the machine may be
-shared, so each engine is timed right beside the others.
+ops; "cpu": packed int4 / bfloat16 weights) the prompt rate of one 512-token prompt (one prefill step and the
+first token: the last row's logits only, as llama-bench's pp512) and the decode rate of 64 greedy tokens after an
+8-token prompt. Prefix caching is off, so every round computes its prompt. Prints the median of the rounds: the
+machine may be shared, so each engine is timed right beside the others.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ggtriton.runtime import LLM, SamplingParams
 def ggtriton_rates(llm: LLM, prompt: list[int], n: int) -> tuple[float, float]:
     """(prompt tokens/s, decode tokens/s) of one request."""
     start = time.perf_counter()
-    llm.logits(prompt)
+    llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
     pp = len(prompt) / (time.perf_counter() - start)
     out = llm.generate([prompt[:8]], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), use_tqdm=False)[0]
     m = out.metrics
@@ -48,7 +49,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     backends = args.backends.split(",")
-    llms = {b: LLM(args.model, device="cpu", backend=b, max_num_seqs=1, kv_cache_bytes=1 << 28) for b in backends}
+    llms = {b: LLM(args.model, device="cpu", backend=b, max_num_seqs=1, kv_cache_bytes=1 << 28,
+                   enable_prefix_caching=False) for b in backends}
     prompt = list(range(100, 612))
     for llm in llms.values():  # packs and warms every path once
         ggtriton_rates(llm, prompt, 4)

@@ -68,7 +68,7 @@ class CpuAttention:
             return rope_kv_store_ref(q, k, v, k_cache, v_cache, slot_mapping, positions, inv_freq, neox=neox,
                                      attn_factor=attn_factor)
         factors = self._rope_factors(positions, inv_freq, neox, attn_factor)
-        qk = _joined(q, k)
+        qk = joined_heads(q, k)
         if qk is not None:  # k right after q in each row (one projection's output): one rotation for both
             self._rotate(qk, factors, neox)
         else:
@@ -151,9 +151,10 @@ class CpuAttention:
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _joined(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+def joined_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     """q and k [T, H, D] as one view [T, H_q + H_k, D] where k's heads follow q's in memory with the same strides
-    (the q/k/v product's output), else None. Rotating it rotates k in place too: the caller's k is a temporary."""
+    (the q/k/v product's output, or the q/k norm's), else None. Rotating it rotates k in place too: the caller's
+    k is a temporary."""
     if q.shape[2] != k.shape[2] or q.stride()[1:] != (q.shape[2], 1) or k.stride()[1:] != (k.shape[2], 1):
         return None
     if q.shape[0] > 1 and q.stride(0) != k.stride(0):  # one row: its stride is whatever the view made it

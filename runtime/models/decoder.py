@@ -157,8 +157,7 @@ class DecoderModel:
             k = k.reshape(-1, cfg.n_kv_heads, d)
             v = v.reshape(-1, cfg.n_kv_heads, d)
             if layer.q_norm is not None:
-                q = ops.rmsnorm(q, layer.q_norm, cfg.rms_eps)[0]
-                k = ops.rmsnorm(k, layer.k_norm, cfg.rms_eps)[0]
+                q, k = ops.qk_norm(q, k, layer.q_norm, layer.k_norm, cfg.rms_eps)
             swa = cfg.swa_layers[i]
             inv_freq, attn_factor = self._rope_local if swa else self._rope
             k_cache, v_cache = kv_caches[i]

@@ -20,8 +20,9 @@ separate ops.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
-from functools import partial
+from functools import cache, partial
 
 import torch
 
@@ -37,7 +38,7 @@ from ggtriton.kernels.paged_decode import paged_decode_ref
 from ggtriton.kernels.rmsnorm import PendingNorm, rmsnorm_ref
 from ggtriton.kernels.rope_kv_store import rope_kv_store_ref
 
-from .cpu_attention import CpuAttention
+from .cpu_attention import CpuAttention, joined_heads
 from .cpu_weights import FLOAT_TYPES, INT4_TYPES, SPLIT_TYPES, CpuWeight, quant_rows
 from .moe import moe_dense
 from .weights import QuantWeight
@@ -57,6 +58,7 @@ class Ops:
         self._prefill = kernels.flash_attention if triton else flash_attention_ref
         self._decode = kernels.paged_decode if triton else paged_decode_ref
         self._cpu: dict[tuple[QuantWeight, ...], CpuWeight] = {}  # the cpu backend's products, made on first use
+        self._head_norms: dict[tuple, torch.Tensor] = {}  # the cpu backend's q and k norm weights stacked per head
         if backend == "cpu":
             attention = CpuAttention()
             self._rmsnorm, self._rope_kv_store = _rmsnorm_cpu, attention.rope_kv_store
@@ -209,6 +211,19 @@ class Ops:
                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self._rmsnorm(x, weight, eps, residual)
 
+    def qk_norm(self, q: torch.Tensor, k: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head RMSNorms of q [T, H_q, D] and k [T, H_k, D] (qwen3, gemma3). On the cpu backend, where k's heads
+        follow q's in memory, one norm over both with the weights stacked per head: its output keeps them so, and
+        RoPE then rotates them as one."""
+        qk = joined_heads(q, k) if self.backend == "cpu" else None
+        if qk is None:
+            return self.rmsnorm(q, q_norm, eps)[0], self.rmsnorm(k, k_norm, eps)[0]
+        key = (q_norm, k_norm, q.shape[1], k.shape[1])
+        if key not in self._head_norms:
+            self._head_norms[key] = torch.cat([q_norm.expand(q.shape[1], -1), k_norm.expand(k.shape[1], -1)])
+        return self.rmsnorm(qk, self._head_norms[key], eps)[0].split([q.shape[1], k.shape[1]], dim=1)
+
     def act_mul(self, activation: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return self._act[activation](gate, up)
 
@@ -241,13 +256,20 @@ def _cpu_kind(w: QuantWeight) -> str:
 
 def _rmsnorm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`rmsnorm_ref` in fewer torch calls, float32 (other dtypes: the reference). The sum of squares is one
-    vector norm, and the rest runs in place: on CPU, torch's own rms_norm is about ten calls."""
+    """`rmsnorm_ref` in four torch calls, float32 (other dtypes: the reference): on CPU, torch's own rms_norm is
+    about ten, and in a decode step each costs more than the arithmetic. sqrt(mean(h^2) + eps) is
+    hypot(|h| / sqrt(n), sqrt(eps))."""
     if x.dtype != torch.float32:
         return rmsnorm_ref(x, weight, eps, residual)
     h = x if residual is None else x + residual
-    scale = torch.linalg.vector_norm(h, dim=-1, keepdim=True).square_().div_(h.shape[-1]).add_(eps).rsqrt_()
-    return torch.mul(h, weight).mul_(scale), h
+    rms = torch.hypot(torch.linalg.vector_norm(h, dim=-1, keepdim=True).div_(math.sqrt(h.shape[-1])), _root(eps))
+    return torch.mul(h, weight).div_(rms), h
+
+
+@cache
+def _root(eps: float) -> torch.Tensor:
+    """sqrt(eps) as a float32 scalar tensor, made once per eps."""
+    return torch.tensor(math.sqrt(eps), dtype=torch.float32)
 
 
 def _act_mul_cpu(act: Callable[[torch.Tensor], torch.Tensor],
