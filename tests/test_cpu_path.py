@@ -15,12 +15,14 @@ from ggtriton.gguf.quants import dequantize as dequantize_ref
 from ggtriton.kernels.flash_attention import flash_attention_ref
 from ggtriton.kernels.paged_decode import paged_decode_ref
 from ggtriton.kernels.rope import rope_inv_freq
+from ggtriton.kernels.rmsnorm import rmsnorm_ref
 from ggtriton.kernels.rope_kv_store import rope_kv_store_ref
 from ggtriton.runtime import LLM, SamplingParams
 from ggtriton.runtime.engine.batch import ForwardBatch
 from ggtriton.runtime.models import cpu_weights
 from ggtriton.runtime.models.cpu_attention import CpuAttention
 from ggtriton.runtime.models.cpu_weights import CpuWeight
+from ggtriton.runtime.models.ops import Ops
 from ggtriton.runtime.models.weights import QuantWeight
 from ggtriton.runtime.synthetic import SyntheticModel, write_synthetic_model
 from quant_weights import weight
@@ -160,6 +162,21 @@ def test_cpu_attention_matches_references(neox, rope_dim, ctx, n_new, window, sh
                                   **opts)
     out = ops.attention(out_q, *caches, batch, **opts)
     assert out.shape == ref.shape and rel(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_qk_norm_matches_separate_norms(dtype, rows):
+    """The cpu backend's q/k norm over one projection's views (one norm, weights stacked per head) against the
+    reference norm of q and of k."""
+    heads, kv_heads, d = 4, 2, 32
+    g = torch.Generator().manual_seed(rows)
+    qkv = (torch.randn(rows, (heads + 2 * kv_heads) * d, generator=g) * 3).to(dtype)
+    q, k, _ = (p.reshape(rows, -1, d) for p in qkv.split([heads * d, kv_heads * d, kv_heads * d], -1))
+    q_norm, k_norm = (torch.rand(d, generator=g) + 0.5 for _ in range(2))
+    out_q, out_k = Ops("cpu", dtype).qk_norm(q, k, q_norm, k_norm, 1e-6)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert rel(out_q, rmsnorm_ref(q, q_norm, 1e-6)[0]) <= tol and rel(out_k, rmsnorm_ref(k, k_norm, 1e-6)[0]) <= tol
 
 
 @pytest.fixture(scope="module")

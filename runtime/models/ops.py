@@ -216,7 +216,7 @@ class Ops:
         """Per-head RMSNorms of q [T, H_q, D] and k [T, H_k, D] (qwen3, gemma3). On the cpu backend, where k's heads
         follow q's in memory, one norm over both with the weights stacked per head: its output keeps them so, and
         RoPE then rotates them as one."""
-        qk = joined_heads(q, k) if self.backend == "cpu" else None
+        qk = joined_heads(q, k) if self.backend == "cpu" and q.dtype == torch.float32 else None
         if qk is None:
             return self.rmsnorm(q, q_norm, eps)[0], self.rmsnorm(k, k_norm, eps)[0]
         key = (q_norm, k_norm, q.shape[1], k.shape[1])
