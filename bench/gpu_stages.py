@@ -714,6 +714,11 @@ def main() -> None:
     parser.add_argument("--llamacpp", type=Path)
     parser.add_argument("--fault", choices=("crash", "hang"))
     args = parser.parse_args()
+    if args.smoke:  # the Triton interpreter, as the tests run it (tests/interpreter_patching.py)
+        sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
+        from interpreter_patching import patch_languages_once_per_launch
+
+        patch_languages_once_per_launch()
     quick_autotune()
     dev = device()
     # Before the first kernel compiles; and for LLM(), which points Triton at $GGTRITON_CACHE_DIR by default.

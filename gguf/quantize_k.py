@@ -56,6 +56,12 @@ def _sum(t: Tensor) -> Tensor:
     return acc
 
 
+def _by_columns(x: Tensor) -> Tensor:
+    """x [groups, elements] stored element-major (a transposed contiguous copy): the elementwise work on it keeps
+    that layout, so that `_sum` and per-element steps read whole contiguous columns instead of copying them."""
+    return x.T.contiguous().T
+
+
 def _signed_absmax(x: Tensor) -> tuple[Tensor, Tensor]:
     """Largest magnitude over the last dim, and the first element that has it, with its sign."""
     i = x.abs().argmax(-1, keepdim=True)
@@ -81,6 +87,7 @@ def _pack_2bit(q: Tensor) -> Tensor:
 
 def _qx_quants(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
     """Symmetric codes in [0, 2 nmax) and scale of each group (rows of x), weighted by x^2, trying 19 scales."""
+    x = _by_columns(x)
     amax, vmax = _signed_absmax(x)
     zero = amax < _GROUP_MAX_EPS
     vmax = torch.where(zero, 1.0, vmax)
@@ -108,6 +115,7 @@ def _qx_quants(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
 
 def _q3_quants(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
     """Symmetric codes in [0, 2 nmax) and scale of each group, refined element by element (5 passes)."""
+    x = _by_columns(x)
     amax, vmax = _signed_absmax(x)
     zero = amax < _GROUP_MAX_EPS
     vmax = torch.where(zero, 1.0, vmax)
@@ -141,6 +149,7 @@ def _qkx2_quants(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Affine codes in [0, nmax], scale and min (negated) of each group, searching nstep + 1 scales for the
     smallest weighted error (absolute with `use_mad`, else squared)."""
+    x, w = _by_columns(x), _by_columns(w)
     lo = x.amin(-1).clamp(max=0.0)
     hi = x.amax(-1)
     flat = hi == lo
@@ -347,6 +356,7 @@ def _iq4_index(v: Tensor) -> Tensor:
 
 def _iq4_groups(x: Tensor) -> Tensor:
     """Scale of each 32-element group (rows of x) for the IQ4 levels, the best of 16 tries by weighted x^2 error."""
+    x = _by_columns(x)
     amax, vmax = _signed_absmax(x)
     zero = amax < _GROUP_MAX_EPS
     vmax = torch.where(zero, 1.0, vmax)

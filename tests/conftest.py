@@ -22,6 +22,9 @@ sys.path.insert(0, str(Path(__file__).parent))  # the tests' helper modules (qua
 from ggtriton.gguf import bundled
 from ggtriton.runtime.engine.scheduler import Scheduler
 from ggtriton.runtime.engine.sequence import SequenceStatus
+from interpreter_patching import patch_languages_once_per_launch
+
+patch_languages_once_per_launch()
 
 # Under pytest-xdist (`-n auto`, pyproject.toml) each worker takes an equal share of the cores: most tests run
 # the Triton interpreter on one core, and torch's own threads would otherwise oversubscribe the machine.
@@ -32,11 +35,12 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 # The files that take longest, longest first; the rest follow in collection order. Each worker takes the next
 # file when it runs short (`--dist loadfile --no-loadscope-reorder`, pyproject.toml): a long file started last
 # would leave one worker running it alone at the end.
-LONGEST_FIRST = ("test_compile.py", "test_quant_bench.py", "test_gpu_check.py", "test_ray_batch.py",
-                 "test_model_llamacpp.py", "test_sass.py", "test_gguf_fuzz.py", "test_spec_decode.py",
-                 "test_model_architectures.py", "test_moe_kernel.py", "test_gpt_oss.py", "test_qgemv.py",
-                 "test_engine.py", "test_generation.py", "test_server.py", "test_launch_count.py",
-                 "test_device_path.py", "test_attention.py", "test_dequant_kernel.py", "test_qmatmul.py")
+LONGEST_FIRST = ("test_compile.py", "test_quant_bench.py", "test_model_llamacpp.py", "test_qgemv.py",
+                 "test_gpu_check.py", "test_spec_decode.py", "test_gpt_oss.py", "test_server.py",
+                 "test_moe_kernel.py", "test_sass.py", "test_ray_batch.py", "test_engine.py", "test_qmatmul.py",
+                 "test_model_architectures.py", "test_perplexity.py", "test_dequant_kernel.py",
+                 "test_tensor_parallel.py", "test_attention.py", "test_generation.py", "test_gguf_fuzz.py",
+                 "test_launch_count.py", "test_device_path.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

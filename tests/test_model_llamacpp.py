@@ -25,15 +25,17 @@ def agreement(logits: torch.Tensor, top_ids: np.ndarray, top_logprobs: np.ndarra
     rest of the vocabulary: a lower bound of the full KL that misses only the tail's shape.
     """
     top1, kl = [], []
-    for start in range(0, len(logits), 256):  # float64 log-softmax over 262k tokens: a chunk at a time
-        logq = torch.log_softmax(logits[start : start + 256].double(), -1)
+    for start in range(0, len(logits), 256):
+        rows = logits[start : start + 256]
         ids = torch.from_numpy(top_ids[start : start + 256]).long()
+        # the log-sum-exp in float32 (exact to about 1e-7), then the 64 log-probs needed in float64
+        q = rows.gather(1, ids).double() - torch.logsumexp(rows, -1).double()[:, None]
         logp = torch.from_numpy(top_logprobs[start : start + 256]).double()
-        p, q = logp.exp(), logq.gather(1, ids)
+        p = logp.exp()
         rest_p = (1 - p.sum(-1)).clamp_min(1e-12)
         rest_q = (1 - q.exp().sum(-1)).clamp_min(1e-12)
         kl.append((p * (logp - q)).sum(-1) + rest_p * (rest_p.log() - rest_q.log()))
-        top1.append(logq.argmax(-1) == ids[:, 0])
+        top1.append(rows.argmax(-1) == ids[:, 0])
     return torch.cat(top1).numpy(), torch.cat(kl).numpy()
 
 

@@ -15,8 +15,10 @@ SmolLM2 over prose the top 64 tokens hold 92 % of the mass on average, and the b
 the exact KLD of Q6_K and Q4_0 against Q8_0, more than what separates neighbouring quantizations. The price
 of exactness is memory for every model at once (on a GPU, their quantized bytes).
 
-Prefill speed is one sequence of n_ctx - 1 tokens, decode speed one sequence generating `decode_tokens`
-tokens after a one-token prompt (llama-bench's pp and tg), both through the engine's own steps.
+Prefill speed is the scoring passes' own: n_ctx - 1 tokens of each chunk, as many chunks a pass as the batch
+size allows, over the seconds those passes took (llama-perplexity's timing; no prompt is run twice). Decode
+speed is one sequence generating `decode_tokens` tokens after a one-token prompt (llama-bench's tg), through
+the engine's own steps.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import math
 import os
 import sys
 import tempfile
+import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,9 +99,10 @@ class Divergence:
         self.dp: list[np.ndarray] = []
 
     def add(self, base_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        same = logits is base_logits  # the base against itself: one log-softmax
         for s in row_slices(logits):
             logp = torch.log_softmax(base_logits[s].double(), -1)
-            logq = torch.log_softmax(logits[s].double(), -1)
+            logq = logp if same else torch.log_softmax(logits[s].double(), -1)
             t = targets[s, None]
             nll_base, nll = -logp.gather(1, t)[:, 0], -logq.gather(1, t)[:, 0]
             kld = (logp.exp() * (logp - logq)).sum(-1)
@@ -171,40 +175,55 @@ def load(path: Path, n_ctx: int, args: argparse.Namespace) -> LLM:
                block_size=layout.block_size, cache_dir=args.cache_dir)
 
 
-def speed(llm: LLM, prompt: list[int], decode_tokens: int) -> tuple[float, float]:
-    """(prefill, decode) tokens/s: `prompt` prefilled, then `decode_tokens` generated after its first token."""
-    greedy = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-    m = llm.generate([prompt], greedy, use_tqdm=False)[0].metrics
-    prefill = len(prompt) / max(m["first_token"] - m["arrival"], 1e-9)
-    out = llm.generate([prompt[:1]], SamplingParams(max_tokens=decode_tokens, temperature=0, ignore_eos=True),
+def decode_speed(llm: LLM, token: int, decode_tokens: int) -> float:
+    """Tokens/s of `decode_tokens` tokens generated after the one-token prompt [token]."""
+    out = llm.generate([[token]], SamplingParams(max_tokens=decode_tokens, temperature=0, ignore_eos=True),
                        use_tqdm=False)[0]
     m = out.metrics
-    decode = (len(out.token_ids) - 1) / max(m["last_token"] - m["first_token"], 1e-9)
-    return prefill, decode
+    return (len(out.token_ids) - 1) / max(m["last_token"] - m["first_token"], 1e-9)
+
+
+def timed(items: Iterable, device: torch.device, seconds: list[float], k: int) -> Iterator:
+    """`items`, adding to seconds[k] the time each took to produce (the device synchronized before the clock is
+    read, so that the time is the work's, not its launch's)."""
+    it = iter(items)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds[k] += time.perf_counter() - start
+        yield item
 
 
 def bench(llms: Sequence[LLM], inputs: list[list[int]], targets: list[list[int]],
-          progress: Callable[[int], None] = lambda n: None) -> list[Divergence]:
-    """Statistics of every model (the first is the base) against the base, chunk batch by chunk batch."""
+          progress: Callable[[int], None] = lambda n: None) -> tuple[list[Divergence], list[float]]:
+    """Statistics of every model (the first is the base) against the base, chunk batch by chunk batch, and the
+    seconds each model's scoring passes took."""
     n_ctx = len(inputs[0])
     first = first_scored(n_ctx)
     stats = [Divergence() for _ in llms]
+    seconds = [0.0] * len(llms)
     group = max(1, llms[0].scheduler_config.max_num_batched_tokens // n_ctx)
     for g in range(0, len(inputs), group):
         chunks = inputs[g : g + group]
         base: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(chunks))}
-        for i, _, logits in scored_logits(llms[0], chunks):
+        for i, _, logits in timed(scored_logits(llms[0], chunks), llms[0].device, seconds, 0):
             base[i].append(logits)
         base_rows = [torch.cat(base[i]) for i in range(len(chunks))]
         target = [torch.tensor(targets[g + i][first + 1 :], device=llms[0].device) for i in range(len(chunks))]
-        stats[0].add(torch.cat(base_rows), torch.cat(base_rows), torch.cat(target))
+        every_row = torch.cat(base_rows)
+        stats[0].add(every_row, every_row, torch.cat(target))
         progress(len(chunks))
-        for llm, st in zip(llms[1:], stats[1:]):
-            for i, pos, logits in scored_logits(llm, chunks):
+        for k, (llm, st) in enumerate(zip(llms[1:], stats[1:]), 1):
+            for i, pos, logits in timed(scored_logits(llm, chunks), llm.device, seconds, k):
                 rows = slice(pos - first, pos - first + len(logits))
                 st.add(base_rows[i][rows], logits, target[i][rows])
             progress(len(chunks))
-    return stats
+    return stats, seconds
 
 
 def _fmt(value: float, err: float | None = None, digits: int = 4) -> str:
@@ -300,17 +319,19 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"-c {n_ctx} is above the context of {p} ({llm.config.context_length} tokens)")
         llms.append(llm)
     with tqdm(total=len(inputs) * len(llms), desc="scoring", unit="chunk", file=sys.stderr, disable=None) as bar:
-        stats = bench(llms, inputs, targets, bar.update)
-    speeds = [speed(llm, inputs[0][:-1], decode_tokens)
+        stats, seconds = bench(llms, inputs, targets, bar.update)
+    decode = [decode_speed(llm, inputs[0][0], decode_tokens)
               for llm in tqdm(llms, desc="timing", unit="model", file=sys.stderr, disable=None)]
+    prefill_tokens = len(inputs) * (n_ctx - 1)
 
     rows = []
-    for f, st, (prefill, decode) in zip(files, stats, speeds):
+    for f, st, scoring_s, decode_rate in zip(files, stats, seconds, decode):
         rows.append({"model": f.path.name, "path": str(f.path), "file_type": f.file_type, "size_bytes": f.size_bytes,
                      "bits_per_weight": f.bits_per_weight} | st.summary()
-                    | {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode})
+                    | {"prefill_tokens_per_s": prefill_tokens / max(scoring_s, 1e-9),
+                       "decode_tokens_per_s": decode_rate})
     report = {"text": str(args.file), "n_ctx": n_ctx, "chunks": len(inputs), "tokens_scored": stats[0].count,
-              "device": str(llms[0].device), "backend": llms[0].backend, "prefill_tokens": n_ctx - 1,
+              "device": str(llms[0].device), "backend": llms[0].backend, "prefill_tokens": prefill_tokens,
               "decode_tokens": decode_tokens, "models": rows}
     table = format_table(rows)
     print(table)
