@@ -25,12 +25,13 @@ def agreement(logits: torch.Tensor, top_ids: np.ndarray, top_logprobs: np.ndarra
     rest of the vocabulary: a lower bound of the full KL that misses only the tail's shape.
     """
     top1, kl = [], []
-    for start in range(0, len(logits), 256):
-        rows = logits[start : start + 256]
-        ids = torch.from_numpy(top_ids[start : start + 256]).long()
+    step = max(1, (1 << 20) // logits.shape[1])  # rows of 4 MB at most: temporaries that stay in the caches
+    for start in range(0, len(logits), step):
+        rows = logits[start : start + step]
+        ids = torch.from_numpy(top_ids[start : start + step]).long()
         # the log-sum-exp in float32 (exact to about 1e-7), then the 64 log-probs needed in float64
         q = rows.gather(1, ids).double() - torch.logsumexp(rows, -1).double()[:, None]
-        logp = torch.from_numpy(top_logprobs[start : start + 256]).double()
+        logp = torch.from_numpy(top_logprobs[start : start + step]).double()
         p = logp.exp()
         rest_p = (1 - p.sum(-1)).clamp_min(1e-12)
         rest_q = (1 - q.exp().sum(-1)).clamp_min(1e-12)

@@ -34,8 +34,12 @@ from ggtriton.gguf import Tokenizer
 from ..llm import LLM
 from .cli import _check_device, _device_flags, _int_flag, _model_path
 
-# Elements of one slice of logits reduced at a time: bounds the temporary memory of scoring a step's logits.
-_SLICE_ELEMENTS = 1 << 24
+# Elements of one slice of logits reduced at a time, which bounds the temporary memory of scoring a step's logits.
+# On a GPU, large slices take few launches. On the CPU, a slice's float64 temporaries of 2 MB stay in the caches
+# and the allocator's free lists, where 128 MB ones fault in their pages at every allocation: quant-bench's
+# statistics of 256 rows of a 49152-token vocabulary take 4x less time in slices of 4 rows than in one.
+_SLICE_ELEMENTS = {"cpu": 1 << 18}
+_SLICE_ELEMENTS_ON_DEVICES = 1 << 24
 
 
 @dataclass
@@ -114,7 +118,7 @@ def first_scored(n_ctx: int) -> int:
 
 def row_slices(logits: torch.Tensor) -> Iterator[slice]:
     """Slices of rows of `logits` small enough to reduce with temporaries of their own size."""
-    rows = max(1, _SLICE_ELEMENTS // logits.shape[-1])
+    rows = max(1, _SLICE_ELEMENTS.get(logits.device.type, _SLICE_ELEMENTS_ON_DEVICES) // logits.shape[-1])
     for start in range(0, len(logits), rows):
         yield slice(start, start + rows)
 
