@@ -23,8 +23,9 @@ def _languages(fn) -> frozenset[int]:
 
 def patch_languages_once_per_launch() -> None:
     """Install the once-per-launch patching, where this Triton's interpreter has the parts it wraps."""
-    grid_executor, function = interpreter.GridExecutor, interpreter.InterpretedFunction
-    if not all(hasattr(c, "__call__") for c in (grid_executor, function)) or not hasattr(function, "rewrite"):
+    grid_executor = getattr(interpreter, "GridExecutor", None)
+    function = getattr(interpreter, "InterpretedFunction", None)
+    if grid_executor is None or function is None or not hasattr(function, "rewrite"):
         return
     launch, call = grid_executor.__call__, function.__call__
     patched: list[set[int]] = []  # per launch in progress: the language modules patched so far
@@ -39,7 +40,9 @@ def patch_languages_once_per_launch() -> None:
 
     def call_without_repatching(self, *args, **kwargs):
         key = id(self.fn.__globals__)
-        needed = languages.get(key) or languages.setdefault(key, _languages(self.fn))
+        if key not in languages:
+            languages[key] = _languages(self.fn)
+        needed = languages[key]
         if not patched or not needed <= patched[-1]:
             if patched:
                 patched[-1] |= needed
