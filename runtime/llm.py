@@ -55,9 +55,9 @@ class LLM:
     """A GGUF model: weights in their blocks on `device`, tokenizer and chat template from the file.
 
     device: default the GPU when there is one, else the CPU. backend: "triton" (default on a GPU; on CPU
-    it needs TRITON_INTERPRET=1), "torch" (the float32 reference ops; default on CPU) or "cpu" (CPU only: packed
-    int4 and bfloat16 weights, fewer bytes per token; see runtime/models/ops.py). dtype: activations and
-    KV cache; default float32 on CPU, bfloat16 on a GPU.
+    it needs TRITON_INTERPRET=1), "cpu" (default on CPU: packed int4 and bfloat16 weights, fewer bytes per token;
+    see runtime/models/cpu_weights.py) or "torch" (the float32 reference ops, the oracle of the others).
+    dtype: activations and KV cache; default float32 on CPU, bfloat16 on a GPU.
     Batching: at most `max_num_seqs` sequences and `max_num_batched_tokens` tokens per step; the KV cache
     takes `kv_cache_bytes` (default: on a GPU what keeps its memory use under `gpu_memory_utilization`,
     see `_kv_cache_budget`; 2 GiB on CPU) in pages of `block_size` tokens, shared between prompts with
@@ -93,7 +93,7 @@ class LLM:
         self.path = Path(model) if model is not None else default_model_path()
         self.device = resolve_device(device)
         if backend is None:
-            backend = "torch" if self.device.type == "cpu" else "triton"
+            backend = "cpu" if self.device.type == "cpu" else "triton"
         if backend == "triton" and self.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("backend='triton' on CPU needs TRITON_INTERPRET=1 (the Triton interpreter)")
         if backend == "cpu" and self.device.type != "cpu":

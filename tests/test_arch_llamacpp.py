@@ -46,12 +46,16 @@ def mean_kl(ref: np.ndarray, logits: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_logits_agree_with_llamacpp(name, fixture, tmp_path, device):
+@pytest.mark.parametrize("reference", [False, True])
+def test_logits_agree_with_llamacpp(name, reference, fixture, tmp_path, device):
+    """The device's default path, and (`reference`) the float32 reference ops (on CPU both are float32 here: the
+    default cpu backend keeps float weights float32)."""
     model, n_ctx = CASES[name]
     assert int(fixture[f"{name}.n_ctx"]) == n_ctx, "stale fixture: run tests/fixtures/make_arch_fixtures.py"
     path = tmp_path / f"{name}.gguf"
     write_synthetic_model(path, model)
-    llm = LLM(path, device=device, dtype=torch.float32, warm_up=False, max_model_len=n_ctx)
+    llm = LLM(path, device=device, backend="torch" if reference else None, dtype=torch.float32, warm_up=False,
+              max_model_len=n_ctx)
     ref = fixture[f"{name}.logits"]
     kl = mean_kl(ref, llm.logits(fixture[f"{name}.tokens"].tolist()))
     print(f"{name}: mean KL {kl:.2e} (llama-cpp-python {fixture['llama_cpp_python_version']})")

@@ -18,6 +18,7 @@ from ggtriton.kernels.rope import rope_inv_freq
 from ggtriton.kernels.rmsnorm import rmsnorm_ref
 from ggtriton.kernels.rope_kv_store import rope_kv_store_ref
 from ggtriton.runtime import LLM, SamplingParams
+from ggtriton.runtime.engine import batch as batch_module
 from ggtriton.runtime.engine.batch import ForwardBatch
 from ggtriton.runtime.models import cpu_weights
 from ggtriton.runtime.models.cpu_attention import CpuAttention
@@ -38,9 +39,11 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     (GGMLType.Q4_0, "int4"), (GGMLType.Q4_1, "int4"), (GGMLType.Q4_K, "int4"), (GGMLType.Q5_0, "int4x2"),
     (GGMLType.Q5_1, "int4x2"), (GGMLType.Q5_K, "int4x2"), (GGMLType.Q8_0, "int4x2"), (GGMLType.Q6_K, "bf16"),
     (GGMLType.F32, "dense")])
-@pytest.mark.parametrize("rows", [1, 3, cpu_weights.DENSE_ROWS])
-def test_cpu_weight_matches_dequantized_product(ggml_type, kind, rows):
-    """Two weights stacked in one product (q/k/v-like: 64 and 32 rows) against x @ W^T in float64."""
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("packed", [False, True, "mixed"])
+def test_cpu_weight_matches_dequantized_product(ggml_type, kind, rows, packed):
+    """Two weights stacked in one product (q/k/v-like: 64 and 32 rows) against x @ W^T in float64: rows on the
+    dense copy, on the packed weight, or some on each."""
     k = 256
     parts = [QuantWeight(f"w{i}", weight(ggml_type, n, k, CPU, seed=i), ggml_type, (n, k))
              for i, n in enumerate((64, 32))]
@@ -48,7 +51,9 @@ def test_cpu_weight_matches_dequantized_product(ggml_type, kind, rows):
     assert w.kind == kind
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(7))
     ref = x.double() @ torch.cat([dequantize_ref(p.raw, p.ggml_type, p.shape) for p in parts]).double().t()
-    out = w.matmul(x)
+    if packed == "mixed":
+        packed = torch.arange(rows) % 2 == 0
+    out = w.matmul(x, packed=packed)
     assert out.dtype == torch.float32 and out.shape == (rows, 96)
     assert rel(out, ref) <= (1e-6 if kind == "dense" else 1e-2)
 
@@ -72,27 +77,46 @@ def test_split_product_is_exact_in_the_quants(ggml_type):
     assert w.kind == "int4x2"
     x = torch.randn(3, k, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16).float()
     ref = x.double() @ dequantize_ref(raw.reshape(-1), ggml_type, (n, k)).double().t()
-    err = (w.matmul(x).double() - ref).abs()
+    err = (w.matmul(x, packed=True).double() - ref).abs()
     assert (err <= 2**-8 * ref.abs() + 1e-6 * ref.abs().max()).all()
 
 
-@pytest.mark.parametrize("ggml_type, n, rows", [(GGMLType.Q8_0, 17000, 1), (GGMLType.Q8_0, 17000, 20),
-                                                (GGMLType.Q4_K, 20480, 3), (GGMLType.Q6_K, 48, 2)])
-def test_top_sums_are_exact(ggml_type, n, rows):
+@pytest.mark.parametrize("ggml_type, n, rows, packed", [
+    (GGMLType.Q8_0, 17000, 1, True), (GGMLType.Q8_0, 17000, 20, False), (GGMLType.Q4_K, 20480, 3, True),
+    (GGMLType.Q4_K, 20480, 3, False), (GGMLType.Q6_K, 48, 2, True)])
+def test_top_sums_are_exact(ggml_type, n, rows, packed):
     """`matmul_top_exact`: TOP_EXACT sums of each row, the largest among them, are the float64 x @ W^T to float32
     rounding, the rest within the product's bfloat16 tolerance. More blocks than TOP_EXACT, N a whole number of
-    them (20480) or not (17000), and fewer columns than TOP_EXACT (48); the packed (rows < DENSE_ROWS) and dense
-    paths."""
+    them (20480) or not (17000), and fewer columns than TOP_EXACT (48); the packed and dense paths."""
     k = 256
     w = QuantWeight("w", weight(ggml_type, n, k, CPU, seed=3), ggml_type, (n, k))
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(9))
     ref = x.double() @ dequantize_ref(w.raw, ggml_type, w.shape).double().t()
-    out = CpuWeight([w]).matmul_top_exact(x)
+    out = CpuWeight([w]).matmul_top_exact(x, packed=packed)
     assert out.dtype == torch.float32 and out.shape == (rows, n)
     exact = (out.double() - ref).abs() <= 1e-5 * ref.abs() + 1e-7 * ref.abs().max(-1, keepdim=True).values
     assert (exact.sum(-1) >= min(cpu_weights.TOP_EXACT, n)).all()
     assert exact.gather(1, ref.argmax(-1, keepdim=True)).all() and torch.equal(out.argmax(-1), ref.argmax(-1))
     assert rel(out, ref) <= 1e-2
+
+
+@pytest.mark.parametrize("ggml_type", [GGMLType.Q4_K, GGMLType.Q5_0, GGMLType.Q6_K])
+@pytest.mark.parametrize("n, k", [(96, 256), (640, 2048)])
+def test_a_rows_sums_do_not_depend_on_the_rows_beside_it(ggml_type, n, k):
+    """Each row of a product, alone and among 2, 3, 16, 17 and 40 rows with the packed and dense rows mixed, gets
+    the same sums (`matmul`: bit for bit; the exact top sums of `matmul_top_exact`: to one float32 rounding step):
+    what keeps a sequence's tokens independent of the batch it runs in."""
+    w = CpuWeight([QuantWeight("w", weight(ggml_type, n, k, CPU, seed=6), ggml_type, (n, k))])
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(40, k, generator=g)
+    packed = torch.rand(40, generator=g) < 0.5
+    whole, whole_top = w.matmul(x, packed=packed), w.matmul_top_exact(x, packed=packed)
+    for size in (1, 2, 3, 16, 17):
+        for start in range(0, 40 - size + 1, size):
+            rows = slice(start, start + size)
+            assert torch.equal(w.matmul(x[rows], packed=packed[rows]), whole[rows]), (size, start)
+            top = w.matmul_top_exact(x[rows], packed=packed[rows])
+            assert torch.allclose(top, whole_top[rows], rtol=2**-23, atol=0), (size, start)
 
 
 def test_cpu_weight_rejects_parts_of_different_k():
@@ -195,10 +219,10 @@ def tiny_models(tmp_path_factory):
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_cpu_backend_logits_match_float32_reference(tiny_models, monkeypatch, packed):
-    """Next-token logits at every position (one prefill step; `packed`: every product on the packed weights, as
-    decode runs them) of the cpu backend against the torch backend."""
+    """Next-token logits at every position (one prefill step; `packed`: every row taken for a generated token's,
+    so every product on the packed weights, as decode runs them) of the cpu backend against the torch backend."""
     if packed:
-        monkeypatch.setattr(cpu_weights, "DENSE_ROWS", 1 << 30)
+        monkeypatch.setattr(batch_module, "_generated", lambda *args: True)
     tokens = torch.randint(3, 320, (24,), generator=torch.Generator().manual_seed(2)).tolist()
     for path, tol in zip(tiny_models, (1e-5, 2e-2)):
         ref, out = (LLM(path, device="cpu", backend=b, dtype=torch.float32, kv_cache_bytes=1 << 22).logits(tokens)

@@ -147,7 +147,8 @@ def test_generate_chat_and_batch_commands(tiny, tmp_path, capsys, monkeypatch):
 
 def test_graph_replay_with_padded_buckets_equals_eager(tiny, monkeypatch):
     """The decode-graph path's static buffers and padding, run on CPU with the capture replaced by
-    recording the step function (CUDA graphs themselves need a GPU)."""
+    recording the step function (CUDA graphs themselves need a GPU), over the torch ops (graphs are made only
+    over kernels: the cpu backend's step caches key on the step's tensors, which a graph's buffers reuse)."""
     from ggtriton.runtime.engine import model_runner
 
     def record(self, step):
@@ -157,8 +158,8 @@ def test_graph_replay_with_padded_buckets_equals_eager(tiny, monkeypatch):
     monkeypatch.setattr(model_runner.ModelRunner, "_record", record)
     prompts = ["hello", "a longer prompt here", "xyz"]
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    eager = LLM(tiny, device="cpu").generate(prompts, params, use_tqdm=False)
-    graphed = LLM(tiny, device="cpu")
+    eager = LLM(tiny, device="cpu", backend="torch").generate(prompts, params, use_tqdm=False)
+    graphed = LLM(tiny, device="cpu", backend="torch")
     graphed.engine.runner.cuda_graphs = True
     outputs = graphed.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in outputs] == [o.token_ids for o in eager]

@@ -43,11 +43,13 @@ def agreement(logits: torch.Tensor, top_ids: np.ndarray, top_logprobs: np.ndarra
 @pytest.mark.parametrize("model, backend", [("smollm2", None), ("gemma3", None), ("smollm2", "cpu"),
                                           ("gemma3", "cpu")])
 def test_logits_agree_with_llamacpp(model, backend, request, device):
-    """backend None: the default (on CPU the exact float32 reference ops); "cpu": the fast CPU path (packed int4
-    and bfloat16 weights, runtime/models/cpu_weights.py, on the CPU whatever the device), which must hold the same
-    bounds."""
+    """backend None: the device's float32 path (on CPU the exact reference ops, on a GPU the Triton kernels);
+    "cpu": the fast CPU path, the default on CPU (packed int4 and bfloat16 weights, runtime/models/cpu_weights.py,
+    on the CPU whatever the device), which must hold the same bounds."""
     path = request.getfixturevalue(f"{model}_path")
     fixture = np.load(FIXTURES / f"logits_{model}.npz")
+    if backend is None:
+        backend = "torch" if device.type == "cpu" else "triton"
     llm = LLM(path, device="cpu" if backend == "cpu" else device, backend=backend, dtype=torch.float32, warm_up=False)
     all_top1, all_kl = [], []
     for i in (0, 1):

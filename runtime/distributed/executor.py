@@ -154,7 +154,8 @@ class ParallelModelRunner(ModelRunner):
     def run(self, chunks: list[Chunk], device_tokens: DeviceTokens | None = None) -> torch.Tensor:
         if device_tokens is not None:
             raise ValueError("speculative decoding is not supported with tensor parallelism")
-        sent = [Chunk(Pages(list(c.seq.block_table)), c.start, list(c.tokens), c.n_logits) for c in chunks]
+        sent = [Chunk(Pages(list(c.seq.block_table), c.seq.num_prompt_tokens), c.start, list(c.tokens), c.n_logits)
+                for c in chunks]
         with self.workers.step(("run", sent)):
             return super().run(chunks)
 

@@ -29,12 +29,12 @@ class ParallelOps(Ops):
         self.plan = plan
 
     def linear(self, x: torch.Tensor | PendingNorm, w: QuantWeight, bias: QuantWeight | None = None, *,
-               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+               out_dtype: torch.dtype | None = None, generated: bool | torch.Tensor = False) -> torch.Tensor:
         if is_row_parallel(w.name):
             dtype = out_dtype or (x.y if isinstance(x, PendingNorm) else x).dtype
-            out = self.group.all_reduce(super().linear(x, w, out_dtype=torch.float32))
+            out = self.group.all_reduce(super().linear(x, w, out_dtype=torch.float32, generated=generated))
             return self._biased(out.to(dtype), bias)
-        out = super().linear(x, w, bias, out_dtype=out_dtype)
+        out = super().linear(x, w, bias, out_dtype=out_dtype, generated=generated)
         if is_vocab_parallel(w.name):
             return self.group.gather_columns(out, self.plan.config.vocab_size)
         return out

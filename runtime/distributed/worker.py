@@ -29,9 +29,10 @@ from .shard import ShardPlan, load_shard
 
 @dataclass
 class Pages:
-    """The part of a sequence a worker's step reads: its block table."""
+    """The part of a sequence a worker's step reads: its block table and its prompt's length."""
 
     block_table: list[int]
+    num_prompt_tokens: int
 
 
 @dataclass

@@ -17,6 +17,9 @@ class ForwardBatch:
     Sequence b contributes tokens cu_seqlens_q[b]:cu_seqlens_q[b + 1] at the last positions of its
     context of context_lens[b] tokens (cached prefix plus these); `slot_mapping` says where each token's
     K/V goes; `block_tables` [B, max_pages] holds each sequence's pages. `is_decode`: one token each.
+    `generated`: which tokens are past their sequence's prompt (decoded or drafted): host bool [T], or True or
+    False where all rows agree. The cpu backend multiplies those rows and the prompt's with different weight
+    formats (`Ops.linear`).
     """
 
     input_ids: torch.Tensor  # int64 [T]
@@ -27,11 +30,13 @@ class ForwardBatch:
     cu_seqlens_q: torch.Tensor  # int32 [B + 1]
     max_seqlen_q: int
     is_decode: bool
+    generated: bool | torch.Tensor = False
 
     @classmethod
     def build(cls, tokens: Sequence[Sequence[int]], starts: Sequence[int], block_tables: Sequence[Sequence[int]],
-              block_size: int, device: torch.device) -> ForwardBatch:
-        """Sequence b feeds `tokens[b]` at positions starts[b] ..., its pages listed in block_tables[b]."""
+              block_size: int, device: torch.device, prompt_lens: Sequence[int] | None = None) -> ForwardBatch:
+        """Sequence b feeds `tokens[b]` at positions starts[b] ..., its pages listed in block_tables[b]; its prompt
+        is its first prompt_lens[b] tokens (None: every token fed is a prompt's)."""
         ids, positions, slot_ids, cu, ctx = [], [], [], [0], []
         for toks, start, table in zip(tokens, starts, block_tables):
             end = start + len(toks)
@@ -56,4 +61,17 @@ class ForwardBatch:
             cu_seqlens_q=tensor(cu, torch.int32),
             max_seqlen_q=max(q_lens, default=0),
             is_decode=bool(q_lens) and all(n == 1 for n in q_lens),
+            generated=_generated(positions, cu, prompt_lens),
         )
+
+
+def _generated(positions: list[int], cu: list[int], prompt_lens: Sequence[int] | None) -> bool | torch.Tensor:
+    """Whether each row's position is past its sequence's prompt: True or False where all rows agree."""
+    if prompt_lens is None:
+        return False
+    return row_flags([positions[i] >= n for b, n in enumerate(prompt_lens) for i in range(cu[b], cu[b + 1])])
+
+
+def row_flags(flags: list[bool]) -> bool | torch.Tensor:
+    """One flag per row, as one bool where all rows agree, else a host bool tensor."""
+    return all(flags) if all(flags) or not any(flags) else torch.tensor(flags)

@@ -29,7 +29,7 @@ import torch
 from ..config import ModelConfig
 from ..models.decoder import DecoderModel
 from ..sampling_params import SamplingParams
-from .batch import ForwardBatch
+from .batch import ForwardBatch, row_flags
 from .kv_cache import KVCacheLayout, slots
 from .sampler import Sampler, token_probs
 from .sequence import Sequence
@@ -116,14 +116,15 @@ class ModelRunner:
         rows = sum(b * q for b, q in self.graph_keys(max_num_seqs))
         return rows * self.config.hidden * self.model.ops.dtype.itemsize
 
-    def _dummy_step(self, seqs: int, q: int, kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-                    ) -> tuple[ForwardBatch, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """A step of `seqs` sequences of q placeholder tokens each, from position 0, and a throwaway cache for it
-        (or `kv`, when large enough)."""
+    def _dummy_step(self, seqs: int, q: int, kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                    generated: bool = False) -> tuple[ForwardBatch, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """A step of `seqs` sequences of q placeholder tokens each, from position 0, prompt tokens or (`generated`)
+        decoded ones, and a throwaway cache for it (or `kv`, when large enough)."""
         per_seq = -(-q // self.block_size)
         kv = kv if kv is not None else self.kv_layout(max(seqs * per_seq, 1)).allocate(self.device)
         pages = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(seqs)]
-        return ForwardBatch.build([[0] * q] * seqs, [0] * seqs, pages, self.block_size, self.device), kv
+        return ForwardBatch.build([[0] * q] * seqs, [0] * seqs, pages, self.block_size, self.device,
+                                  [0] * seqs if generated else None), kv
 
     @torch.inference_mode()
     def warm_up(self, token_counts: list[int], logit_rows: int, decode_sizes: list[int], decode_tokens: int = 1) -> int:
@@ -141,26 +142,27 @@ class ModelRunner:
                 batch, _ = self._dummy_step(1, t, kv)
                 self.model.logits(self.model.forward(batch, kv)[-min(t, logit_rows):])
             for b in decode_sizes:
-                batch, _ = self._dummy_step(b, decode_tokens, kv)
-                self.model.logits(self.model.forward(batch, kv))
+                batch, _ = self._dummy_step(b, decode_tokens, kv, generated=True)
+                self.model.logits(self.model.forward(batch, kv), batch.generated)
 
         return peak_bytes(self.device, steps)
 
     @torch.inference_mode()
     def step_time(self, seqs: int, q: int, reps: int = 3) -> float:
-        """Seconds a step of `seqs` sequences of q tokens each takes, the logits of every token included: the
-        replay of its captured graph when there is one (on its static inputs, which write and attend nothing),
-        else an eager step into a throwaway cache. The median of `reps` runs after an unrecorded one."""
+        """Seconds a decode (q = 1) or verify step of `seqs` sequences of q tokens each takes, the logits of every
+        token included: the replay of its captured graph when there is one (on its static inputs, which write and
+        attend nothing), else an eager step into a throwaway cache. The median of `reps` runs after an unrecorded
+        one."""
         graph = self._graphs.get((seqs, q))
         if graph is not None:
             def step() -> None:
                 graph.replay()
                 self.model.logits(graph.hidden)
         else:
-            batch, kv = self._dummy_step(seqs, q)
+            batch, kv = self._dummy_step(seqs, q, generated=True)
 
             def step() -> None:
-                self.model.logits(self.model.forward(batch, kv))
+                self.model.logits(self.model.forward(batch, kv), batch.generated)
         times = []
         for _ in range(reps + 1):
             if self.device.type == "cuda":
@@ -254,16 +256,20 @@ class ModelRunner:
         if self.cuda_graphs and 0 < len(chunks) <= GRAPH_BATCH_SIZES[-1] and q <= self.graph_tokens:
             return self._replay(chunks, q, device_tokens)
         batch = ForwardBatch.build([c.tokens for c in chunks], [c.start for c in chunks],
-                                   [c.seq.block_table for c in chunks], self.block_size, self.device)
+                                   [c.seq.block_table for c in chunks], self.block_size, self.device,
+                                   [c.seq.num_prompt_tokens for c in chunks])
         self._place(batch.input_ids, device_tokens)
         hidden = self.model.forward(batch, self.kv_caches)
-        rows, end = [], 0
+        rows, sampling, end = [], [], 0
         for c in chunks:
             end += len(c.tokens)
             rows += range(end - c.n_logits, end)
+            first = c.start + len(c.tokens) - c.n_logits  # the position of the chunk's first logits row
+            # rows that pick a generated token: the prompt's last one and every later one (not prompt scoring)
+            sampling += [p >= c.seq.num_prompt_tokens - 1 for p in range(first, first + c.n_logits)]
         if not rows:
             return torch.empty(0, self.config.vocab_size, device=self.device)
-        return self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+        return self.model.logits(hidden[torch.tensor(rows, device=self.device)], row_flags(sampling))
 
     def _place(self, input_ids: torch.Tensor, device_tokens: DeviceTokens | None) -> None:
         if device_tokens is not None and device_tokens.rows:

@@ -314,8 +314,8 @@ def _int_flag(valid, expected: str):
 def _device_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: the GPU if there is one)")
     p.add_argument("--backend", choices=["triton", "torch", "cpu"], default=None,
-                   help="kernels: triton (default on a GPU), the float32 torch reference ops (default on CPU) or "
-                        "cpu (packed int4 / bfloat16 weights on the CPU)")
+                   help="kernels: triton (default on a GPU), cpu (default on CPU: packed int4 / bfloat16 weights) or "
+                        "torch (the float32 reference ops)")
     p.add_argument("--cache-dir", default=None,
                    help="compiled kernels and tuning results, per GPU model (default: $GGTRITON_CACHE_DIR or "
                         "~/.cache/ggtriton)")

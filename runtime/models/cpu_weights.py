@@ -16,17 +16,22 @@ A `CpuWeight` is one or more 2-D GGUF weights of the same K stacked along N (q/k
   from 4.4e-3 / 5.5e-3 to 8.3e-3 / 8.9e-3.)
 - "dense" (F32, F16, BF16): float32, exact.
 
-Products of one or a few rows (decode) read the packed weight, with x rounded to bfloat16 and the sums returned in
-bfloat16. Products of many rows (prefill) are compute-bound: a packed weight then multiplies a bfloat16 dense copy
-of its values (oneDNN; AMX where the CPU has it), made on first use. So the rounding differs from the float32
-reference path in: x and the output in bfloat16, the packed kinds' scales and zeros in bfloat16, and the weights of
-the "bf16" kind and of prefill in bfloat16.
+Which format a row multiplies depends only on the row's own token, never on the rows beside it, so that a
+sequence's output does not change with what it is batched with. Rows of tokens past their prompt (decode, draft
+verification), and the logits rows that pick a token (the prompt's last row among them), read the packed weight,
+with x rounded to bfloat16 and the sums returned in bfloat16. Other prompt rows are compute-bound: a packed weight
+then multiplies a bfloat16 dense copy of its values (oneDNN; AMX where the CPU has it), made on first use. Each
+kernel gives a row the same sums whatever the row count (tests/test_cpu_path.py checks it), except oneDNN's
+one-row kernel, which sums in another order: a single row is multiplied as two. So the rounding differs from the
+float32 reference path in: x and the output in bfloat16, the packed kinds' scales and zeros in bfloat16, and the
+weights of the "bf16" kind and of prompt rows in bfloat16.
 
 The logits (`matmul_top_exact`, for the products asked for in float32) have each row's TOP_EXACT largest sums
-recomputed exactly: float32 x on the file's values of those weight rows, dequantized alone. The bfloat16 output's
-rounding, 2^-9 relative, is up to 0.06 at a logit of 30, and the tokens a softmax weighs are the top ones: on
-Gemma-3-270M that rounding was the largest single part of what the cpu path adds to the mean KL divergence against
-llama.cpp.
+recomputed exactly: float32 x on the file's values of those weight rows, dequantized alone, summed in float64
+(so the rows beside it cannot move a sum by more than one float32 rounding step, and rarely by that). The
+bfloat16 output's rounding, 2^-9 relative, is up to 0.06 at a logit of 30, and the tokens a softmax weighs are
+the top ones: on Gemma-3-270M that rounding was the largest single part of what the cpu path adds to the mean KL
+divergence against llama.cpp.
 """
 
 from __future__ import annotations
@@ -44,8 +49,6 @@ INT4_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K)
 SPLIT_TYPES = (GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q5_K, GGMLType.Q8_0)
 FLOAT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 _GROUP = 32  # weights per int4 scale and zero
-# Rows at and above which a product multiplies the bfloat16 dense copy (compute-bound) instead of the packed weight.
-DENSE_ROWS = 16
 TOP_EXACT = 64  # sums per row `matmul_top_exact` recomputes exactly
 _TOP_BLOCK = 256  # columns per block whose maximum `_top_columns` ranks first
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default  # the overload itself: no per-call lookup
@@ -91,31 +94,47 @@ class CpuWeight:
         """The float32 values of the stacked weight, [N, K] (the reference's dequantization)."""
         return torch.cat([dequantize_ref(w.raw, w.ggml_type, w.shape) for w in self.parts])
 
-    def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """x [M, K] @ W^T -> [M, N] in `out_dtype` (default x's dtype)."""
+    def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None,
+               packed: bool | torch.Tensor = False) -> torch.Tensor:
+        """x [M, K] @ W^T -> [M, N] in `out_dtype` (default x's dtype). packed: which rows multiply the packed
+        weight (rows past their prompt), bool [M] or one bool for all; the others multiply the dense copy."""
         out_dtype = out_dtype or x.dtype
         if self.kind == "dense":
             return (x.to(torch.float32) @ self.data.t()).to(out_dtype)
         xb = x.to(torch.bfloat16)
-        if self.kind in ("int4", "int4x2") and len(x) < DENSE_ROWS:
-            xb = torch.cat([xb, xb], -1) if self.kind == "int4x2" else xb.contiguous()
-            return _INT4_MM(xb, self.data, _GROUP, self.scales).to(out_dtype)
+        if self.kind == "bf16" or packed is False:
+            return self._dense_mm(xb).to(out_dtype)
+        if packed is True:
+            return self._packed_mm(xb).to(out_dtype)
+        out = torch.empty(len(x), self.n, dtype=torch.bfloat16)
+        out[packed] = self._packed_mm(xb[packed])
+        out[~packed] = self._dense_mm(xb[~packed])
+        return out.to(out_dtype)
+
+    def _packed_mm(self, xb: torch.Tensor) -> torch.Tensor:
+        xb = torch.cat([xb, xb], -1) if self.kind == "int4x2" else xb.contiguous()
+        return _INT4_MM(xb, self.data, _GROUP, self.scales)
+
+    def _dense_mm(self, xb: torch.Tensor) -> torch.Tensor:
         if self._bf16 is None:
             self._bf16 = self._values().to(torch.bfloat16)
-        return (xb @ self._bf16.t()).to(out_dtype)
+        if len(xb) == 1:  # oneDNN's one-row kernel sums in another order than its many-row one
+            return (torch.cat([xb, xb]) @ self._bf16.t())[:1]
+        return xb @ self._bf16.t()
 
-    def matmul_top_exact(self, x: torch.Tensor, k: int = TOP_EXACT) -> torch.Tensor:
-        """x [M, K] @ W^T -> float32 [M, N] of one weight, each row's k largest sums (by `matmul`) recomputed in
-        float32 from x and the exact values of those weight rows."""
-        out = self.matmul(x, torch.float32)
+    def matmul_top_exact(self, x: torch.Tensor, k: int = TOP_EXACT, packed: bool | torch.Tensor = False
+                         ) -> torch.Tensor:
+        """x [M, K] @ W^T -> float32 [M, N] of one weight (`matmul`'s, rows `packed` as there), each row's k
+        largest sums recomputed from float32 x and the exact values of those weight rows, summed in float64."""
+        out = self.matmul(x, torch.float32, packed)
         if self.kind == "dense":
             return out
         if len(self.parts) != 1:
             raise ValueError(f"exact top sums take one weight, got {[w.name for w in self.parts]}")
         top = _top_columns(out, min(k, self.n))
         ids, inv = top.unique(return_inverse=True)  # rows shared by several x rows are dequantized once
-        exact = x.to(torch.float32) @ quant_rows(self.parts[0], ids).t()
-        return out.scatter_(1, top, exact.gather(1, inv))
+        exact = x.to(torch.float64) @ quant_rows(self.parts[0], ids).to(torch.float64).t()
+        return out.scatter_(1, top, exact.gather(1, inv).to(torch.float32))
 
 
 def quant_rows(w: QuantWeight, ids: torch.Tensor) -> torch.Tensor:

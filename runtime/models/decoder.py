@@ -148,11 +148,12 @@ class DecoderModel:
             h = h * cfg.embed_scale
         n_q, n_kv, d = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.head_dim
         x, residual = ops.rmsnorm(h, self.layers[0].attn_norm, cfg.rms_eps)
+        gen = batch.generated
         for i, layer in enumerate(self.layers):
             if layer.qkv is not None:
-                q, k, v = ops.linear(x, layer.qkv).split([n_q, n_kv, n_kv], dim=-1)
+                q, k, v = ops.linear(x, layer.qkv, generated=gen).split([n_q, n_kv, n_kv], dim=-1)
             else:
-                q, k, v = ops.linears(x, layer.qkv_weights, [layer.q_bias, layer.k_bias, layer.v_bias])
+                q, k, v = ops.linears(x, layer.qkv_weights, [layer.q_bias, layer.k_bias, layer.v_bias], generated=gen)
             q = q.reshape(-1, cfg.n_heads, d)
             k = k.reshape(-1, cfg.n_kv_heads, d)
             v = v.reshape(-1, cfg.n_kv_heads, d)
@@ -170,36 +171,37 @@ class DecoderModel:
             # the router and the experts take x as a tensor: no norm left pending for them
             ffn_in = None if layer.moe else [layer.ffn_up] if layer.ffn_gate is None else [layer.ffn_gate, layer.ffn_up]
             x, residual = self._add_norm(o.reshape(-1, n_q), layer.attn_output, layer.post_attn_norm, residual,
-                                         layer.ffn_norm, ffn_in, layer.attn_output_bias)
+                                         layer.ffn_norm, ffn_in, gen, layer.attn_output_bias)
             if layer.moe is not None:
-                g = layer.moe(ops, x)  # the FFN's output: no ffn_down follows
+                g = layer.moe(ops, x, gen)  # the FFN's output: no ffn_down follows
             elif layer.ffn_gate is None:
-                g = ops.act_mul(arch.activation, *ops.linear(x, layer.ffn_up).chunk(2, dim=-1))
+                g = ops.act_mul(arch.activation, *ops.linear(x, layer.ffn_up, generated=gen).chunk(2, dim=-1))
             else:
-                g = ops.gated(arch.activation, x, layer.ffn_gate, layer.ffn_up)
+                g = ops.gated(arch.activation, x, layer.ffn_gate, layer.ffn_up, generated=gen)
             nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
             # after the last layer, the final norm, whose rows go to the caller
             x, residual = self._add_norm(g, layer.ffn_down, layer.post_ffn_norm, residual,
                                          self.output_norm if nxt is None else nxt.attn_norm,
-                                         None if nxt is None else nxt.qkv_weights)
+                                         None if nxt is None else nxt.qkv_weights, gen)
         return x
 
     def _add_norm(self, x: torch.Tensor, w: QuantWeight | None, post_norm: torch.Tensor | None, residual: torch.Tensor,
-                  norm: torch.Tensor, consumers: list[QuantWeight] | None, bias: QuantWeight | None = None
-                  ) -> tuple[torch.Tensor | PendingNorm, torch.Tensor]:
+                  norm: torch.Tensor, consumers: list[QuantWeight] | None, generated: bool | torch.Tensor,
+                  bias: QuantWeight | None = None) -> tuple[torch.Tensor | PendingNorm, torch.Tensor]:
         """(rmsnorm(h, norm), h) for h = residual + post_norm(x @ W^T + bias) (x itself where W is None: a mixture
         of experts' output): pending for the products `consumers` where the ops fuse it, else computed."""
         ops, eps = self.ops, self.config.rms_eps
         if w is not None and post_norm is None and bias is None and ops.fuses_norm(len(x), w, consumers):
             return ops.linear_add_norm(x, w, residual, norm, eps)
-        a = x if w is None else ops.linear(x, w, bias)
+        a = x if w is None else ops.linear(x, w, bias, generated=generated)
         if post_norm is not None:
             a = ops.rmsnorm(a, post_norm, eps)[0]
         return ops.rmsnorm(a, norm, eps, residual)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Next-token logits, float32 [T, vocab], of final hidden states."""
-        out = self.ops.linear(hidden, self.output, out_dtype=torch.float32)
+    def logits(self, hidden: torch.Tensor, generated: bool | torch.Tensor = False) -> torch.Tensor:
+        """Next-token logits, float32 [T, vocab], of final hidden states. generated: the rows whose next token is a
+        generated one (as `ForwardBatch.generated`, per row or one bool), not a prompt's being scored."""
+        out = self.ops.linear(hidden, self.output, out_dtype=torch.float32, generated=generated)
         cap = self.config.final_softcap
         if cap is not None:
             out = cap * torch.tanh(out / cap)

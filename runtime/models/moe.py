@@ -106,14 +106,15 @@ class MoE:
             )
         return moe
 
-    def __call__(self, ops: Ops, x: torch.Tensor) -> torch.Tensor:
-        """The FFN's output [T, hidden] for its normed input x [T, hidden]."""
-        logits = ops.linear(x, self.router, self.router_bias, out_dtype=torch.float32)
+    def __call__(self, ops: Ops, x: torch.Tensor, generated: bool | torch.Tensor = False) -> torch.Tensor:
+        """The FFN's output [T, hidden] for its normed input x [T, hidden] (`generated`: `Ops.linear`'s)."""
+        logits = ops.linear(x, self.router, self.router_bias, out_dtype=torch.float32, generated=generated)
         out = ops.moe(x, logits, self.top_k, self.gate, self.up, self.down, normalize=self.normalize,
                       scale=self.scale, activation=self.activation, gating=self.gating, biases=self.biases)
         s = self.shared
         if s is not None:
-            y = ops.linear(ops.gated(self.activation, x, s.gate, s.up), s.down)
+            y = ops.linear(ops.gated(self.activation, x, s.gate, s.up, generated=generated), s.down,
+                           generated=generated)
             out = out + torch.sigmoid(x.float() @ s.gate_inp).to(y.dtype)[:, None] * y
         return out
 

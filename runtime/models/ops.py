@@ -1,10 +1,11 @@
 """The op layer: the one place that picks, per op, the Triton kernel or its torch reference.
 
 Backend "triton" runs the kernels of `ggtriton.kernels` (on a GPU, or on CPU tensors under
-TRITON_INTERPRET=1); backend "torch" runs their torch references in float32, the CPU oracle; backend "cpu" is
-the fast CPU path: the weights in torch's packed int4 CPU format or bfloat16 (runtime/models/cpu_weights.py), q/k/v and
-gate/up one product each, and the references' attention, RoPE and norms in fewer torch calls, with what is the same
-for every layer made once per step (runtime/models/cpu_attention.py).
+TRITON_INTERPRET=1); backend "torch" runs their torch references in float32, the CPU oracle; backend "cpu", the
+default on CPU, is the fast CPU path: the weights in torch's packed int4 CPU format or bfloat16
+(runtime/models/cpu_weights.py; generated tokens' rows and prompts' take different formats, see `linear`), q/k/v
+and gate/up one product each, and the references' attention, RoPE and norms in fewer torch calls, with what is the
+same for every layer made once per step (runtime/models/cpu_attention.py).
 Quantized linear layers: the torch backend dequantizes each weight once, at load, and keeps it dense in
 the activation dtype (a reference path: it trades memory for never dequantizing in a step); the Triton
 backend multiplies with the fused dequantize-matmul kernel, which picks its own path (GEMV, split-K,
@@ -105,32 +106,36 @@ class Ops:
         return relaid
 
     def linear(self, x: torch.Tensor | PendingNorm, w: QuantWeight, bias: QuantWeight | None = None, *,
-               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+               out_dtype: torch.dtype | None = None, generated: bool | torch.Tensor = False) -> torch.Tensor:
         """x [T, K] @ W[N, K]^T (+ bias), W in its GGUF blocks; float32 sums stored in `out_dtype` (default
-        x's dtype). x is a PendingNorm only where `fuses_norm` said so."""
+        x's dtype). x is a PendingNorm only where `fuses_norm` said so. generated: which rows are tokens past
+        their prompt (`ForwardBatch.generated`): the cpu backend multiplies them with the packed weights, the
+        prompt's with dense copies (runtime/models/cpu_weights.py)."""
         if self.backend == "triton":
             out = kernels.qmatmul(_contiguous(x), w.raw, w.ggml_type, w.shape, out_dtype=out_dtype, planar=w.planar)
         elif self.backend == "cpu" and len(w.shape) == 2:
             cpu = self._cpu_weight((w,))
             # float32 asked for (the logits, a router's): the sums a softmax weighs most not left in bfloat16
-            out = cpu.matmul_top_exact(x) if out_dtype == torch.float32 else cpu.matmul(x, out_dtype)
+            out = (cpu.matmul_top_exact(x, packed=generated) if out_dtype == torch.float32 else
+                   cpu.matmul(x, out_dtype, generated))
         else:
             dtype = out_dtype or x.dtype
             out = x.to(dtype) @ self._dense(w).t().to(dtype)
         return self._biased(out, bias)
 
     def linears(self, x: torch.Tensor | PendingNorm, ws: Sequence[QuantWeight],
-                biases: Sequence[QuantWeight | None] | None = None) -> list[torch.Tensor]:
+                biases: Sequence[QuantWeight | None] | None = None, *,
+                generated: bool | torch.Tensor = False) -> list[torch.Tensor]:
         """[x @ W^T (+ bias) for each W] of q, k and v, or gate and up: one launch on the Triton backend where the
         weights share a type, K and layout and the kernel takes them together (see `kernels.qmatmul_many`). x is
-        a PendingNorm only where `fuses_norm` said so."""
+        a PendingNorm only where `fuses_norm` said so; `generated` as in `linear`."""
         biases = biases or [None] * len(ws)
         if self.backend == "cpu" and (tuple(ws) in self._cpu or len({_cpu_kind(w) for w in ws}) == 1
                                       and len({w.shape[1:] for w in ws}) == 1):
-            outs = self._cpu_weight(tuple(ws)).matmul(x).split([w.shape[0] for w in ws], dim=-1)
+            outs = self._cpu_weight(tuple(ws)).matmul(x, packed=generated).split([w.shape[0] for w in ws], dim=-1)
             return [self._biased(out, b) for out, b in zip(outs, biases)]
         if self.backend != "triton" or not _one_launch(ws):
-            return [self.linear(x, w, b) for w, b in zip(ws, biases)]
+            return [self.linear(x, w, b, generated=generated) for w, b in zip(ws, biases)]
         outs = kernels.qmatmul_many(_contiguous(x), [w.raw for w in ws], ws[0].ggml_type, [w.shape for w in ws],
                                     planar=ws[0].planar)
         return [self._biased(out, b) for out, b in zip(outs, biases)]
@@ -149,16 +154,16 @@ class Ops:
         return kernels.qmatmul_add_norm(_contiguous(x), w.raw, w.ggml_type, w.shape, residual, norm_weight, eps,
                                         planar=w.planar)
 
-    def gated(self, activation: str, x: torch.Tensor | PendingNorm, gate: QuantWeight,
-              up: QuantWeight) -> torch.Tensor:
+    def gated(self, activation: str, x: torch.Tensor | PendingNorm, gate: QuantWeight, up: QuantWeight, *,
+              generated: bool | torch.Tensor = False) -> torch.Tensor:
         """act(x @ gate^T) * (x @ up^T): one launch on the Triton backend where the kernel takes both weights
-        together (`kernels.qmatmul_act`), else the two products and `act_mul`."""
+        together (`kernels.qmatmul_act`), else the two products and `act_mul` (`generated` as in `linear`)."""
         rows = len(x.y) if isinstance(x, PendingNorm) else len(x)
         if self.backend == "triton" and _one_launch([gate, up]) and gate.shape == up.shape and fusable(
                 gate.ggml_type, rows, 2 * gate.shape[0], gate.shape[1], gate.raw.device, act=True):
             return kernels.qmatmul_act(_contiguous(x), [gate.raw, up.raw], gate.ggml_type, gate.shape, activation,
                                        planar=gate.planar)
-        return self.act_mul(activation, *self.linears(x, [gate, up]))
+        return self.act_mul(activation, *self.linears(x, [gate, up], generated=generated))
 
     def moe(self, x: torch.Tensor, router_logits: torch.Tensor, top_k: int, gate: QuantWeight, up: QuantWeight,
             down: QuantWeight, *, normalize: bool, scale: float, activation: str, gating: str = "softmax",
