@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import importlib
 
+import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from ggtriton.gguf import TYPE_TRAITS, GGMLType
 from ggtriton.gguf.quants import dequantize as dequantize_reference
 from ggtriton.kernels import dequantize, gelu_mul, qmatmul, qmatmul_many, rmsnorm, silu_mul
 from ggtriton.kernels.planar import MATRIX_PLANAR_TYPES, PLANAR_TYPES, RELAID_TYPES, from_planar, matrix_rows, to_planar
 from ggtriton.kernels._common import arrival_counters
-from ggtriton.kernels.qgemv import _STEP, GEMV_TYPES, gemv_splits, qgemv, rows_aligned, word_layout
+from ggtriton.kernels.qgemv import (_STEP, GEMV_TYPES, _perm_bytes, _perm_lanes, gemv_splits, qgemv, rows_aligned,
+                                    word_layout)
 from ggtriton.kernels.qmatmul import fusable, qmatmul_act, qmatmul_add_norm
 from ggtriton.kernels.rmsnorm import RMS_CHUNK, PendingNorm, pending_norm_ref
 from ggtriton.runtime.models.ops import Ops
@@ -411,3 +415,30 @@ def test_fused_bad_input(device) -> None:
     p = PendingNorm(x, torch.zeros(2, k // RMS_CHUNK, device=device), 1e-6)
     with pytest.raises(ValueError, match="Q4_1: path 'splitk' takes no PendingNorm"):
         qmatmul(p, q4_1, GGMLType.Q4_1, (32, k))
+
+
+@triton.jit
+def _permute_kernel(a_ptr, b_ptr, s_ptr, lanes_ptr, bytes_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    a, b, s = tl.load(a_ptr + i), tl.load(b_ptr + i), tl.load(s_ptr + i)
+    tl.store(lanes_ptr + i, _perm_lanes(a, b, s))
+    tl.store(bytes_ptr + i, _perm_bytes(a, b, s))
+
+
+def test_both_byte_permute_emulations_are_prmt(device):
+    """The interpreter's byte permute (four bytes at once) and HIP's (byte by byte) against prmt.b32's definition
+    in numpy, on random words and selectors, sign-replicating selector bits included."""
+    g = np.random.default_rng(5)
+    a, b, s = (g.integers(-2**31, 2**31, 4096, dtype=np.int64).astype(np.int32) for _ in range(3))
+    pair = (b.astype(np.uint32).astype(np.uint64) << 32) | a.astype(np.uint32)
+    want = np.zeros(4096, np.uint32)
+    for k in range(4):
+        sel = (s.astype(np.uint32) >> (4 * k)) & 15
+        byte = (pair >> (8 * (sel & 7)).astype(np.uint64)) & 0xFF
+        byte = np.where(sel < 8, byte, np.where(byte < 128, 0, 0xFF)).astype(np.uint32)
+        want |= byte << np.uint32(8 * k)
+    args = [torch.from_numpy(v).to(device) for v in (a, b, s)]
+    lanes, by_bytes = (torch.full((4096,), -1, dtype=torch.int32, device=device) for _ in range(2))
+    _permute_kernel[(1,)](*args, lanes, by_bytes, N=4096)
+    assert np.array_equal(lanes.cpu().numpy().view(np.uint32), want)
+    assert np.array_equal(by_bytes.cpu().numpy().view(np.uint32), want)

@@ -51,6 +51,7 @@ FLOAT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 _GROUP = 32  # weights per int4 scale and zero
 TOP_EXACT = 64  # sums per row `matmul_top_exact` recomputes exactly
 _TOP_BLOCK = 256  # columns per block whose maximum `_top_columns` ranks first
+_EXACT_ELEMENTS = 1 << 18  # float64 weight values gathered at a time for the exact sums (2 MB)
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default  # the overload itself: no per-call lookup
 
 
@@ -133,8 +134,12 @@ class CpuWeight:
             raise ValueError(f"exact top sums take one weight, got {[w.name for w in self.parts]}")
         top = _top_columns(out, min(k, self.n))
         ids, inv = top.unique(return_inverse=True)  # rows shared by several x rows are dequantized once
-        exact = x.to(torch.float64) @ quant_rows(self.parts[0], ids).to(torch.float64).t()
-        return out.scatter_(1, top, exact.gather(1, inv).to(torch.float32))
+        values = quant_rows(self.parts[0], ids).to(torch.float64)
+        x64 = x.to(torch.float64)[:, :, None]
+        # each row against its own k weight rows only (not every row any x row picked), in slices that stay in cache
+        step = max(1, _EXACT_ELEMENTS // (top.shape[1] * self.k))
+        exact = torch.cat([torch.bmm(values[inv[s: s + step]], x64[s: s + step]) for s in range(0, len(x), step)])
+        return out.scatter_(1, top, exact[..., 0].to(torch.float32))
 
 
 def quant_rows(w: QuantWeight, ids: torch.Tensor) -> torch.Tensor:
