@@ -512,7 +512,7 @@ def _q32_block(acc, w_ptr, row, b, b_end, nb, x_ptr, xm, x_stride, TYPE: tl.cons
 def _perm(a, b, s):
     """PTX's prmt.b32 (one PRMT): byte k of the result is byte s[4k+2:4k] of {b, a} (a: bytes 0..3, b: 4..7), or
     where s[4k+3] is set, that byte's top bit repeated 8 times. Elsewhere in shifts: on HIP byte by byte, in the
-    interpreter the four bytes at once (a quarter of the interpreted operations)."""
+    interpreter the four bytes at once (about a third of the interpreted operations)."""
     if not _INTERPRETED and is_cuda():
         r = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, s], dtype=tl.int32,
                                       is_pure=True, pack=1)

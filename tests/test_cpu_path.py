@@ -119,6 +119,12 @@ def test_a_rows_sums_do_not_depend_on_the_rows_beside_it(ggml_type, n, k):
             assert torch.allclose(top, whole_top[rows], rtol=2**-23, atol=0), (size, start)
 
 
+def test_top_sums_of_no_rows():
+    w = QuantWeight("w", weight(GGMLType.Q4_K, 64, 256, CPU), GGMLType.Q4_K, (64, 256))
+    for packed in (False, True):
+        assert CpuWeight([w]).matmul_top_exact(torch.randn(0, 256), packed=packed).shape == (0, 64)
+
+
 def test_cpu_weight_rejects_parts_of_different_k():
     parts = [QuantWeight(f"w{k}", weight(GGMLType.Q8_0, 32, k, CPU), GGMLType.Q8_0, (32, k)) for k in (64, 96)]
     with pytest.raises(ValueError, match="one K.*w64.*w96"):

@@ -128,7 +128,7 @@ class CpuWeight:
         """x [M, K] @ W^T -> float32 [M, N] of one weight (`matmul`'s, rows `packed` as there), each row's k
         largest sums recomputed from float32 x and the exact values of those weight rows, summed in float64."""
         out = self.matmul(x, torch.float32, packed)
-        if self.kind == "dense":
+        if self.kind == "dense" or not len(x):
             return out
         if len(self.parts) != 1:
             raise ValueError(f"exact top sums take one weight, got {[w.name for w in self.parts]}")
