@@ -199,14 +199,15 @@ class Sampler:
                 repetition, presence, frequency)
 
         greedy = temperature == 0
-        scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
         tokens = logits.argmax(dim=1)
-
+        n_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        if n_top is None and all(p.greedy for p in params):
+            return tokens[:, None].double()  # no scaled copy of the logits: a vocabulary's worth per row
+        scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
         if not all(p.greedy for p in params):
             probs = filter_probs(torch.softmax(scaled, dim=1), params, top_k.long(), top_p, min_p)
             race = self.race(probs, generators)
             tokens = torch.where(greedy, tokens, race)
-        n_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         if n_top is None:
             return tokens[:, None].double()
         return logprob_table(torch.log_softmax(scaled, dim=1), tokens, n_top)
