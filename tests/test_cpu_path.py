@@ -8,6 +8,8 @@ Float-typed weights stay float32, so a model of F32 weights matches the referenc
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from ggtriton.gguf import TYPE_TRAITS, GGMLType
@@ -142,6 +144,17 @@ def _batch(ctx: list[int], n_new: list[int], page: int, pages: int, shuffled: bo
         tables.append(order[used: used + n])
         used += n
     return ForwardBatch.build([[1] * n for n in n_new], [c - n for c, n in zip(ctx, n_new)], tables, page, CPU)
+
+
+def test_batch_marks_the_rows_past_each_prompt():
+    """`ForwardBatch.generated`: a decode token, a prefill chunk, and a recomputed sequence whose chunk spans its
+    prompt's end, in one step; steps of one kind are one bool."""
+    build = partial(ForwardBatch.build, block_tables=[[0, 1], [2, 3], [4, 5]], block_size=8, device=CPU)
+    mixed = build([[1], [1, 2, 3], [1, 2, 3, 4]], [9, 2, 3], prompt_lens=[9, 7, 5])
+    assert mixed.generated.tolist() == [True, False, False, False, False, False, True, True]
+    assert build([[1], [1, 2]], [9, 7], prompt_lens=[9, 7]).generated is True
+    assert build([[1], [1, 2]], [3, 0], prompt_lens=[9, 7]).generated is False
+    assert build([[1], [1, 2]], [9, 7]).generated is False  # no prompt lengths: prompt rows
 
 
 @pytest.mark.parametrize("neox, rope_dim", [(False, 16), (True, 16), (True, 8)])

@@ -61,15 +61,18 @@ class ForwardBatch:
             cu_seqlens_q=tensor(cu, torch.int32),
             max_seqlen_q=max(q_lens, default=0),
             is_decode=bool(q_lens) and all(n == 1 for n in q_lens),
-            generated=_generated(positions, cu, prompt_lens),
+            generated=_generated(starts, q_lens, prompt_lens),
         )
 
 
-def _generated(positions: list[int], cu: list[int], prompt_lens: Sequence[int] | None) -> bool | torch.Tensor:
-    """Whether each row's position is past its sequence's prompt: True or False where all rows agree."""
-    if prompt_lens is None:
+def _generated(starts: Sequence[int], q_lens: list[int], prompt_lens: Sequence[int] | None) -> bool | torch.Tensor:
+    """Whether each row's position is past its sequence's prompt: True or False where all rows agree (decided per
+    sequence: a flag per row only for a step that mixes them)."""
+    if prompt_lens is None or all(s + q <= n for s, q, n in zip(starts, q_lens, prompt_lens)):
         return False
-    return row_flags([positions[i] >= n for b, n in enumerate(prompt_lens) for i in range(cu[b], cu[b + 1])])
+    if all(s >= n for s, n in zip(starts, prompt_lens)):
+        return True
+    return torch.cat([torch.arange(s, s + q) >= n for s, q, n in zip(starts, q_lens, prompt_lens)])
 
 
 def row_flags(flags: list[bool]) -> bool | torch.Tensor:
