@@ -62,7 +62,7 @@ _MIN_WEIGHT_SUM = 6.103515625e-5  # 2^-14, the smallest normal fp16: the normali
 # GPU; `_prune` keeps out those that spill on sm_90. The interpreter's are small so that tests cross row tiles.
 _CONFIGS = {
     1: {"cuda": [(32, 2), (64, 2), (128, 4), (256, 4)], "hip": [(64, 2), (128, 4)], "interpreter": [(32, 1)]},
-    16: {"cuda": [(64, 4), (128, 4), (256, 8)], "hip": [(64, 4), (128, 4)], "interpreter": [(32, 1)]},
+    16: {"cuda": [(64, 4), (128, 4), (128, 8), (256, 8)], "hip": [(64, 4), (128, 4)], "interpreter": [(32, 1)]},
     32: {"cuda": [(64, 4), (128, 8)], "hip": [(64, 4)], "interpreter": [(32, 1)]},
 }
 # The most rows of W per program that do not spill on sm_90 (bench/sass.py, Triton 3.9 and 3.6; but Q4_K's 16-row
@@ -72,11 +72,15 @@ _CONFIGS = {
 _MAX_BLOCK_N = {
     (1, "Q4_K"): (256, 256), (1, "Q5_K"): (256, 256), (1, "Q5_0"): (256, 256), (1, "Q6_K"): (128, 128),
     (1, "Q8_0"): (32, 128), (1, "Q4_0"): (128, 128),
-    (16, "Q4_K"): (256, 256), (16, "Q6_K"): (256, 256), (16, "Q4_0"): (256, 256),
+    (16, "Q4_K"): (256, 256), (16, "Q6_K"): (256, 256), (16, "Q4_0"): (256, 256), (16, "Q5_K"): (256, 256),
+    (16, "IQ4_XS"): (256, 256), (16, "MXFP4"): (256, 256),
     (32, "Q4_K"): (128, 128), (32, "Q6_K"): (128, 128), (32, "Q4_0"): (128, 128),
     (1, "IQ4_XS"): (256, 256), (1, "MXFP4"): (256, 256),
 }
 _OTHER_MAX_BLOCK_N = {1: 32, 16: 64, 32: 64}
+# Configs (BLOCK_N, num_warps) within those bounds that still spill (Triton 3.9 or 3.6), per (form, type): (gate and
+# up; down). IQ4_XS's 16-row float16 loop takes 32 rows of W per warp only for down, at 8 warps.
+_SPILLING = {(16, "IQ4_XS"): ({(128, 4), (256, 8)}, {(128, 4)})}
 _BLOCK_K = {"cuda": 64, "hip": 64, "interpreter": 32}  # elements per step of the element decoders
 _P_BUCKET_CAP = 1 << 16  # autotune key: pairs rounded up to a power of two, at most this
 _ROUTE_TOKENS = 16  # tokens per routing program
@@ -297,10 +301,12 @@ def _block_m(tokens: int, pairs: int, n_expert: int) -> int:
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """The configs whose BLOCK_N is at most `_MAX_BLOCK_N`'s for the launch."""
-    form = min(kwargs["BLOCK_M"], 32)
-    high = _MAX_BLOCK_N.get((form, kwargs["TYPE"]), (_OTHER_MAX_BLOCK_N[form],) * 2)[kwargs["ACT"] == "none"]
-    return [c for c in configs if c.kwargs["BLOCK_N"] <= high] or configs[:1]
+    """The configs whose BLOCK_N is at most `_MAX_BLOCK_N`'s for the launch, less those of `_SPILLING`."""
+    form, down = min(kwargs["BLOCK_M"], 32), kwargs["ACT"] == "none"
+    high = _MAX_BLOCK_N.get((form, kwargs["TYPE"]), (_OTHER_MAX_BLOCK_N[form],) * 2)[down]
+    spilling = _SPILLING.get((form, kwargs["TYPE"]), (set(), set()))[down]
+    return [c for c in configs if c.kwargs["BLOCK_N"] <= high and (c.kwargs["BLOCK_N"], c.num_warps) not in spilling
+            ] or configs[:1]
 
 
 @functools.cache

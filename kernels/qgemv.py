@@ -21,11 +21,18 @@ What keeps it low:
   sums once per sub-block. S = 80 keeps x' finite for |x| < 2^59 and the products normal for |x| >= 2^-46.
   Offsets (q - 8, q - 32, q + 128 for int8) and K-quant mins use the per-sub-block sums of x, computed once per
   thread and shared by its rows.
-- 2 to 16 rows (BLOCK_M = 16, batched decode, speculative verification): one FFMA per weight scales the field
-  (by dl * 2^(149 - P), and 2^-T) and adds the offset or min, the tile is rounded to x's dtype and multiplied on
-  the tensor cores, one tl.dot per field position (K = 16 to 64 elements; the table types, Q8_0 and Q5_0: one per
-  step, K = 256, the fields joined in element order so that x is read as contiguous runs, the weights the left
-  operand, which Hopper's wgmma takes from registers), so each weight is decoded once whatever M is.
+- 2 to 16 rows (BLOCK_M = 16, batched decode, speculative verification): each weight is decoded once whatever M
+  is, into a tile multiplied on the tensor cores (the weights the left operand, which Hopper's wgmma takes from
+  registers, where the code below says so). Two ways:
+  - Q4_K, Q5_K, IQ4_XS and MXFP4 (`_f16_rows`): the weights as small integers in float16, a sub-block's scale
+    times its quant (exact for the K-quants; IQ4_XS rounds once to 11 bits above 2048; MXFP4: its value times the
+    block's power of two relative to the largest of its step), made from the quant bytes by one byte permute (to
+    1024 + q) and one HFMA2 per two weights; x's rows are scaled per block by a power of two into float16's range
+    (bench/sass.py: no conversion per weight, about the cost of one row of x per byte); the block scale d (K-quants:
+    and the mins, one small dot against x's sums per sub-block) applies once per block to the products.
+  - The others: one FFMA per weight scales the field (by dl * 2^(149 - P), and 2^-T) and adds the offset or min,
+    the tile is rounded to x's dtype, one tl.dot per field position (K = 16 to 64 elements; Q8_0 and Q5_0: one per
+    step, K = 256, the fields joined in element order so that x is read as contiguous runs).
 - More than 16 rows (prefill): the same decoding into tiles of BLOCK_M = 32 to 128 rows of x, program_id(2)
   picking the tile, so each weight is decoded once per BLOCK_M rows: at [128, 128] tiles the loop issues about one
   warp instruction per 1000 FLOPs (bench/sass.py), about what the tensor cores' peak allows.
@@ -243,8 +250,9 @@ def _take(s, sx, acc, w, P: tl.constexpr, BITS: tl.constexpr, x_ptr, e, mask, dl
 
 
 @triton.jit
-def _k4_scales(blk, r):
-    """d * scale and dmin * min of sub-blocks 2r and 2r+1 of the Q4_K / Q5_K block at int32 pointer blk [BN, 1]."""
+def _k4_scale_bits(blk, r):
+    """(d | dmin << 16, then the 6-bit scales of sub-blocks 2r and 2r + 1 and their mins) of the Q4_K / Q5_K block
+    at int32 pointer blk [BN, 1]."""
     h = tl.load(blk)
     s0 = tl.load(blk + 1)
     s1 = tl.load(blk + 2)
@@ -253,10 +261,16 @@ def _k4_scales(blk, r):
     sc = tl.where(low, s0 & 0x3F3F3F3F, (s2 & 0x0F0F0F0F) | ((s0 >> 2) & 0x30303030))
     mn = tl.where(low, s1 & 0x3F3F3F3F, ((s2 >> 4) & 0x0F0F0F0F) | ((s1 >> 2) & 0x30303030))
     shift = (r % 2) * 16
+    return h, (sc >> shift) & 63, (sc >> (shift + 8)) & 63, (mn >> shift) & 63, (mn >> (shift + 8)) & 63
+
+
+@triton.jit
+def _k4_scales(blk, r):
+    """d * scale and dmin * min of sub-blocks 2r and 2r+1 of the Q4_K / Q5_K block at int32 pointer blk [BN, 1]."""
+    h, sc0, sc1, mn0, mn1 = _k4_scale_bits(blk, r)
     d = _f16(h)
     dmin = _f16(h >> 16)
-    return (d * ((sc >> shift) & 63).to(tl.float32), d * ((sc >> (shift + 8)) & 63).to(tl.float32),
-            dmin * ((mn >> shift) & 63).to(tl.float32), dmin * ((mn >> (shift + 8)) & 63).to(tl.float32))
+    return d * sc0.to(tl.float32), d * sc1.to(tl.float32), dmin * mn0.to(tl.float32), dmin * mn1.to(tl.float32)
 
 
 @triton.jit
@@ -298,10 +312,106 @@ def _k4_quarter(s0, s1, sx0, sx1, acc, q, qh, hs, x_ptr, e, dl0, b0, dl1, b1, xm
 
 
 @triton.jit
+def _f16_ints(u, top):
+    """The bytes of words u [A, B, W] as float16 1024 + byte, exact: [A, B, 4 W], in byte order. Their top byte is
+    the constant 0x64, so one byte permute with top (0x64646464 broadcast against u, loaded: as a constant, ptxas
+    would move it into a register before every permute, see `_table`) builds two of them from two bytes of u."""
+    zero = tl.zeros_like(u)
+    w01 = _perm(u, top, zero + 0x4140)  # bytes u0, 0x64, u1, 0x64
+    w23 = _perm(u, top, zero + 0x4342)
+    v = tl.join(w01, w23)
+    v = tl.join(v & 0xFFFF, v >> 16)  # [.., 2, 2]: bytes (0, 1), (2, 3)
+    return tl.reshape(v.to(tl.int16), [u.shape[0], u.shape[1], 4 * u.shape[2]]).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _int_weights(f, s, BASE: tl.constexpr, XT: tl.constexpr):
+    """(f - BASE) * s for the float16 integers f (`_f16_ints`) and scales s (float16, broadcast against f), as one
+    FMA f * s - BASE * s rounded once to XT: on CUDA in float16 two at a time (one HFMA2); float32 (XT, for float32
+    x) exact."""
+    if XT == tl.float32:
+        s = s.to(tl.float32)
+        return tl.fma(f.to(tl.float32), s, -BASE * s)
+    f, s = tl.broadcast(f, s)
+    if not _INTERPRETED and is_cuda():
+        return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [f, s, -BASE * s],
+                                         dtype=tl.float16, is_pure=True, pack=2)
+    return tl.fma(f, s, -BASE * s)
+
+
+@triton.jit
+def _x_scales(xt):
+    """(2^-j [BLOCK_M, 1], 2^j [BLOCK_M]) for rows xt [BLOCK_M, K] (float32): j brings each row's largest value to
+    [2^9, 2^10), where float16 holds bfloat16's and float16's values exactly down to 2^-14, 2^-23 of the largest
+    (any power of two from 2^-126 to 2^126: zeros, infinities and NaN keep their meaning)."""
+    big = (tl.max(tl.abs(xt), axis=1).to(tl.int32, bitcast=True) >> 23) - 127  # exponent of the largest
+    j = tl.minimum(tl.maximum(big - 9, -126), 126)
+    return ((127 - j) << 23).to(tl.float32, bitcast=True)[:, None], ((127 + j) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _k4_rows(acc, w_ptr, row, b, x_ptr, table_ptr, xm, x_stride, BLOCK_BYTES: tl.constexpr, DENORMAL: tl.constexpr,
+             FIFTH: tl.constexpr, F32: tl.constexpr):
+    """acc [BN, BLOCK_M] plus Q4_K or Q5_K (FIFTH) block b of rows `row` (byte offsets [BN]) times 2..16 rows xm
+    of x, as float16 products that are exact (bench/sass.py: no conversion or rounding per weight, one HFMA2 and
+    one byte permute per two weights):
+    - the weights are the integers scale * q (at most 63 * 31 < 2^11, exact in float16): a byte permute makes
+      1024 + q, and one FMA (1024 + q) * scale - 1024 * scale, rounded once;
+    - each row of x is scaled by a power of two 2^-j that brings its largest value in the block to [2^9, 2^10),
+      then rounded to float16: bfloat16 and float16 values are exact there down to 2^-14, 2^-23 of the largest;
+    - acc += 2^j * (d * (W @ x^T) - dmin * (mins @ sums^T)): the mins' term is one K = 16 dot of the 6-bit mins
+      against the sums of x per sub-block, each sum as two float16 (high and low parts, 22 bits). So no multiply
+      per sub-block is needed.
+    Two dots of K = 128 keep half the weights live at once. float32 x: the same integers against x in float32
+    (`dot`'s F32). DENORMAL: acc times 2^-T, as the other decoders'."""
+    BN: tl.constexpr = row.shape[0]
+    BLOCK_M: tl.constexpr = xm.shape[0]
+    XT: tl.constexpr = tl.float32 if x_ptr.dtype.element_ty == tl.float32 else tl.float16
+    blk = (w_ptr + row[:, None] + b * BLOCK_BYTES).to(tl.pointer_type(tl.int32))  # [BN, 1], 16-byte aligned
+    xb = x_ptr + b * 256 + xm[:, None] * x_stride
+    xt = tl.load(xb + tl.arange(0, 256)[None, :]).to(tl.float32)
+    scale, inverse = _x_scales(xt)
+    sums = tl.sum(tl.reshape(xt, [BLOCK_M, 8, 32]), axis=2) * scale  # [BLOCK_M, 8]: per sub-block
+    sums_hi = sums.to(XT)
+    sums = tl.reshape(tl.join(sums_hi, (sums - sums_hi.to(tl.float32)).to(XT)), [BLOCK_M, 16])
+    g = tl.arange(0, 8)[None, None, :]
+    top = tl.load(table_ptr + 40 + g)  # `_value_table`'s 0x64646464
+    if FIFTH:
+        qh = tl.load(blk[:, :, None] + 4 + g)  # byte j: the fifth bits of elements j + 32 i, bit i
+    p = tl.zeros([BN, BLOCK_M], tl.float32)
+    for half in tl.static_range(2):  # runs 2 half and 2 half + 1
+        r = 2 * half + tl.arange(0, 2)[None, :, None]
+        q = tl.load(blk[:, :, None] + (4 + 8 * FIFTH) + 8 * r + g)  # [BN, 2, 8]: byte i of run r: 64r + i, + 32
+        lo = q & 0x0F0F0F0F
+        hi = (q >> 4) & 0x0F0F0F0F
+        if FIFTH:  # bit 2r (2r + 1) of each qh byte to bit 4 of it: the fifth bit of the low (high) nibble
+            hs = 2 * r
+            lo |= tl.where(hs <= 4, qh << tl.maximum(4 - hs, 0), qh >> tl.maximum(hs - 4, 0)) & 0x10101010
+            hi |= tl.where(hs <= 3, qh << tl.maximum(3 - hs, 0), qh >> tl.maximum(hs - 3, 0)) & 0x10101010
+        _, sc0, sc1, _, _ = _k4_scale_bits(blk, 2 * half + tl.arange(0, 2)[None, :])  # [BN, 2]
+        s0 = sc0.to(tl.float16)[:, :, None]
+        s1 = sc1.to(tl.float16)[:, :, None]
+        w = tl.join(_int_weights(_f16_ints(lo, top), s0, 1024.0, XT),
+                    _int_weights(_f16_ints(hi, top), s1, 1024.0, XT))
+        w = tl.reshape(tl.permute(w, [0, 1, 3, 2]), [BN, 128])  # element order
+        xs = (tl.load(xb + 128 * half + tl.arange(0, 128)[None, :]).to(tl.float32) * scale).to(XT)
+        p += dot(w, tl.trans(xs), F32)
+    h, _, _, mn0, mn1 = _k4_scale_bits(blk, tl.arange(0, 4)[None, :])  # [BN, 4]: sub-blocks 2r, 2r + 1
+    mins = tl.reshape(tl.join(mn0, mn1), [BN, 8]).to(XT)  # sub-block 2r + half
+    mins = tl.reshape(tl.join(mins, mins), [BN, 16])
+    d = _f16(h)
+    dmin = _f16(h >> 16)
+    if DENORMAL:  # see _T
+        d *= 2.0 ** (-_T)
+        dmin *= 2.0 ** (-_T)
+    return acc + (d * p - dmin * dot(mins, tl.trans(sums), F32)) * inverse[None, :]
+
+
+@triton.jit
 def _k4_block(acc, w_ptr, row, b, x_ptr, xm, x_stride, BLOCK_BYTES: tl.constexpr, DENORMAL: tl.constexpr,
               FIFTH: tl.constexpr, BLOCK_M: tl.constexpr, F32: tl.constexpr):
     """acc plus Q4_K (144-byte blocks) or Q5_K (176, FIFTH) block b of rows `row` (byte offsets [BN]) times x:
-    [BN, 4] sums (BLOCK_M = 1), or [BLOCK_M, BN] products."""
+    [BN, 4] sums (BLOCK_M = 1), or [BLOCK_M, BN] products (GEMM tiles; 2..16 rows: `_k4_rows`)."""
     r = tl.arange(0, 4)
     g = tl.arange(0, 4)
     blk = (w_ptr + row[:, None] + b * BLOCK_BYTES).to(tl.pointer_type(tl.int32))  # [BN, 1], 16-byte aligned
@@ -727,6 +837,40 @@ def _iq4_xs_block(acc, w_ptr, row, b, x_ptr, table_ptr, xm, x_stride, DENORMAL: 
                         x_stride, _IQ4NL_OFFSET, False, False, DENORMAL, BLOCK_M, F32)
 
 
+@triton.jit
+def _iq4_xs_rows(acc, w_ptr, row, b, x_ptr, table_ptr, xm, x_stride, DENORMAL: tl.constexpr, F32: tl.constexpr):
+    """acc [BN, BLOCK_M] plus IQ4_XS block b of rows `row` (byte offsets [BN]) times 2..16 rows xm of x, as
+    `_k4_rows` does (no mins): the weights are the sub-block's signed scale ls times the IQ4_NL value,
+    (1024 + u) * ls - 1152 * ls from the looked-up bytes u = value + 128 in one HFMA2 per two, rounded once to
+    float16 (exact up to 2048 in magnitude, 11 bits above), against x scaled per block into float16;
+    acc += 2^j * d * (W @ x^T)."""
+    BN: tl.constexpr = row.shape[0]
+    BLOCK_M: tl.constexpr = xm.shape[0]
+    XT: tl.constexpr = tl.float32 if x_ptr.dtype.element_ty == tl.float32 else tl.float16
+    i = tl.arange(0, 8)
+    blk = (w_ptr + row[:, None] + b * 136).to(tl.pointer_type(tl.int32))  # [BN, 1]
+    h0 = tl.load(blk)  # d | scales_h << 16
+    h1 = tl.load(blk + 1)  # scales_l: nibble i is the low 4 bits of sub-block i's scale
+    ls = (((h1 >> (4 * i)[None, :]) & 15) | (((h0 >> (16 + 2 * i)[None, :]) & 3) << 4)) - 32
+    ls = ls.to(tl.float16)[:, :, None]  # [BN, 8, 1]
+    q = tl.load(blk[:, :, None] + 2 + 4 * i[None, :, None] + tl.arange(0, 4)[None, None, :])  # [BN, 8, 4]
+    tab = _table(table_ptr, i)
+    r0, r1 = _lookup(q, (tab[0][None, :, None], tab[1][None, :, None], tab[2][None, :, None],
+                         tab[3][None, :, None], tab[4][None, :, None]), False)
+    u = tl.reshape(tl.join(r0, r1), [BN, 8, 8])  # word 2g + c: the bytes of elements 4g + 2c + (0, 16, 1, 17)
+    top = tl.load(table_ptr + 40 + tl.arange(0, 8)[None, None, :])  # `_value_table`'s 0x64646464
+    # k = 32i + 8g + 2t + h: element 32i + 16h + 4g + t
+    w = tl.reshape(_int_weights(_f16_ints(u, top), ls, 1152.0, XT), [BN, 256])
+    xt = tl.load(x_ptr + b * 256 + xm[:, None] * x_stride + tl.arange(0, 256)[None, :]).to(tl.float32)
+    scale, inverse = _x_scales(xt)
+    xs = tl.reshape(tl.permute(tl.reshape((xt * scale).to(XT), [BLOCK_M, 8, 2, 4, 4]), [0, 1, 3, 4, 2]),
+                    [BLOCK_M, 256])  # w's order
+    d = _f16(h0)
+    if DENORMAL:  # see _T
+        d *= 2.0 ** (-_T)
+    return acc + d * dot(w, tl.trans(xs), F32) * inverse[None, :]
+
+
 # MXFP4, planar per matrix (planar.py: qs[N x nb x 16] | e[N x nb]): a thread owns the 16 qs bytes of one block (32
 # elements as Q4_0's, E2M1 codes indexing the doubled values) of a row, one 16-byte load, and a step covers U blocks.
 
@@ -747,6 +891,58 @@ def _mxfp4_block(acc, w_ptr, qrow, erow, b, b_end, x_ptr, table_ptr, xm, x_strid
                         _MXFP4_OFFSET, True, True, DENORMAL, BLOCK_M, F32)
 
 
+@triton.jit
+def _mxfp4_rows(acc, w_ptr, qrow, erow, b, b_end, x_ptr, table_ptr, xm, x_stride, DENORMAL: tl.constexpr,
+                F32: tl.constexpr):
+    """acc [BN, BLOCK_M] plus the 8 blocks from block b of MXFP4 rows (qs at byte offsets qrow [BN], E8M0 scales at
+    erow [BN]), blocks from b_end on left out, times 2..16 rows xm of x, as `_iq4_xs_rows` does: each block's
+    values v times 2^k, k its scale's exponent less the largest of the row's 8 (k >= -24: float16 holds v * 2^k
+    exactly; a block further below is left out, 2^-24 of the largest), as (1024 + u) * 2^k - 1036 * 2^k from the
+    looked-up bytes u = v + 12, one HFMA2 per two; acc += 2^j * 2^(largest - 128) * (W @ x^T)."""
+    BN: tl.constexpr = qrow.shape[0]
+    BLOCK_M: tl.constexpr = xm.shape[0]
+    XT: tl.constexpr = tl.float32 if x_ptr.dtype.element_ty == tl.float32 else tl.float16
+    top_e = tl.max(_mxfp4_exponents(w_ptr, erow, b, b_end, tl.arange(0, _BLOCKS_PER_STEP)), axis=1)[:, None]
+    e = b * 32 + tl.arange(0, 256)
+    xt = tl.load(x_ptr + xm[:, None] * x_stride + e[None, :], mask=(e < b_end * 32)[None, :], other=0.0)
+    scale, inverse = _x_scales(xt.to(tl.float32))
+    rows = (w_ptr + qrow[:, None]).to(tl.pointer_type(tl.int32))  # 16-byte aligned
+    top = tl.load(table_ptr + 40 + tl.arange(0, 8)[None, None, :])  # `_value_table`'s 0x64646464
+    p = tl.zeros([BN, BLOCK_M], tl.float32)
+    for half in tl.static_range(2):  # 4 blocks at a time: half the weights live at once
+        i = 4 * half + tl.arange(0, 4)
+        k = _mxfp4_exponents(w_ptr, erow, b, b_end, i) - top_e
+        s = tl.where((b + i < b_end)[None, :] & (k >= -24), ((127 + k) << 23).to(tl.float32, bitcast=True), 0.0)
+        # loaded 2-D, [BN, 16] with 4 contiguous words per thread, so that every Triton orders rows last (see
+        # _k4_block)
+        words = tl.arange(0, 16)
+        q = tl.load(rows + (4 * tl.minimum(b + 4 * half + words // 4, b_end - 1) + words % 4)[None, :])
+        tab = _table(table_ptr, i)
+        r0, r1 = _lookup(tl.reshape(q, [BN, 4, 4]), (tab[0][None, :, None], tab[1][None, :, None],
+                                                      tab[2][None, :, None], tab[3][None, :, None],
+                                                      tab[4][None, :, None]), True)
+        u = tl.reshape(tl.join(r0, r1), [BN, 4, 8])  # as `_iq4_xs_rows`'
+        w = _int_weights(_f16_ints(u, top), s.to(tl.float16)[:, :, None], 1024.0 + _MXFP4_OFFSET, XT)
+        eh = b * 32 + 128 * half + tl.arange(0, 128)
+        xh = tl.load(x_ptr + xm[:, None] * x_stride + eh[None, :], mask=(eh < b_end * 32)[None, :], other=0.0)
+        xs = tl.reshape(tl.permute(tl.reshape((xh.to(tl.float32) * scale).to(XT), [BLOCK_M, 4, 2, 4, 4]),
+                                   [0, 1, 3, 4, 2]), [BLOCK_M, 128])  # w's order
+        p += dot(tl.reshape(w, [BN, 128]), tl.trans(xs), F32)
+    # 2^(largest - 128), as `_mxfp4_block`'s scales (below 2: a subnormal)
+    d = tl.where(top_e < 2, 0x00200000 << top_e, (top_e - 1) << 23).to(tl.float32, bitcast=True)
+    if DENORMAL:  # see _T
+        d *= 2.0 ** (-_T)
+    return acc + d * p * inverse[None, :]
+
+
+@triton.jit
+def _mxfp4_exponents(w_ptr, erow, b, b_end, i):
+    """The E8M0 scale bytes of blocks b + i [L] of the MXFP4 rows whose scales are at erow [BN]: [BN, L], 0 from
+    b_end on."""
+    blk = tl.minimum(b + i, b_end - 1)
+    return tl.where((b + i < b_end)[None, :], tl.load(w_ptr + erow[:, None] + blk[None, :]).to(tl.int32), 0)
+
+
 @triton.constexpr_function
 def lanes(type_name: str) -> int:
     """The per-thread sums of a row of W at one row of x (BLOCK_M = 1: acc [BN, lanes]): the threads sharing a
@@ -758,9 +954,21 @@ def lanes(type_name: str) -> int:
 @triton.constexpr_function
 def w_left(type_name: str, block_m: int) -> bool:
     """Whether a type's weights are the tensor cores' left operand at block_m (2+) rows of x (acc [BN, BLOCK_M]),
-    else the right (acc [BLOCK_M, BN]): Q6_K's and the table types', and Q8_0's up to MAX_M rows (bench/sass.py:
-    fewer instructions; Hopper's wgmma then takes them from registers)."""
-    return type_name in ("Q6_K", "IQ4_XS", "MXFP4") or type_name in ("Q8_0", "Q5_0") and block_m <= MAX_M
+    else the right (acc [BLOCK_M, BN]): Q6_K's and the table types', Q8_0's and Q5_0's up to MAX_M rows, and the
+    float16 integers of `_f16_rows` (bench/sass.py: fewer instructions; Hopper's wgmma then takes them from
+    registers)."""
+    return (type_name in ("Q6_K", "IQ4_XS", "MXFP4") or type_name in ("Q8_0", "Q5_0") and block_m <= MAX_M
+            or _f16_rows(type_name, block_m))
+
+
+@triton.constexpr_function
+def _f16_rows(type_name: str, block_m: int) -> bool:
+    """Whether a type's loop at block_m rows of x multiplies float16 integer weights (a sub-block's scale times its
+    quants) by x scaled per block into float16, and scales the products once per block after (`_k4_rows`,
+    `_iq4_xs_rows`, `_mxfp4_rows`): Q4_K, Q5_K, IQ4_XS and MXFP4 at 2..16 rows (bench/sass.py: one byte permute
+    and one HFMA2 per two weights, no conversion; GEMM tiles keep the scaled weights, whose x needs no
+    conversion)."""
+    return type_name in ("Q4_K", "Q5_K", "IQ4_XS", "MXFP4") and 1 < block_m <= MAX_M
 
 
 @triton.constexpr_function
@@ -800,10 +1008,17 @@ def walk(acc, w_ptr, row, n_rows, b0, b1, nb, x_ptr, table_ptr, xm, x_stride, TY
     of its planes per matrix of n_rows rows, `row` a multiple of nb * BLOCK_BYTES) times the rows xm of x (x_stride
     apart): the loop every product over the word decoders runs (BLOCK_M 1, 16 or a GEMM tile; see `_zero_acc`), and
     with BLOCK_M = `_STORE` (DENORMAL off) the dequant kernel's, storing the weights at x_ptr, rows xm."""
-    if TYPE == "Q4_K" or TYPE == "Q5_K":
+    if (TYPE == "Q4_K" or TYPE == "Q5_K") and _f16_rows(TYPE, BLOCK_M):
+        for b in range(b0, b1):
+            acc = _k4_rows(acc, w_ptr, row, b, x_ptr, table_ptr, xm, x_stride, BLOCK_BYTES, DENORMAL, TYPE == "Q5_K",
+                           F32)
+    elif TYPE == "Q4_K" or TYPE == "Q5_K":
         for b in range(b0, b1):
             acc = _k4_block(acc, w_ptr, row, b, x_ptr, xm, x_stride, BLOCK_BYTES, DENORMAL, TYPE == "Q5_K", BLOCK_M,
                             F32)
+    elif TYPE == "IQ4_XS" and _f16_rows(TYPE, BLOCK_M):
+        for b in range(b0, b1):
+            acc = _iq4_xs_rows(acc, w_ptr, row, b, x_ptr, table_ptr, xm, x_stride, DENORMAL, F32)
     elif TYPE == "IQ4_XS":
         for b in tl.range(b0, b1, num_stages=_table_stages(BLOCK_M)):
             acc = _iq4_xs_block(acc, w_ptr, row, b, x_ptr, table_ptr, xm, x_stride, DENORMAL, BLOCK_M, F32)
@@ -813,9 +1028,13 @@ def walk(acc, w_ptr, row, n_rows, b0, b1, nb, x_ptr, table_ptr, xm, x_stride, TY
     elif TYPE == "MXFP4":  # the qs plane (nb * 16 bytes a row), then the scales' (nb)
         n_nb = row // BLOCK_BYTES
         erow = n_rows.to(tl.int64) * nb * 16 + n_nb
-        for b in tl.range(b0, b1, _BLOCKS_PER_STEP, num_stages=_table_stages(BLOCK_M)):
-            acc = _mxfp4_block(acc, w_ptr, n_nb * 16, erow, b, b1, x_ptr, table_ptr, xm, x_stride, lanes(TYPE),
-                               DENORMAL, BLOCK_M, F32)
+        if _f16_rows(TYPE, BLOCK_M):
+            for b in range(b0, b1, _BLOCKS_PER_STEP):
+                acc = _mxfp4_rows(acc, w_ptr, n_nb * 16, erow, b, b1, x_ptr, table_ptr, xm, x_stride, DENORMAL, F32)
+        else:
+            for b in tl.range(b0, b1, _BLOCKS_PER_STEP, num_stages=_table_stages(BLOCK_M)):
+                acc = _mxfp4_block(acc, w_ptr, n_nb * 16, erow, b, b1, x_ptr, table_ptr, xm, x_stride, lanes(TYPE),
+                                   DENORMAL, BLOCK_M, F32)
     else:
         for b in range(b0, b1, _BLOCKS_PER_STEP):
             acc = _q32_block(acc, w_ptr, row, b, b1, nb, x_ptr, xm, x_stride, TYPE, lanes(TYPE), DENORMAL, BLOCK_M,
@@ -966,15 +1185,16 @@ _GEMM_SPILLS = {(32, 64): {"Q4_K"}, (64, 128): {"Q6_K", "Q8_0", "Q5_0", "IQ4_XS"
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """The configs that do not spill on sm_90 (bench/sass.py). One row of x: 256 rows of W only for Q4_K, Q5_K,
     IQ4_XS and MXFP4 (whose loops, at 16 rows of W per thread, issue the fewest instructions per byte), 32 too for
-    IQ4_XS and MXFP4. 2..16 rows of x: more than 16 rows of W per warp only for Q4_K, Q5_K, Q6_K and Q4_0. GEMM
-    tiles: those of _GEMM_SPILLS left out."""
+    IQ4_XS and MXFP4. 2..16 rows of x: more than 16 rows of W per warp only for Q4_K, Q5_K, Q6_K, Q4_0, IQ4_XS and
+    MXFP4 (the float16 loops of the last two issue the fewest per byte at 256 rows, whose share of x's scaling per
+    block is the smallest). GEMM tiles: those of _GEMM_SPILLS left out."""
     t, block_m = kwargs["TYPE"], kwargs.get("BLOCK_M")
     if block_m is None:  # GEMM tiles
         return [c for c in configs if t not in _GEMM_SPILLS.get((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]), ())]
     if block_m == 1:
         low, high = (32, 256) if t in ("IQ4_XS", "MXFP4") else (64, 256 if t in ("Q4_K", "Q5_K") else 128)
         return [c for c in configs if low <= c.kwargs["BLOCK_N"] <= high] or configs[:1]
-    per_warp = 256 if t in ("Q4_K", "Q5_K", "Q6_K", "Q4_0") else 16
+    per_warp = 256 if t in ("Q4_K", "Q5_K", "Q6_K", "Q4_0", "IQ4_XS", "MXFP4") else 16
     return [c for c in configs if c.kwargs["BLOCK_N"] <= per_warp * c.num_warps] or configs[:1]
 
 
@@ -993,9 +1213,11 @@ def _tuned(be: str, block_m: int | None):
 
 @functools.cache
 def _value_table(ggml_type: GGMLType, device: torch.device) -> torch.Tensor:
-    """The table words `_table` reads for IQ4_XS and MXFP4 (int32 [5, 8] on `device`: 8 copies of the 16 bytes
-    value + offset as 4 words, and of the permute constant); other types read no table: zeros."""
-    words = np.zeros((5, 8), np.int32)
+    """The table words the decoders read (int32 [6, 8] on `device`, 8 copies of each): for IQ4_XS and MXFP4 (`_table`)
+    the 16 bytes value + offset as 4 words and the permute constant, zeros for other types; then `_f16_ints`'s top
+    bytes, 0x64646464."""
+    words = np.zeros((6, 8), np.int32)
+    words[5] = 0x64646464
     table = {GGMLType.IQ4_XS: (IQ4NL_VALUES, _IQ4NL_OFFSET), GGMLType.MXFP4: (MXFP4_VALUES, _MXFP4_OFFSET)}
     if ggml_type in table:
         values, offset = table[ggml_type]

@@ -103,6 +103,29 @@ def test_gemv_far_from_unit_activations(ggml_type: GGMLType, scale: float, m: in
     assert gemv_error(ggml_type, 9, k, x, 1, None, device) <= TOL[torch.float32]
 
 
+@pytest.mark.parametrize("m", [2, 5, 16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("ggml_type", [GGMLType.Q4_K, GGMLType.Q5_K], ids=lambda t: t.name)
+def test_k_quants_at_2_to_16_rows_multiply_exactly(ggml_type: GGMLType, dtype: torch.dtype, m: int, device) -> None:
+    # 2..16 rows of 16-bit x: the weights are exact integers, and each row of x is scaled into float16 by a power of
+    # two per block, so every product is exact and only float32 sums round (rounding the weights to x's dtype, as
+    # the other types do at these rows, gives ~1e-3 with float16 x, and with bfloat16 x on a GPU), wherever x's values
+    # lie: here 2^-30..2^30 in one block (float16 x: its whole range), and rows far apart.
+    n, k = 37, blocks_k(ggml_type, 3)
+    gen = torch.Generator().manual_seed(m)
+    span = 30 if dtype == torch.bfloat16 else 14
+    x = torch.randn(m, k, generator=gen) * 2.0 ** torch.randint(-span, span + 1, (m, k), generator=gen)
+    x[0] *= 2.0**-40 if dtype == torch.bfloat16 else 1.0
+    x = x.to(device, dtype)
+    raw = weight(ggml_type, n, k, device, seed=m)
+    out = torch.full((m, n), torch.nan, device=device)
+    qgemv(x, [raw], ggml_type, [(n, k)], out, k // 256)
+    ref = x.double().cpu() @ dequantize_reference(raw, ggml_type, (n, k)).double().t()
+    for row in range(m):  # each row on its own scale
+        err = (out[row].double().cpu() - ref[row]).norm() / ref[row].norm()
+        assert err <= 1e-6, (row, err.item())
+
+
 # Nibbles that index a 16-value table (IQ4_XS: 8 sub-blocks of a 256-element block, the file's layout; MXFP4: 32-element
 # blocks, 8 to a step, in planes per matrix). Rows of W: one, fewer than a row tile and not a multiple of one. Blocks:
 # one, a K range ending inside a step, and past two steps. Rows of x: one (the FMA loop), odd counts up to a full
@@ -128,13 +151,14 @@ def test_table_types_at_tile_edges(ggml_type: GGMLType, n: int, blocks: int, m: 
     assert ((out.double() - ref).norm() / ref.norm()).item() <= TOL[dtype]
 
 
-@pytest.mark.parametrize(("m", "scales"), [(1, (0, 1, 2, 200)), (5, (0, 1, 2, 160)), (33, (0, 1, 2, 160))],
+@pytest.mark.parametrize(("m", "scales"), [(1, (0, 1, 2, 200)), (5, (0, 1, 2, 200)), (33, (0, 1, 2, 160))],
                          ids=str)
 def test_mxfp4_scale_edges(m: int, scales: tuple[int, ...], device) -> None:
     # E8M0 bytes 0 and 1 (subnormal scales 2^-128, 2^-127), 2 (the first normal one) and large ones among ordinary
     # scales, in the blocks of each row; one row of x multiplies the block sums by the scale, so any scale whose
-    # products float32 holds does; 2..16 rows and GEMM tiles scale each weight by 2^(e - 128 - 64 + 149 - P) first,
-    # which float32 holds for e below 171
+    # products float32 holds does; 2..16 rows take each block's scale relative to the largest of its 8-block step
+    # (the ordinary ones beside 200 fall more than 2^24 below it and are left out, a change of 2^-70 here); GEMM
+    # tiles scale each weight by 2^(e - 128 - 64 + 149 - P) first, which float32 holds for e below 171
     n, blocks = 11, 12
     raw = weight(GGMLType.MXFP4, n, blocks_k(GGMLType.MXFP4, blocks), device, seed=m)
     e = raw.view(n * blocks, 17)[:, 0]

@@ -364,12 +364,12 @@ def test_decode_loops_meet_the_target_on_sm90():
     assert {line.split("|")[1].strip() for line in rows} == set(types.split(","))
 
 
-def test_one_dot_loops_at_16_rows_hold_the_figures_reached_on_sm90():
+def test_loops_at_16_rows_hold_the_figures_reached_on_sm90():
     """The decode kernel at 16 rows of x of the types whose loop multiplies a step's weights with one dot over x's
-    contiguous runs (IQ4_XS, MXFP4, Q8_0, Q5_0), compiled for sm_90 with the installed Triton: their best spill-free
-    loops within `sass.M16_IPB` (`sass.py --check` at --m 16)."""
+    contiguous runs (IQ4_XS, MXFP4, Q8_0, Q5_0) or exact float16 integers (Q4_K, Q5_K), compiled for sm_90 with the
+    installed Triton: their best spill-free loops within `sass.M16_IPB` (`sass.py --check` at --m 16)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    types = {"IQ4_XS", "MXFP4", "Q8_0", "Q5_0"}
+    types = {"IQ4_XS", "MXFP4", "Q8_0", "Q5_0", "Q4_K", "Q5_K"}
     proc = subprocess.run([sys.executable, str(BENCH / "sass.py"), "--types", ",".join(sorted(types)), "--paths",
                            "gemv", "--m", "16", "--check", "--no-append"], check=False, env=env, capture_output=True,
                           text=True, timeout=1200)
