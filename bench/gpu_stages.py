@@ -599,6 +599,7 @@ def speed(rec: Recorder, ctx: Context) -> None:
                 timed(rec, f"paged decode {batch} x {context}", [], p["ms"] is not None,
                       f"{p['gbps'] or 0:.0f} GB/s", p["of_copy"] and f"{p['of_copy']:.0%} of copy", p)
 
+    times: dict[tuple[str, int], float] = {}  # the shapes' total microseconds per (type, M), where timed
     for i, m in enumerate(s.speed_ms):
         for name in s.speed_types:
             check = f"qmatmul {name} M={m}"
@@ -606,12 +607,22 @@ def speed(rec: Recorder, ctx: Context) -> None:
                 t = GGMLType[name]
                 pts = [bench.point(t, n, k, m) for n, k in s.speed_shapes]
                 measured = pts[0]["us"] is not None
+                if measured:
+                    times[(name, m)] = sum(p["us"] for p in pts)
                 timed(rec, check, [(p["err"], f" ({p['n']}x{p['k']})") for p in pts], measured,
                       ", ".join(f"{p['n']}x{p['k']} {p['path']} {p['gbps'] or 0:.0f} GB/s" for p in pts),
                       measured and f"{min(p['of_copy'] for p in pts):.0%}-{max(p['of_copy'] for p in pts):.0%} of copy",
                       pts)
         if i == 0:  # attention is cheap and telling: before the less common M
             attention_rows()
+    if 1 in s.speed_ms and 16 in s.speed_ms:  # 16 rows of x still read each weight byte once
+        for name in s.speed_types:
+            check = f"qmatmul {name} M=16 against M=1"
+            if (name, 1) in times and (name, 16) in times:
+                ratio = times[(name, 16)] / times[(name, 1)]
+                rec.add(check, "PASS", f"{ratio:.2f}x the M=1 time", "goal <= 1.3x", value=ratio)
+            else:
+                rec.add(check, "SKIP", why=NO_TIMING)
     n, k = s.big_shape
     for name in s.speed_types:
         for m in s.big_ms:
