@@ -672,8 +672,8 @@ def _byte(r, K: tl.constexpr):
 
 @triton.jit
 def _table(table_ptr, lanes):
-    """The words of `_value_table` for lanes [L] (each lane its own copy: uniform values would be kept in uniform
-    registers, and moved to a register before every permute)."""
+    """The words of `_value_table` for lanes (any shape, e.g. [L]; each lane its own copy: uniform values would be
+    kept in uniform registers, and moved to a register before every permute)."""
     c = lanes % 8
     return (tl.load(table_ptr + c), tl.load(table_ptr + 8 + c), tl.load(table_ptr + 16 + c),
             tl.load(table_ptr + 24 + c), tl.load(table_ptr + 32 + c))
@@ -854,9 +854,7 @@ def _iq4_xs_rows(acc, w_ptr, row, b, x_ptr, table_ptr, xm, x_stride, DENORMAL: t
     ls = (((h1 >> (4 * i)[None, :]) & 15) | (((h0 >> (16 + 2 * i)[None, :]) & 3) << 4)) - 32
     ls = ls.to(tl.float16)[:, :, None]  # [BN, 8, 1]
     q = tl.load(blk[:, :, None] + 2 + 4 * i[None, :, None] + tl.arange(0, 4)[None, None, :])  # [BN, 8, 4]
-    tab = _table(table_ptr, i)
-    r0, r1 = _lookup(q, (tab[0][None, :, None], tab[1][None, :, None], tab[2][None, :, None],
-                         tab[3][None, :, None], tab[4][None, :, None]), False)
+    r0, r1 = _lookup(q, _table(table_ptr, i[None, :, None]), False)
     u = tl.reshape(tl.join(r0, r1), [BN, 8, 8])  # word 2g + c: the bytes of elements 4g + 2c + (0, 16, 1, 17)
     top = tl.load(table_ptr + 40 + tl.arange(0, 8)[None, None, :])  # `_value_table`'s 0x64646464
     # k = 32i + 8g + 2t + h: element 32i + 16h + 4g + t
@@ -917,10 +915,7 @@ def _mxfp4_rows(acc, w_ptr, qrow, erow, b, b_end, x_ptr, table_ptr, xm, x_stride
         # _k4_block)
         words = tl.arange(0, 16)
         q = tl.load(rows + (4 * tl.minimum(b + 4 * half + words // 4, b_end - 1) + words % 4)[None, :])
-        tab = _table(table_ptr, i)
-        r0, r1 = _lookup(tl.reshape(q, [BN, 4, 4]), (tab[0][None, :, None], tab[1][None, :, None],
-                                                      tab[2][None, :, None], tab[3][None, :, None],
-                                                      tab[4][None, :, None]), True)
+        r0, r1 = _lookup(tl.reshape(q, [BN, 4, 4]), _table(table_ptr, i[None, :, None]), True)
         u = tl.reshape(tl.join(r0, r1), [BN, 4, 8])  # as `_iq4_xs_rows`'
         w = _int_weights(_f16_ints(u, top), s.to(tl.float16)[:, :, None], 1024.0 + _MXFP4_OFFSET, XT)
         eh = b * 32 + 128 * half + tl.arange(0, 128)
